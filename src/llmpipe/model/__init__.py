@@ -1,0 +1,1 @@
+"""Model sources, loading and materialisation of the base model."""
