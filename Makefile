@@ -1,0 +1,27 @@
+# Fresh machine: `make repro` sets everything up and runs the pipeline; `make test` runs the tests.
+SHELL := /bin/bash
+PY ?= python3.11
+VENV ?= .venv
+BIN := $(VENV)/bin
+export PATH := $(abspath $(BIN)):$(PATH)
+export HF_HUB_OFFLINE := 1
+export HF_DATASETS_OFFLINE := 1
+export TRANSFORMERS_NO_ADVISORY_WARNINGS := 1
+export TOKENIZERS_PARALLELISM := false
+
+.PHONY: setup repro test bench clean-venv
+
+$(BIN)/.installed: requirements.txt pyproject.toml scripts/setup.sh
+	bash scripts/setup.sh $(VENV) $(PY)
+	touch $@
+
+setup: $(BIN)/.installed
+
+repro: setup
+	$(BIN)/dvc repro
+
+test: setup
+	$(BIN)/python -m pytest -q tests
+
+bench: setup
+	$(BIN)/python benchmarks/curation.py

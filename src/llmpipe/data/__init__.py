@@ -1,0 +1,1 @@
+"""Data curation: readers, validation, PII scrubbing, deduplication, splitting, demo data."""
