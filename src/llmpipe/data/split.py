@@ -1,0 +1,313 @@
+"""Deterministic, stratified train/val/test split + content hashes + contamination report.
+
+Determinism
+-----------
+The split depends only on the *set* of records and the params, not on the input order:
+
+* Records are grouped into strata by ``metadata[stratify_key]`` (records without the key, or
+  without metadata, form the stratum ``"<missing>"``; non-string values are labelled by their
+  JSON). With ``stratify_key: null`` there is one stratum ``"<all>"``.
+* Within a stratum, records are ordered by ``sha256(f"{seed}:{id}")`` (ties, e.g. repeated ids,
+  by the record's canonical JSON). The first ``n_train`` go to train, the next ``n_val`` to val,
+  the rest to test.
+* The per-stratum counts come from the ratios by largest remainder (ties: train, val, test);
+  then, if the stratum has at least as many records as there are splits with a ratio > 0, every
+  such split that got none takes one record from the largest split. So a stratum with >= 3
+  records lands in all three splits when all ratios are > 0, and otherwise every count is within
+  one record of ``n * ratio``.
+* Each split file is ordered by the same hash (so strata are interleaved) and serialised exactly
+  like :func:`llmpipe.io.write_jsonl` (key-sorted JSON, one record per line, UTF-8).
+
+Hashes: ``sha256`` of each split file's bytes; the dataset version is the sha256 of the three
+hex digests concatenated in the order train, val, test (ASCII, no separator).
+
+Contamination: MinHash/LSH (same signatures as :mod:`llmpipe.data.dedup`) over the train
+records; every val/test record is queried, and each (record, train record) pair with an
+estimated Jaccard >= ``contamination_threshold`` is reported -- nothing is dropped.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import json
+import math
+from dataclasses import dataclass, field
+from fractions import Fraction
+from typing import Any, Mapping, Sequence
+
+from llmpipe.data.dedup import (
+    Progress,
+    check_minhash_params,
+    estimated_jaccard,
+    lean_minhash,
+    make_lsh,
+    minhash_signatures,
+    near_text,
+    selected_contents,
+)
+from llmpipe.params import ParamsError
+
+SPLITS = ("train", "val", "test")
+MISSING_STRATUM = "<missing>"
+ALL_STRATUM = "<all>"
+
+
+@dataclass(frozen=True)
+class SplitConfig:
+    ratios: Mapping[str, float] = field(default_factory=lambda: {"train": 0.8, "val": 0.1, "test": 0.1})
+    seed: int = 1234
+    stratify_key: str | None = "intent"
+    contamination_threshold: float = 0.8
+    contamination_num_perm: int = 128
+    contamination_shingle_size: int = 5
+    contamination_roles: tuple[str, ...] = ("user",)
+
+    def __post_init__(self) -> None:
+        r = self.ratios
+        if not isinstance(r, Mapping) or set(r) != set(SPLITS):
+            raise ParamsError(
+                f"params.yaml: split.ratios must have exactly the keys {list(SPLITS)}, got {r!r}"
+            )
+        for k in SPLITS:
+            v = r[k]
+            if not isinstance(v, (int, float)) or isinstance(v, bool) or not 0.0 <= v <= 1.0:
+                raise ParamsError(f"params.yaml: split.ratios.{k} must be a number in [0, 1], got {v!r}")
+        if abs(sum(float(r[k]) for k in SPLITS) - 1.0) > 1e-6:
+            raise ParamsError(
+                f"params.yaml: split.ratios must sum to 1, got {sum(float(r[k]) for k in SPLITS)!r}"
+            )
+        if not isinstance(self.seed, int) or isinstance(self.seed, bool):
+            raise ParamsError(f"params.yaml: split.seed must be an integer, got {self.seed!r}")
+        if self.stratify_key is not None and (not isinstance(self.stratify_key, str) or not self.stratify_key):
+            raise ParamsError(
+                f"params.yaml: split.stratify_key must be a metadata key or null, got {self.stratify_key!r}"
+            )
+        t = self.contamination_threshold
+        if not isinstance(t, (int, float)) or isinstance(t, bool) or not 0.0 < t <= 1.0:
+            raise ParamsError(f"params.yaml: split.contamination_threshold must be in (0, 1], got {t!r}")
+        check_minhash_params(
+            "split.contamination",
+            self.contamination_num_perm,
+            self.contamination_shingle_size,
+            self.contamination_roles,
+        )
+
+    @classmethod
+    def from_params(cls, section: Mapping[str, Any]) -> "SplitConfig":
+        """Build from the ``split:`` section of params.yaml (unknown keys are an error)."""
+        known = {
+            "ratios", "seed", "stratify_key", "contamination_threshold", "contamination_num_perm",
+            "contamination_shingle_size", "contamination_roles",
+        }
+        unknown = sorted(set(section) - known)
+        if unknown:
+            raise ParamsError(f"params.yaml: unknown key(s) in section 'split': {', '.join(unknown)}")
+        missing = sorted(known - set(section))
+        if missing:
+            raise ParamsError(f"params.yaml: section 'split' is missing key(s): {', '.join(missing)}")
+        roles = section["contamination_roles"]
+        if not isinstance(roles, (list, tuple)):
+            raise ParamsError(f"params.yaml: split.contamination_roles must be a list, got {roles!r}")
+        return cls(
+            ratios=dict(section["ratios"]) if isinstance(section["ratios"], Mapping) else section["ratios"],
+            seed=section["seed"],
+            stratify_key=section["stratify_key"],
+            contamination_threshold=section["contamination_threshold"],
+            contamination_num_perm=section["contamination_num_perm"],
+            contamination_shingle_size=section["contamination_shingle_size"],
+            contamination_roles=tuple(roles),
+        )
+
+    def as_dict(self) -> dict[str, Any]:
+        return {
+            "ratios": {k: self.ratios[k] for k in SPLITS},
+            "seed": self.seed,
+            "stratify_key": self.stratify_key,
+            "contamination_threshold": self.contamination_threshold,
+            "contamination_num_perm": self.contamination_num_perm,
+            "contamination_shingle_size": self.contamination_shingle_size,
+            "contamination_roles": list(self.contamination_roles),
+        }
+
+
+@dataclass
+class SplitResult:
+    """Everything the split stage writes: file bytes, contamination pairs, metrics."""
+
+    splits: dict[str, list[dict[str, Any]]]
+    files: dict[str, bytes]
+    contamination: list[dict[str, Any]]
+    metrics: dict[str, Any]
+
+
+# --------------------------------------------------------------------------- assignment
+
+
+def stratum_of(record: Mapping[str, Any], key: str | None) -> str:
+    if key is None:
+        return ALL_STRATUM
+    meta = record.get("metadata")
+    if not isinstance(meta, Mapping) or key not in meta:
+        return MISSING_STRATUM
+    value = meta[key]
+    return value if isinstance(value, str) else json.dumps(value, sort_keys=True, ensure_ascii=False)
+
+
+def canonical_json(record: Mapping[str, Any]) -> str:
+    """The record's line in a JSONL file (same format as llmpipe.io.write_jsonl)."""
+    return json.dumps(record, ensure_ascii=False, sort_keys=True)
+
+
+def order_key(record: Mapping[str, Any], seed: int) -> tuple[str, str]:
+    """Position of a record in the seeded pseudo-random order (input-order independent)."""
+    return (hashlib.sha256(f"{seed}:{record.get('id')}".encode("utf-8")).hexdigest(), canonical_json(record))
+
+
+def allocate(n: int, ratios: Mapping[str, float]) -> dict[str, int]:
+    """Records per split for a stratum of ``n`` records (see the module docstring)."""
+    # Exact rational arithmetic on the ratios as written (0.1 is 1/10), renormalised to sum to 1.
+    fr = [Fraction(repr(float(ratios[s]))) for s in SPLITS]
+    exact = [n * f / sum(fr) for f in fr]
+    counts = [math.floor(x) for x in exact]
+    rest = n - sum(counts)
+    by_frac = sorted(range(len(SPLITS)), key=lambda i: (-(exact[i] - counts[i]), i))
+    for i in by_frac[:rest]:
+        counts[i] += 1
+    positive = [i for i, s in enumerate(SPLITS) if float(ratios[s]) > 0]
+    if n >= len(positive):
+        for i in positive:
+            if counts[i] == 0:
+                donor = max(range(len(SPLITS)), key=lambda j: (counts[j], -j))
+                counts[donor] -= 1
+                counts[i] += 1
+    return dict(zip(SPLITS, counts))
+
+
+def assign(
+    records: Sequence[Mapping[str, Any]], cfg: SplitConfig
+) -> tuple[dict[str, list[dict[str, Any]]], dict[str, dict[str, int]]]:
+    """Split ``records``; returns (records per split in file order, counts per stratum per split)."""
+    strata: dict[str, list[tuple[tuple[str, str], Mapping[str, Any]]]] = {}
+    for rec in records:
+        strata.setdefault(stratum_of(rec, cfg.stratify_key), []).append((order_key(rec, cfg.seed), rec))
+    out: dict[str, list[tuple[tuple[str, str], Mapping[str, Any]]]] = {s: [] for s in SPLITS}
+    per_stratum: dict[str, dict[str, int]] = {}
+    for name in sorted(strata):
+        members = sorted(strata[name], key=lambda t: t[0])
+        counts = allocate(len(members), cfg.ratios)
+        per_stratum[name] = counts
+        start = 0
+        for s in SPLITS:
+            out[s].extend(members[start : start + counts[s]])
+            start += counts[s]
+    splits = {s: [dict(rec) for _, rec in sorted(out[s], key=lambda t: t[0])] for s in SPLITS}
+    return splits, per_stratum
+
+
+def serialize(records: Sequence[Mapping[str, Any]]) -> bytes:
+    return "".join(canonical_json(r) + "\n" for r in records).encode("utf-8")
+
+
+def dataset_version(file_hashes: Mapping[str, str]) -> str:
+    """sha256 over the split files' hex digests, concatenated in the order train, val, test."""
+    return hashlib.sha256("".join(file_hashes[s] for s in SPLITS).encode("ascii")).hexdigest()
+
+
+# --------------------------------------------------------------------------- contamination
+
+
+def find_contamination(
+    splits: Mapping[str, Sequence[Mapping[str, Any]]],
+    cfg: SplitConfig,
+    progress: Progress | None = None,
+) -> list[dict[str, Any]]:
+    """Pairs (val/test record, train record) with estimated Jaccard >= the threshold."""
+    roles = cfg.contamination_roles
+
+    def texts_of(name: str) -> list[str]:
+        return [near_text(selected_contents(r, roles, i)) for i, r in enumerate(splits[name])]
+
+    train = splits["train"]
+    train_texts = texts_of("train")
+    train_sig = minhash_signatures(train_texts, cfg.contamination_num_perm, cfg.contamination_shingle_size)
+    lsh = make_lsh(cfg.contamination_threshold, cfg.contamination_num_perm)
+    with lsh.insertion_session() as session:
+        for i, text in enumerate(train_texts):
+            if text:
+                session.insert(i, lean_minhash(train_sig[i]), check_duplication=False)
+    pairs: list[dict[str, Any]] = []
+    for name in SPLITS[1:]:
+        recs = splits[name]
+        texts = texts_of(name)
+        sig = minhash_signatures(texts, cfg.contamination_num_perm, cfg.contamination_shingle_size)
+        for i, text in enumerate(texts):
+            if not text or not train_texts:
+                continue
+            cands = sorted(lsh.query(lean_minhash(sig[i])))
+            if not cands:
+                continue
+            sims = estimated_jaccard(sig[i], train_sig[cands])
+            hits = [(float(sims[k]), c) for k, c in enumerate(cands) if sims[k] >= cfg.contamination_threshold]
+            for jac, c in sorted(hits, key=lambda t: (-t[0], t[1])):
+                pairs.append({
+                    "split": name,
+                    "id": recs[i].get("id"),
+                    "source": recs[i].get("source"),
+                    "train_id": train[c].get("id"),
+                    "train_source": train[c].get("source"),
+                    "jaccard": jac,
+                    "reason": f"near duplicate of a train record (Jaccard {jac:.3f} >= "
+                    f"{cfg.contamination_threshold}); reported, not dropped",
+                })
+        if progress is not None:
+            progress(f"split: contamination check {name}: {len(recs)} records vs {len(train)} train")
+    return pairs
+
+
+# --------------------------------------------------------------------------- all together
+
+
+def split_records(
+    records: Sequence[Mapping[str, Any]],
+    cfg: SplitConfig | Mapping[str, Any] | None = None,
+    progress: Progress | None = None,
+) -> SplitResult:
+    """Split, hash and contamination-check ``records`` (nothing is written here)."""
+    if cfg is None:
+        cfg = SplitConfig()
+    elif not isinstance(cfg, SplitConfig):
+        cfg = SplitConfig.from_params(cfg)
+    say = progress or (lambda _msg: None)
+    for i, rec in enumerate(records):
+        if not isinstance(rec, Mapping) or not isinstance(rec.get("id"), str):
+            raise ValueError(f"record #{i}: expected a JSON object with a string 'id'")
+    splits, per_stratum = assign(records, cfg)
+    say("split: " + ", ".join(f"{s}={len(splits[s])}" for s in SPLITS) + f" over {len(per_stratum)} strata")
+    files = {s: serialize(splits[s]) for s in SPLITS}
+    hashes = {s: hashlib.sha256(files[s]).hexdigest() for s in SPLITS}
+    contamination = find_contamination(splits, cfg, progress=say)
+    metrics = {
+        "dataset_version": dataset_version(hashes),
+        "records": len(records),
+        "counts": {s: len(splits[s]) for s in SPLITS},
+        "sha256": hashes,
+        "strata": per_stratum,
+        "contamination_pairs": len(contamination),
+        "contamination_by_split": {s: sum(1 for p in contamination if p["split"] == s) for s in SPLITS[1:]},
+        "contaminated_records": len({(p["split"], p["id"]) for p in contamination}),
+        "params": cfg.as_dict(),
+    }
+    return SplitResult(splits=splits, files=files, contamination=contamination, metrics=metrics)
+
+
+__all__ = [
+    "SPLITS",
+    "SplitConfig",
+    "SplitResult",
+    "allocate",
+    "assign",
+    "dataset_version",
+    "find_contamination",
+    "split_records",
+    "stratum_of",
+]

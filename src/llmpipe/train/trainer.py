@@ -1,0 +1,311 @@
+"""Supervised fine-tuning with TRL's SFTTrainer and a peft LoRA/DoRA adapter.
+
+The dataset handed to SFTTrainer is already tokenised by :mod:`llmpipe.train.data` (``input_ids``
++ ``labels`` with the assistant-only mask), so TRL only packs (best-fit decreasing, padding-free:
+examples are concatenated with restarting position ids and never attend to each other) or pads.
+
+Checkpoints go to ``checkpoint_dir`` together with ``fingerprint.json`` (hash of the LoRA and
+training params, the base weights and the tokenised data). A later run with the same fingerprint
+resumes from the last checkpoint (optimizer, scheduler, RNG and data position included); a run with
+a different fingerprint discards the stale checkpoints first and says so.
+"""
+
+from __future__ import annotations
+
+import json
+import math
+import os
+import resource
+import shutil
+import sys
+import time
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any, Sequence
+
+from llmpipe.io import sha256_text
+from llmpipe.train.config import LoraParams, Runtime, TrainParams, fingerprint, resolve_runtime
+from llmpipe.train.data import Tokenized
+from llmpipe.train.model import load_for_training
+
+FINGERPRINT_FILE = "fingerprint.json"
+
+
+def log(msg: str) -> None:
+    print(f"[train] {msg}", file=sys.stderr, flush=True)
+
+
+def data_hash(tok: Tokenized) -> str:
+    return sha256_text(json.dumps([tok.input_ids, tok.labels], separators=(",", ":")))[:16]
+
+
+def model_fingerprint(model_dir: str | Path) -> str:
+    """Cheap identity of a model dir: config + size and first MiB of every weights file."""
+    import hashlib
+
+    h = hashlib.sha256()
+    model_dir = Path(model_dir)
+    for p in sorted(model_dir.glob("*.json")) + sorted(model_dir.glob("*.safetensors")):
+        h.update(p.name.encode())
+        h.update(str(p.stat().st_size).encode())
+        with open(p, "rb") as fh:
+            h.update(fh.read(1 << 20))
+    return h.hexdigest()[:16]
+
+
+def peak_memory_gb(device: str) -> float:
+    if device == "cuda":
+        import torch
+
+        return round(torch.cuda.max_memory_allocated() / 1e9, 3)
+    # ru_maxrss is in KiB on Linux: peak resident memory of this process.
+    return round(resource.getrusage(resource.RUSAGE_SELF).ru_maxrss * 1024 / 1e9, 3)
+
+
+def _fmt_eta(seconds: float) -> str:
+    if not math.isfinite(seconds) or seconds < 0:
+        return "?"
+    m, s = divmod(int(seconds), 60)
+    h, m = divmod(m, 60)
+    return f"{h}:{m:02d}:{s:02d}" if h else f"{m:02d}:{s:02d}"
+
+
+def _callbacks_base():
+    from transformers import TrainerCallback
+
+    return TrainerCallback
+
+
+class _Progress:
+    """Mixin-free factory for the stderr progress callback (built lazily: transformers import)."""
+
+    @staticmethod
+    def make():
+        TrainerCallback = _callbacks_base()
+
+        class ProgressCallback(TrainerCallback):
+            """One line per logging step: step, loss, lr, tokens/s and ETA on stderr."""
+
+            def __init__(self):
+                self.t0 = None
+                self.step0 = 0
+                self.tok0 = 0
+                self.last_train_loss = None
+                self.last_eval_loss = None
+                self.history: list[dict[str, Any]] = []
+
+            def on_train_begin(self, args, state, control, **kw):
+                self.t0 = time.perf_counter()
+                self.step0 = state.global_step
+                self.tok0 = state.num_input_tokens_seen or 0
+
+            def on_log(self, args, state, control, logs=None, **kw):
+                logs = dict(logs or {})
+                if self.t0 is None:
+                    return
+                elapsed = time.perf_counter() - self.t0
+                done = state.global_step - self.step0
+                rate = done / elapsed if elapsed > 0 and done > 0 else 0.0
+                left = state.max_steps - state.global_step
+                eta = left / rate if rate > 0 else float("nan")
+                toks = (state.num_input_tokens_seen or 0) - self.tok0
+                tps = toks / elapsed if elapsed > 0 else 0.0
+                parts = [f"step {state.global_step}/{state.max_steps}"]
+                if "loss" in logs:
+                    self.last_train_loss = float(logs["loss"])
+                    parts.append(f"loss {logs['loss']:.4f}")
+                if "eval_loss" in logs:
+                    self.last_eval_loss = float(logs["eval_loss"])
+                    parts.append(f"val_loss {logs['eval_loss']:.4f}")
+                if "learning_rate" in logs:
+                    parts.append(f"lr {logs['learning_rate']:.2e}")
+                parts += [f"{tps:.0f} tok/s", f"elapsed {_fmt_eta(elapsed)}", f"ETA {_fmt_eta(eta)}"]
+                log(" | ".join(parts))
+                self.history.append({"step": state.global_step, **{k: v for k, v in logs.items()
+                                                                    if isinstance(v, (int, float))}})
+
+        return ProgressCallback()
+
+
+@dataclass
+class TrainOutput:
+    metrics: dict[str, Any]
+    runtime: Runtime
+    adapter_dir: Path
+    history: list[dict[str, Any]]
+
+
+def prepare_checkpoints(checkpoint_dir: Path, fp: str, resume: bool) -> str | None:
+    """Return the checkpoint to resume from (or None); discard stale ones from another config."""
+    from transformers.trainer_utils import get_last_checkpoint
+
+    checkpoint_dir.mkdir(parents=True, exist_ok=True)
+    fp_file = checkpoint_dir / FINGERPRINT_FILE
+    old = json.loads(fp_file.read_text())["fingerprint"] if fp_file.is_file() else None
+    stale = [p for p in checkpoint_dir.glob("checkpoint-*") if p.is_dir()]
+    if stale and (old != fp or not resume):
+        why = "resume disabled" if not resume else f"fingerprint {old} != {fp} (params or data changed)"
+        log(f"discarding {len(stale)} checkpoint(s) in {checkpoint_dir}: {why}")
+        for p in stale:
+            shutil.rmtree(p)
+    fp_file.write_text(json.dumps({"fingerprint": fp}) + "\n")
+    last = get_last_checkpoint(str(checkpoint_dir)) if resume else None
+    if last:
+        log(f"resuming from {last}")
+    return last
+
+
+def build_sft_config(tp: TrainParams, runtime: Runtime, checkpoint_dir: Path, max_seq_len: int,
+                     has_eval: bool):
+    from trl import SFTConfig
+
+    kw: dict[str, Any] = {}
+    if tp.num_processes > 1 and tp.distributed == "fsdp":
+        kw["fsdp"] = "full_shard auto_wrap"
+        kw["fsdp_config"] = {"activation_checkpointing": runtime.gradient_checkpointing}
+    return SFTConfig(
+        output_dir=str(checkpoint_dir),
+        seed=tp.seed,
+        data_seed=tp.seed,
+        learning_rate=tp.learning_rate,
+        lr_scheduler_type=tp.lr_scheduler,
+        warmup_steps=tp.warmup_ratio,
+        weight_decay=tp.weight_decay,
+        max_grad_norm=tp.max_grad_norm,
+        num_train_epochs=tp.epochs,
+        max_steps=tp.max_steps,
+        per_device_train_batch_size=tp.per_device_batch_size,
+        per_device_eval_batch_size=tp.per_device_batch_size,
+        gradient_accumulation_steps=tp.gradient_accumulation_steps,
+        max_length=max_seq_len,
+        packing=tp.packing,
+        packing_strategy="bfd",
+        eval_packing=tp.packing,
+        gradient_checkpointing=runtime.gradient_checkpointing and "activation_checkpointing" not in kw.get(
+            "fsdp_config", {}),
+        gradient_checkpointing_kwargs={"use_reentrant": False},
+        optim=runtime.optimizer,
+        bf16=runtime.precision == "bf16",
+        fp16=runtime.precision == "fp16",
+        use_cpu=runtime.device == "cpu",
+        use_liger_kernel=runtime.liger_kernel,
+        eval_strategy="steps" if has_eval else "no",
+        eval_steps=tp.eval_steps,
+        save_strategy="steps",
+        save_steps=tp.save_steps,
+        save_total_limit=tp.save_total_limit,
+        logging_steps=tp.logging_steps,
+        logging_first_step=True,
+        report_to="none",
+        disable_tqdm=True,
+        include_num_input_tokens_seen="non_padding",
+        dataloader_num_workers=tp.dataloader_workers,
+        ddp_find_unused_parameters=False,
+        **kw,
+    )
+
+
+def train(
+    model_dir: str | Path,
+    train_data: Tokenized,
+    val_data: Tokenized | None,
+    lora: LoraParams,
+    tp: TrainParams,
+    max_seq_len: int,
+    checkpoint_dir: str | Path,
+    adapter_dir: str | Path,
+    callbacks: Sequence[Any] = (),
+    resume: bool = True,
+    runtime: Runtime | None = None,
+    model_fingerprint: str = "",
+) -> TrainOutput:
+    """Train a LoRA adapter on ``train_data``; save it to ``adapter_dir`` (written in place:
+    the caller passes a temporary directory and renames it)."""
+    import torch
+    from transformers import set_seed
+    from trl import SFTTrainer
+
+    from llmpipe.model.base import load_base_tokenizer
+
+    runtime = runtime or resolve_runtime(tp, lora)
+    for note in runtime.notes:
+        log(f"NOTE: {note}")
+    log(f"path: device={runtime.device} mode={runtime.mode} precision={runtime.precision} "
+        f"optimizer={runtime.optimizer} grad_ckpt={runtime.gradient_checkpointing} "
+        f"liger={runtime.liger_kernel} attn={runtime.attn_implementation} packing={tp.packing}")
+    checkpoint_dir, adapter_dir = Path(checkpoint_dir), Path(adapter_dir)
+    fp = fingerprint(lora, {k: v for k, v in tp.__dict__.items()
+                            if k not in ("eval_steps", "save_steps", "save_total_limit", "logging_steps",
+                                         "dataloader_workers")},
+                     runtime.mode, runtime.precision, max_seq_len, model_fingerprint,
+                     data_hash(train_data), data_hash(val_data) if val_data else None)
+    last = prepare_checkpoints(checkpoint_dir, fp, resume)
+
+    set_seed(tp.seed)
+    tokenizer = load_base_tokenizer(model_dir)
+    model = load_for_training(model_dir, runtime)
+    progress = _Progress.make()
+    args = build_sft_config(tp, runtime, checkpoint_dir, max_seq_len, has_eval=val_data is not None)
+    trainer = SFTTrainer(
+        model=model,
+        args=args,
+        train_dataset=train_data.to_dataset(),
+        eval_dataset=val_data.to_dataset() if val_data is not None else None,
+        processing_class=tokenizer,
+        peft_config=lora.peft_config(),
+        callbacks=[progress, *callbacks],
+    )
+    if trainer.is_world_process_zero():
+        n_train = sum(p.numel() for p in trainer.model.parameters() if p.requires_grad)
+        n_all = sum(p.numel() for p in trainer.model.parameters())
+        log(f"{len(train_data.input_ids)} train examples ({train_data.num_tokens} tokens, "
+            f"{train_data.num_target_tokens} target); trainable params {n_train:,} / {n_all:,}")
+    if runtime.device == "cuda":
+        torch.cuda.reset_peak_memory_stats()
+    t0 = time.perf_counter()
+    tokens_before = 0
+    if last:
+        state_file = Path(last) / "trainer_state.json"
+        if state_file.is_file():
+            tokens_before = int(json.loads(state_file.read_text()).get("num_input_tokens_seen") or 0)
+    result = trainer.train(resume_from_checkpoint=last)
+    wall = time.perf_counter() - t0
+    eval_loss = None
+    if val_data is not None:
+        eval_loss = float(trainer.evaluate()["eval_loss"])
+    tokens_seen = int(trainer.state.num_input_tokens_seen or 0)
+    metrics = {
+        "mode": runtime.mode,
+        "device": runtime.device,
+        "precision": runtime.precision,
+        "optimizer": runtime.optimizer,
+        "gradient_checkpointing": runtime.gradient_checkpointing,
+        "liger_kernel": runtime.liger_kernel,
+        "attn_implementation": runtime.attn_implementation,
+        "packing": tp.packing,
+        "fallback_notes": list(runtime.notes),
+        "train_loss": progress.last_train_loss,
+        "train_loss_mean": float(result.training_loss),
+        "val_loss": eval_loss,
+        "steps": int(trainer.state.global_step),
+        "epochs": round(float(trainer.state.epoch or 0.0), 4),
+        "tokens_seen": tokens_seen,
+        "tokens_per_s": round((tokens_seen - tokens_before) / wall, 2) if wall > 0 else None,
+        "train_seconds": round(wall, 2),
+        "peak_memory_gb": peak_memory_gb(runtime.device),
+        "resumed_from": Path(last).name if last else None,
+        "train_examples": len(train_data.input_ids),
+        "val_examples": len(val_data.input_ids) if val_data is not None else 0,
+        "skipped_examples": len(train_data.skipped) + (len(val_data.skipped) if val_data else 0),
+        "fingerprint": fp,
+        "world_size": int(trainer.args.world_size),
+    }
+    if trainer.is_world_process_zero():
+        adapter_dir.mkdir(parents=True, exist_ok=True)
+        trainer.model.save_pretrained(str(adapter_dir))
+        tokenizer.save_pretrained(str(adapter_dir))
+    return TrainOutput(metrics=metrics, runtime=runtime, adapter_dir=adapter_dir, history=progress.history)
+
+
+def is_main_process() -> bool:
+    return int(os.environ.get("RANK", "0")) == 0

@@ -1,0 +1,68 @@
+"""DVC stage pii-scrub: replace PII in every message with typed placeholders (Presidio + spaCy).
+
+in:  data/validated/records.jsonl (canonical records), params.yaml pii.*
+out: data/scrubbed/records.jsonl (same records, same order, scrubbed text, recomputed ids)
+     metrics/pii.json (records in/out/touched, messages touched, counts per entity and role)
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import sys
+import time
+from pathlib import Path
+from typing import Any
+
+from llmpipe.data.pii import PiiConfig, PiiError, scrub_records
+from llmpipe.io import write_json, write_jsonl
+from llmpipe.params import ParamsError, load_params, section
+
+
+def read_records(path: Path) -> list[dict[str, Any]]:
+    """Canonical JSONL records; a bad line is reported with file and line number."""
+    if not path.is_file():
+        raise PiiError(f"{path}: input not found (run the validate stage first)")
+    records = []
+    with open(path, encoding="utf-8") as fh:
+        for lineno, line in enumerate(fh, 1):
+            if not line.strip():
+                continue
+            try:
+                rec = json.loads(line)
+            except ValueError as exc:
+                raise PiiError(f"{path}:{lineno}: invalid JSON: {exc}") from None
+            if not isinstance(rec, dict) or not isinstance(rec.get("messages"), list):
+                raise PiiError(f"{path}:{lineno}: not a canonical record (no 'messages' list)")
+            records.append(rec)
+    return records
+
+
+def main(argv: list[str] | None = None) -> int:
+    ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    ap.add_argument("--input", type=Path, default=Path("data/validated/records.jsonl"))
+    ap.add_argument("--output", type=Path, default=Path("data/scrubbed/records.jsonl"))
+    ap.add_argument("--metrics", type=Path, default=Path("metrics/pii.json"))
+    ap.add_argument("--params", type=Path, default=None, help="params file (default params.yaml)")
+    args = ap.parse_args(argv)
+
+    try:
+        cfg = PiiConfig.from_params(section(load_params(args.params), "pii"))
+        records = read_records(args.input)
+        print(f"pii-scrub: {len(records)} records from {args.input}, entities {list(cfg.entities)}, "
+              f"{cfg.workers} worker(s), batch {cfg.batch_size}", file=sys.stderr, flush=True)
+        start = time.monotonic()
+        scrubbed, metrics = scrub_records(records, cfg, progress=True)
+    except (PiiError, ParamsError) as exc:
+        print(f"pii-scrub: error: {exc}", file=sys.stderr)
+        return 2
+    write_jsonl(args.output, scrubbed)
+    write_json(args.metrics, metrics)
+    print(f"pii-scrub: wrote {len(scrubbed)} records to {args.output} "
+          f"({metrics['records_touched']} touched, {metrics['entities_total']} entities) "
+          f"and {args.metrics} in {time.monotonic() - start:.1f}s", file=sys.stderr)
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

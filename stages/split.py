@@ -1,0 +1,65 @@
+"""DVC stage `split`: deterministic stratified train/val/test + dataset version + contamination.
+
+in:  data/dedup/records.jsonl, params split.* (ratios, seed, stratify_key, contamination_*)
+out: data/split/train.jsonl, data/split/val.jsonl, data/split/test.jsonl,
+     data/split/contamination.jsonl (val/test records near-duplicating a train record; reported,
+     not dropped), metrics/data.json (sha256 per split file, dataset_version, counts per split
+     and per stratum, contamination_pairs, params)
+"""
+
+from __future__ import annotations
+
+import argparse
+import sys
+import time
+from pathlib import Path
+
+from llmpipe.data.dedup import DedupError, read_records
+from llmpipe.data.split import SPLITS, SplitConfig, split_records
+from llmpipe.io import atomic_path, write_json, write_jsonl
+from llmpipe.params import ParamsError, load_params, section
+
+
+def _progress(msg: str) -> None:
+    print(f"[split] {msg}", file=sys.stderr, flush=True)
+
+
+def main(argv: list[str] | None = None) -> int:
+    ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    ap.add_argument("--params", default=None, help="params file (default: params.yaml)")
+    ap.add_argument("--input", default="data/dedup/records.jsonl")
+    ap.add_argument("--out-dir", default="data/split", help="where train/val/test.jsonl go")
+    ap.add_argument("--out-contamination", default=None,
+                    help="contamination report (default: OUT_DIR/contamination.jsonl)")
+    ap.add_argument("--metrics", default="metrics/data.json")
+    args = ap.parse_args(argv)
+    out_dir = Path(args.out_dir)
+    contamination_path = Path(args.out_contamination or out_dir / "contamination.jsonl")
+
+    t0 = time.perf_counter()
+    try:
+        cfg = SplitConfig.from_params(section(load_params(args.params), "split"))
+        records = read_records(args.input)
+        _progress(f"read {len(records)} records from {args.input}")
+        result = split_records(records, cfg, progress=_progress)
+    except (DedupError, ParamsError, ValueError) as exc:
+        print(f"[split] error: {exc}", file=sys.stderr)
+        return 2
+    for name in SPLITS:
+        with atomic_path(out_dir / f"{name}.jsonl") as tmp:
+            tmp.write_bytes(result.files[name])
+    write_jsonl(contamination_path, result.contamination)
+    metrics = dict(result.metrics)
+    metrics["files"] = {name: str(out_dir / f"{name}.jsonl") for name in SPLITS}
+    write_json(args.metrics, metrics)
+    counts = ", ".join(f"{s}={metrics['counts'][s]}" for s in SPLITS)
+    _progress(
+        f"{counts}; dataset_version {metrics['dataset_version'][:12]}; "
+        f"{metrics['contamination_pairs']} contamination pairs ({contamination_path}) "
+        f"in {time.perf_counter() - t0:.1f}s"
+    )
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

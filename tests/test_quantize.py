@@ -1,0 +1,238 @@
+"""GGUF round trip on a tiny random Llama model with the real SmolLM2 tokenizer.
+
+One module-scoped run of the real `quantize` stage (llama.cpp converter -> f16 GGUF ->
+llama_model_quantize Q8_0 / Q4_K_M -> load back with llama_cpp.Llama) feeds most tests. The tiny
+model has hidden size 256 so k-quants (256-wide blocks) really apply, and a larger init scale so
+its next-token distributions are peaked: quantization error then shows up in perplexity and in
+greedy tokens instead of drowning in a near-uniform softmax.
+"""
+
+from __future__ import annotations
+
+import importlib.util
+import json
+import math
+from pathlib import Path
+
+import numpy as np
+import pytest
+
+pytest.importorskip("llama_cpp", reason="llama-cpp-python not installed: run scripts/install_llama_cpp.sh")
+
+from llmpipe.export import gguf as G  # noqa: E402
+
+ROOT = Path(__file__).resolve().parents[1]
+SYSTEM = ("You are a support triage assistant. Read the customer's message and answer with only a "
+          "JSON object with the keys \"intent\", \"product\", \"urgency\" and \"order_id\".")
+USERS = [
+    ("Where is my order KX482913? It was due Monday.", '{"intent": "order_status", "product": "unknown", "urgency": "medium", "order_id": "KX482913"}'),
+    ("My robot vacuum stopped charging!! Need help asap", '{"intent": "technical_issue", "product": "robot_vacuum", "urgency": "high", "order_id": null}'),
+    ("I'd like a refund for the coffee maker (order AB123456), it leaks.", '{"intent": "refund_request", "product": "coffee_maker", "urgency": "medium", "order_id": "AB123456"}'),
+    ("Can I change the shipping address? Café Straße 5, München 🙂", '{"intent": "shipping_address_change", "product": "unknown", "urgency": "low", "order_id": null}'),
+    ("Does the e-reader support PDF files?\n\tThanks", '{"intent": "product_inquiry", "product": "e_reader", "urgency": "low", "order_id": null}'),
+    ("I was billed twice for my fitness tracker, order ZZ000001", '{"intent": "billing_question", "product": "fitness_tracker", "urgency": "high", "order_id": "ZZ000001"}'),
+]
+
+
+def _records():
+    for i, (user, reply) in enumerate(USERS):
+        yield {
+            "id": f"{i:016x}",
+            "messages": [{"role": "system", "content": SYSTEM}, {"role": "user", "content": user},
+                         {"role": "assistant", "content": reply}],
+            "metadata": {"intent": json.loads(reply)["intent"]},
+            "source": {"file": "tests/test_quantize.py", "line": i + 1, "format": "messages"},
+        }
+
+
+def _load_stage():
+    spec = importlib.util.spec_from_file_location("quantize_stage", ROOT / "stages" / "quantize.py")
+    mod = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(mod)
+    return mod
+
+
+@pytest.fixture(scope="module")
+def tiny_model(tmp_path_factory) -> Path:
+    import torch
+    from transformers import LlamaConfig, LlamaForCausalLM
+
+    from llmpipe.model.source import load_tokenizer
+
+    tok = load_tokenizer("embedded:smollm2-135m-instruct")
+    assert tok.chat_template, "SmolLM2 tokenizer lost its chat template"
+    cfg = LlamaConfig(
+        vocab_size=len(tok), hidden_size=256, intermediate_size=512, num_hidden_layers=2,
+        num_attention_heads=4, num_key_value_heads=2, max_position_embeddings=1024,
+        rms_norm_eps=1e-5, tie_word_embeddings=True, initializer_range=0.15,
+        bos_token_id=tok.bos_token_id, eos_token_id=tok.eos_token_id, pad_token_id=tok.pad_token_id,
+    )
+    torch.manual_seed(0)
+    model = LlamaForCausalLM(cfg).eval()
+    out = tmp_path_factory.mktemp("merged")
+    model.save_pretrained(out, safe_serialization=True)
+    tok.save_pretrained(out)
+    return out
+
+
+@pytest.fixture(scope="module")
+def stage_run(tiny_model, tmp_path_factory):
+    work = tmp_path_factory.mktemp("quantize")
+    test = work / "test.jsonl"
+    test.write_text("".join(json.dumps(r) + "\n" for r in _records()), encoding="utf-8")
+    params = work / "params.yaml"
+    params.write_text(
+        "quantize:\n  name: tiny\n  types: [Q8_0, q4_k_m]\n  n_threads: 2\n  n_ctx: 256\n"
+        "  ppl_max_examples: 6\n  reply_max_tokens: 8\n  bench_tokens: 16\n", encoding="utf-8")
+    out, metrics = work / "gguf", work / "quantize.json"
+    rc = _load_stage().main(["--params", str(params), "--model", str(tiny_model), "--test", str(test),
+                             "--out", str(out), "--metrics", str(metrics)])
+    assert rc == 0
+    return {"out": out, "metrics": json.loads(metrics.read_text()), "params": params, "test": test, "work": work}
+
+
+def test_stage_writes_all_files_and_metrics(stage_run):
+    out, m = stage_run["out"], stage_run["metrics"]
+    names = sorted(p.name for p in out.iterdir())
+    assert names == ["manifest.json", "tiny-f16.gguf", "tiny-q4_k_m.gguf", "tiny-q8_0.gguf"]
+    assert set(m["gguf"]) == {"f16", "q8_0", "q4_k_m"}
+    sizes = {k: v["size_bytes"] for k, v in m["gguf"].items()}
+    for k, v in m["gguf"].items():
+        assert sizes[k] == (out / v["file"]).stat().st_size
+        assert math.isfinite(v["ppl"]) and v["ppl"] > 1
+        assert v["tokens_per_s"] > 0 and v["prompt_tokens_per_s"] > 0
+        assert v["tokenizer_mismatches"] == 0
+    assert sizes["q4_k_m"] < sizes["q8_0"] < sizes["f16"]
+    assert m["gguf"]["q8_0"]["bits_per_weight"] == pytest.approx(8.5, abs=0.6)
+    assert m["ppl_examples"] == 6 and m["ppl_truncated"] == 0 and m["tokenizer_roundtrip_ok"] is True
+    manifest = json.loads((out / "manifest.json").read_text())
+    assert manifest["files"]["q8_0"]["file"] == "tiny-q8_0.gguf"
+    assert all(isinstance(f["reply"], str) for f in manifest["files"].values())
+    assert manifest["prompt"][-1]["role"] == "user"
+
+
+def test_quality_cost_is_measured_against_merged(stage_run):
+    m = stage_run["metrics"]
+    base = m["merged"]["ppl"]
+    assert math.isfinite(base) and 1 < base < 49152  # peaked, not a uniform softmax over the vocab
+    g = m["gguf"]
+    assert g["f16"]["ppl"] == pytest.approx(base, rel=5e-3)   # f16 conversion: essentially lossless
+    assert g["q8_0"]["ppl"] == pytest.approx(base, rel=2e-2)  # Q8_0: close to the HF model
+    assert g["q8_0"]["ppl_delta"] == pytest.approx(g["q8_0"]["ppl"] - base)
+    # 4-bit costs visibly more than 8-bit on this model
+    assert abs(g["q4_k_m"]["ppl_delta"]) > abs(g["q8_0"]["ppl_delta"])
+    assert abs(g["q4_k_m"]["ppl_delta_pct"]) < 50
+
+
+def test_quantized_files_really_hold_quantized_tensors(stage_run):
+    out = stage_run["out"]
+    f16 = G.read_gguf_info(out / "tiny-f16.gguf")
+    q8 = G.read_gguf_info(out / "tiny-q8_0.gguf")
+    q4 = G.read_gguf_info(out / "tiny-q4_k_m.gguf")
+    assert f16.architecture == "llama" and f16.has_chat_template
+    assert f16.file_type == "MOSTLY_F16" and "F16" in f16.tensor_types
+    assert q8.file_type == "MOSTLY_Q8_0" and "Q8_0" in q8.tensor_types and "F16" not in q8.tensor_types
+    assert q4.file_type == "MOSTLY_Q4_K_M" and "Q4_K" in q4.tensor_types
+    assert f16.n_elements == q8.n_elements == q4.n_elements
+
+
+def test_tokenizer_round_trip_hf_vs_llama_cpp(stage_run, tiny_model):
+    from transformers import AutoTokenizer
+
+    tok = AutoTokenizer.from_pretrained(tiny_model)
+    llm = G.load_gguf(stage_run["out"] / "tiny-q8_0.gguf", n_ctx=256)
+    try:
+        for rec in _records():
+            for gen_prompt, msgs in ((False, rec["messages"]), (True, rec["messages"][:-1])):
+                text = G.chat_text(tok, msgs, add_generation_prompt=gen_prompt)
+                ids = G.hf_token_ids(tok, text)
+                assert G.llama_tokenize(llm, text) == ids, text
+                assert "<|im_start|>" in text and ids.count(tok.convert_tokens_to_ids("<|im_start|>")) >= 2
+    finally:
+        llm.close()
+
+
+def test_f16_gguf_matches_transformers_logits_and_greedy_tokens(stage_run, tiny_model):
+    import torch
+    from transformers import AutoModelForCausalLM, AutoTokenizer
+
+    tok = AutoTokenizer.from_pretrained(tiny_model)
+    model = AutoModelForCausalLM.from_pretrained(tiny_model, dtype=torch.float32).eval()
+    msgs = list(_records())[1]["messages"][:-1]
+    ids = G.hf_token_ids(tok, G.chat_text(tok, msgs, add_generation_prompt=True))
+    with torch.inference_mode():
+        hf_logits = model(torch.tensor([ids])).logits[0].numpy()
+        hf_greedy = model.generate(torch.tensor([ids]), max_new_tokens=8, do_sample=False,
+                                   min_new_tokens=8, pad_token_id=tok.pad_token_id)[0, len(ids):].tolist()
+    llm = G.load_gguf(stage_run["out"] / "tiny-f16.gguf", n_ctx=256)
+    try:
+        llm.reset()
+        llm.eval(ids)
+        cpp_logits = np.asarray(llm.scores[: len(ids)])
+        assert np.corrcoef(cpp_logits.ravel(), hf_logits.ravel())[0, 1] > 0.999
+        assert (cpp_logits.argmax(1) == hf_logits.argmax(1)).mean() >= 0.95
+        llm.reset()
+        cpp_greedy = []
+        for t in llm.generate(ids, top_k=1, temp=0.0, repeat_penalty=1.0):
+            cpp_greedy.append(t)
+            if len(cpp_greedy) == 8:
+                break
+    finally:
+        llm.close()
+    assert cpp_greedy == hf_greedy
+
+
+def test_chat_reply_and_generation_speed(stage_run):
+    llm = G.load_gguf(stage_run["out"] / "tiny-q4_k_m.gguf", n_ctx=256)
+    try:
+        msgs = list(_records())[0]["messages"][:-1]
+        reply = G.chat_reply(llm, msgs, max_tokens=8)
+        assert isinstance(reply, str)
+        stats = G.measure_generation(llm, llm.tokenize(b"Hello there", add_bos=False), n_tokens=12)
+        assert stats.generated_tokens == 11 and stats.tokens_per_s > 0
+        with pytest.raises(G.GGUFError, match="exceed n_ctx"):
+            G.measure_generation(llm, [1] * 250, n_tokens=12)
+    finally:
+        llm.close()
+
+
+def test_nll_matches_torch_cross_entropy():
+    import torch
+
+    rng = np.random.default_rng(0)
+    logits = rng.normal(scale=4.0, size=(7, 50)).astype(np.float32)
+    ids = rng.integers(0, 50, size=7).tolist()
+    ref = torch.nn.functional.cross_entropy(torch.from_numpy(logits[:-1]), torch.tensor(ids[1:]), reduction="sum")
+    assert G._nll_from_logits(logits, ids) == pytest.approx(float(ref), rel=1e-5)
+    p = G.Perplexity(nll_sum=float(ref), n_tokens=6, n_sequences=1)
+    assert p.ppl == pytest.approx(math.exp(float(ref) / 6))
+
+
+def test_clear_errors(tmp_path, tiny_model, stage_run):
+    with pytest.raises(G.GGUFError, match="unknown quant type 'Q9_9'.*Q4_K_M"):
+        G.normalise_quant_type("Q9_9")
+    assert G.normalise_quant_type(" q4_k_m ") == "Q4_K_M"
+    with pytest.raises(G.GGUFError, match="no config.json"):
+        G.convert_to_gguf(tmp_path, tmp_path / "x.gguf")
+    with pytest.raises(G.GGUFError, match="not found"):
+        G.quantize(tmp_path / "missing.gguf", tmp_path / "y.gguf", "Q8_0")
+    bogus = tmp_path / "bogus.gguf"
+    bogus.write_bytes(b"not a gguf file at all" * 10)
+    with pytest.raises(G.GGUFError, match="bogus.gguf"):
+        G.load_gguf(bogus)
+    with pytest.raises(G.GGUFError, match="bogus.gguf"):
+        G.quantize(bogus, tmp_path / "z.gguf", "Q8_0")
+    assert not (tmp_path / "z.gguf").exists() and not list(tmp_path.glob(".z.gguf*"))
+
+    # stage: bad params and missing inputs fail with exit 2 and leave no output behind
+    stage = _load_stage()
+    bad = tmp_path / "params.yaml"
+    bad.write_text("quantize:\n  types: [Q8_0, NOPE]\n", encoding="utf-8")
+    out = tmp_path / "gguf"
+    args = ["--params", str(bad), "--model", str(tiny_model), "--test", str(stage_run["test"]),
+            "--out", str(out), "--metrics", str(tmp_path / "m.json")]
+    assert stage.main(args) == 2
+    args[1] = str(stage_run["params"])
+    args[5] = str(tmp_path / "missing.jsonl")
+    assert stage.main(args) == 2
+    assert not out.exists() and not (tmp_path / "m.json").exists()

@@ -1,0 +1,232 @@
+"""split: determinism, ratios, stratification, hashes, dataset version, contamination, stage."""
+
+from __future__ import annotations
+
+import hashlib
+import json
+import os
+import random
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+
+from llmpipe.data.split import (
+    MISSING_STRATUM,
+    SPLITS,
+    SplitConfig,
+    allocate,
+    dataset_version,
+    split_records,
+)
+from llmpipe.params import ParamsError
+
+REPO = Path(__file__).resolve().parents[1]
+INTENTS = ["order_status", "refund_request", "cancel_order", "technical_issue", "billing_question"]
+# stratum sizes: large, medium, small, tiny (3 and 2), plus records without the key
+SIZES = {"order_status": 120, "refund_request": 57, "cancel_order": 33, "technical_issue": 3,
+         "billing_question": 2, None: 11}
+
+
+def _record(user: str, intent: str | None, line: int) -> dict:
+    messages = [
+        {"role": "system", "content": "You are a support triage assistant."},
+        {"role": "user", "content": user},
+        {"role": "assistant", "content": json.dumps({"intent": intent})},
+    ]
+    blob = json.dumps(messages, sort_keys=True, separators=(",", ":"))
+    return {
+        "id": hashlib.sha256(blob.encode()).hexdigest()[:16],
+        "messages": messages,
+        "metadata": {} if intent is None else {"intent": intent},
+        "source": {"file": "data/raw/synthetic.jsonl", "line": line, "format": "messages"},
+    }
+
+
+def _text(rng: random.Random, vocab: list[str], n_words: int = 40) -> str:
+    return " ".join(rng.choice(vocab) for _ in range(n_words))
+
+
+def _corpus(seed: int = 11) -> list[dict]:
+    rng = random.Random(seed)
+    vocab = ["".join(rng.choice("abcdefghijklmnopqrstuvwxyz") for _ in range(rng.randint(3, 8))) for _ in range(3000)]
+    recs = []
+    for intent, n in SIZES.items():
+        for _ in range(n):
+            recs.append(_record(_text(rng, vocab), intent, len(recs) + 1))
+    return recs
+
+
+CFG = SplitConfig()  # defaults = params.yaml defaults (0.8/0.1/0.1, seed 1234, stratify on intent)
+
+
+@pytest.fixture(scope="module")
+def corpus():
+    return _corpus()
+
+
+@pytest.fixture(scope="module")
+def result(corpus):
+    return split_records(corpus, CFG)
+
+
+def test_same_input_twice_and_shuffled_input_give_identical_bytes(corpus, result):
+    again = split_records([dict(r) for r in corpus], CFG)
+    shuffled = list(corpus)
+    random.Random(5).shuffle(shuffled)
+    shuf = split_records(shuffled, CFG)
+    for s in SPLITS:
+        assert again.files[s] == result.files[s]
+        assert shuf.files[s] == result.files[s]
+    assert shuf.metrics == result.metrics
+    other_seed = split_records(corpus, SplitConfig(seed=99))
+    assert other_seed.metrics["dataset_version"] != result.metrics["dataset_version"]
+
+
+def test_every_record_in_exactly_one_split(corpus, result):
+    ids = [r["id"] for s in SPLITS for r in result.splits[s]]
+    assert sorted(ids) == sorted(r["id"] for r in corpus)
+    assert sum(result.metrics["counts"].values()) == result.metrics["records"] == len(corpus)
+
+
+def test_ratios_within_one_record_per_stratum(result):
+    strata = result.metrics["strata"]
+    assert set(strata) == {*(k for k in SIZES if k), MISSING_STRATUM}
+    for name, counts in strata.items():
+        n = sum(counts.values())
+        assert n == SIZES[None if name == MISSING_STRATUM else name]
+        if all(n * CFG.ratios[s] >= 1 for s in SPLITS):  # the at-least-one rule does not kick in
+            for s in SPLITS:
+                assert abs(counts[s] - n * CFG.ratios[s]) < 1, (name, s, counts)
+
+
+def test_stratification_and_small_strata(result):
+    for s in SPLITS:
+        for rec in result.splits[s]:
+            name = rec["metadata"].get("intent", MISSING_STRATUM)
+            assert result.metrics["strata"][name][s] >= 1
+    for name, counts in result.metrics["strata"].items():
+        if sum(counts.values()) >= 3:
+            assert all(counts[s] >= 1 for s in SPLITS), (name, counts)
+    assert result.metrics["strata"]["technical_issue"] == {"train": 1, "val": 1, "test": 1}
+    assert result.metrics["strata"]["billing_question"] == {"train": 2, "val": 0, "test": 0}
+
+
+def test_allocate():
+    r = {"train": 0.8, "val": 0.1, "test": 0.1}
+    assert allocate(0, r) == {"train": 0, "val": 0, "test": 0}
+    assert allocate(1, r) == {"train": 1, "val": 0, "test": 0}
+    assert allocate(3, r) == {"train": 1, "val": 1, "test": 1}
+    assert allocate(10, r) == {"train": 8, "val": 1, "test": 1}
+    assert allocate(15, r) == {"train": 12, "val": 2, "test": 1}  # remainder: largest fraction, then order
+    assert allocate(5, {"train": 0.5, "val": 0.5, "test": 0.0}) == {"train": 3, "val": 2, "test": 0}
+    for n in range(0, 200):
+        c = allocate(n, {"train": 0.7, "val": 0.2, "test": 0.1})
+        assert sum(c.values()) == n
+
+
+def test_hashes_and_dataset_version(result):
+    for s in SPLITS:
+        assert result.metrics["sha256"][s] == hashlib.sha256(result.files[s]).hexdigest()
+    joined = "".join(result.metrics["sha256"][s] for s in SPLITS)
+    assert result.metrics["dataset_version"] == hashlib.sha256(joined.encode()).hexdigest()
+    assert dataset_version(result.metrics["sha256"]) == result.metrics["dataset_version"]
+
+
+def test_dataset_version_changes_when_one_record_changes(corpus, result):
+    changed = [dict(r) for r in corpus]
+    changed[17] = dict(changed[17], metadata=dict(changed[17]["metadata"], note="edited"))
+    other = split_records(changed, CFG)
+    assert other.metrics["dataset_version"] != result.metrics["dataset_version"]
+    assert sum(other.metrics["sha256"][s] != result.metrics["sha256"][s] for s in SPLITS) == 1
+
+
+def test_contamination_detects_planted_cross_split_near_duplicates():
+    rng = random.Random(21)
+    vocab = ["".join(rng.choice("abcdefghijklmnopqrstuvwxyz") for _ in range(rng.randint(3, 8))) for _ in range(3000)]
+    recs = [_record(_text(rng, vocab, 60), rng.choice(INTENTS), i + 1) for i in range(150)]
+    planted = {}
+    for k in range(12):  # near copies (1 word changed) of the first 12 records, same intent
+        src = recs[k]
+        words = src["messages"][1]["content"].split(" ")
+        words[rng.randrange(len(words))] = rng.choice(vocab)
+        copy = _record(" ".join(words), src["metadata"]["intent"], 1000 + k)
+        planted[copy["id"]] = src["id"]
+        recs.append(copy)
+    res = split_records(recs, CFG)
+    split_of = {r["id"]: s for s in SPLITS for r in res.splits[s]}
+    expected = set()
+    for a, b in planted.items():
+        sa, sb = split_of[a], split_of[b]
+        if sa != sb and "train" in (sa, sb):
+            expected.add((b, a) if sa == "train" else (a, b))  # (val/test id, train id)
+    assert expected, "the fixed corpus must put at least one planted pair across splits"
+    found = {(p["id"], p["train_id"]) for p in res.contamination}
+    assert found == expected
+    for p in res.contamination:
+        assert p["split"] in ("val", "test") and split_of[p["id"]] == p["split"]
+        assert split_of[p["train_id"]] == "train"
+        assert p["jaccard"] >= CFG.contamination_threshold and p["source"] and p["train_source"]
+    assert res.metrics["contamination_pairs"] == len(expected)
+    # reported, not dropped
+    assert sum(res.metrics["counts"].values()) == len(recs)
+
+
+def test_config_errors_name_the_param():
+    with pytest.raises(ParamsError, match="split.ratios must sum to 1"):
+        SplitConfig(ratios={"train": 0.8, "val": 0.1, "test": 0.2})
+    with pytest.raises(ParamsError, match="exactly the keys"):
+        SplitConfig(ratios={"train": 0.9, "dev": 0.1})
+    with pytest.raises(ParamsError, match="split.contamination_threshold"):
+        SplitConfig(contamination_threshold=0)
+    with pytest.raises(ParamsError, match="missing key"):
+        SplitConfig.from_params({"ratios": {"train": 1.0, "val": 0.0, "test": 0.0}, "seed": 1})
+
+
+# --------------------------------------------------------------------------- stage
+
+
+def _run_stage(tmp_path: Path, inp: Path, out_dir: Path, metrics: Path) -> subprocess.CompletedProcess:
+    params = tmp_path / "params.yaml"
+    params.write_text(
+        "split:\n  ratios: {train: 0.8, val: 0.1, test: 0.1}\n  seed: 1234\n  stratify_key: intent\n"
+        "  contamination_threshold: 0.8\n  contamination_num_perm: 128\n  contamination_shingle_size: 5\n"
+        "  contamination_roles: [user]\n",
+        encoding="utf-8",
+    )
+    env = dict(os.environ, PYTHONPATH=str(REPO / "src"))
+    return subprocess.run(
+        [sys.executable, str(REPO / "stages" / "split.py"), "--params", str(params), "--input", str(inp),
+         "--out-dir", str(out_dir), "--metrics", str(metrics)],
+        cwd=REPO, env=env, capture_output=True, text=True, timeout=120,
+    )
+
+
+def test_stage_end_to_end(tmp_path, corpus, result):
+    inp = tmp_path / "records.jsonl"
+    inp.write_text("".join(json.dumps(r) + "\n" for r in corpus), encoding="utf-8")
+    out_dir, metrics_path = tmp_path / "split", tmp_path / "metrics" / "data.json"
+    proc = _run_stage(tmp_path, inp, out_dir, metrics_path)
+    assert proc.returncode == 0, proc.stderr
+    assert "[split]" in proc.stderr
+    metrics = json.loads(metrics_path.read_text())
+    for s in SPLITS:
+        data = (out_dir / f"{s}.jsonl").read_bytes()
+        assert data == result.files[s]
+        assert hashlib.sha256(data).hexdigest() == metrics["sha256"][s]
+        assert len(data.splitlines()) == metrics["counts"][s]
+    assert metrics["dataset_version"] == result.metrics["dataset_version"]
+    assert (out_dir / "contamination.jsonl").read_text() == ""
+    assert metrics["contamination_pairs"] == 0
+    # running twice gives the same bytes
+    proc = _run_stage(tmp_path, inp, out_dir, metrics_path)
+    assert proc.returncode == 0
+    assert json.loads(metrics_path.read_text()) == metrics
+
+
+def test_stage_reports_missing_input(tmp_path):
+    proc = _run_stage(tmp_path, tmp_path / "nope.jsonl", tmp_path / "split", tmp_path / "m.json")
+    assert proc.returncode == 2
+    assert "nope.jsonl: input file not found" in proc.stderr
+    assert not (tmp_path / "split").exists()

@@ -1,0 +1,252 @@
+"""qlora-train: assistant-only masks, a tiny random Llama trained through the stage, resume.
+
+The model is a tiny random Llama built from a LlamaConfig with the real SmolLM2 tokenizer
+(llmpipe.model.source.load_tokenizer), so the chat template, the pad/EOS handling and the
+masking are the production ones; only the weights are small.
+"""
+
+from __future__ import annotations
+
+import importlib.util
+import json
+import random
+from pathlib import Path
+
+import pytest
+import yaml
+
+from llmpipe.io import write_jsonl
+
+ROOT = Path(__file__).resolve().parents[1]
+SYSTEM = ("You are a support triage assistant. Read the customer's message and answer with only a "
+          "JSON object with the keys \"intent\", \"product\", \"urgency\" and \"order_id\".")
+INTENTS = ["order_status", "refund_request", "cancel_order", "technical_issue"]
+PRODUCTS = ["smart_thermostat", "wireless_earbuds", "robot_vacuum", "coffee_maker"]
+
+
+def _load_stage(name: str):
+    spec = importlib.util.spec_from_file_location(f"stage_{name}", ROOT / "stages" / f"{name}.py")
+    mod = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(mod)
+    return mod
+
+
+def make_records(n: int, seed: int) -> list[dict]:
+    rng = random.Random(seed)
+    out = []
+    for i in range(n):
+        intent, product = rng.choice(INTENTS), rng.choice(PRODUCTS)
+        oid = f"KX{rng.randrange(10**6):06d}" if rng.random() < 0.5 else None
+        user = f"Hi, about my {product.replace('_', ' ')}: {intent.replace('_', ' ')} please" + (
+            f", order {oid}." if oid else ".")
+        reply = json.dumps({"intent": intent, "product": product, "urgency": rng.choice(["low", "high"]),
+                            "order_id": oid}, separators=(",", ":"))
+        out.append({"id": f"r{seed}-{i}", "metadata": {"intent": intent},
+                    "messages": [{"role": "system", "content": SYSTEM}, {"role": "user", "content": user},
+                                 {"role": "assistant", "content": reply}]})
+    return out
+
+
+@pytest.fixture(scope="module")
+def tokenizer():
+    from llmpipe.model.base import fix_pad_token
+    from llmpipe.model.source import load_tokenizer
+
+    tok = load_tokenizer("embedded:smollm2-135m-instruct")
+    fix_pad_token(tok)
+    return tok
+
+
+@pytest.fixture(scope="module")
+def tiny_base(tmp_path_factory, tokenizer) -> Path:
+    """A random 2-layer Llama with the SmolLM2 tokenizer, saved like the base-model stage does."""
+    import torch
+    from transformers import LlamaConfig, LlamaForCausalLM
+
+    torch.manual_seed(0)
+    cfg = LlamaConfig(vocab_size=len(tokenizer), hidden_size=64, intermediate_size=128, num_hidden_layers=2,
+                      num_attention_heads=4, num_key_value_heads=2, max_position_embeddings=512,
+                      tie_word_embeddings=True, pad_token_id=tokenizer.pad_token_id,
+                      bos_token_id=tokenizer.bos_token_id, eos_token_id=tokenizer.eos_token_id)
+    model = LlamaForCausalLM(cfg)
+    d = tmp_path_factory.mktemp("tiny_base")
+    model.save_pretrained(d)
+    tokenizer.save_pretrained(d)
+    return d
+
+
+def write_params(path: Path, **train_overrides) -> Path:
+    train = {"quantization": "nf4", "precision": "auto", "epochs": 1, "max_steps": 6, "learning_rate": 1e-3,
+             "lr_scheduler": "cosine", "warmup_ratio": 0.1, "per_device_batch_size": 2,
+             "gradient_accumulation_steps": 1, "packing": True, "eval_steps": 3, "save_steps": 2,
+             "save_total_limit": 5, "logging_steps": 1}
+    train.update(train_overrides)
+    params = {"seed": 7, "model": {"max_seq_len": 256},
+              "lora": {"r": 4, "alpha": 8, "dropout": 0.1, "target_modules": "all-linear"}, "train": train}
+    path.write_text(yaml.safe_dump(params))
+    return path
+
+
+@pytest.fixture()
+def workdir(tmp_path) -> Path:
+    write_jsonl(tmp_path / "train.jsonl", make_records(24, 1))
+    write_jsonl(tmp_path / "val.jsonl", make_records(4, 2))
+    return tmp_path
+
+
+def stage_args(wd: Path, base: Path, params: Path, tag: str = "") -> list[str]:
+    return ["--params", str(params), "--base", str(base), "--train", str(wd / "train.jsonl"),
+            "--val", str(wd / "val.jsonl"), "--adapter", str(wd / f"adapter{tag}"),
+            "--checkpoints", str(wd / f"ckpt{tag}"), "--live-dir", str(wd / f"live{tag}"),
+            "--metrics", str(wd / f"train{tag}.json")]
+
+
+# ---------------------------------------------------------------- assistant-only mask
+
+
+def test_label_mask_covers_only_the_assistant_reply_and_its_end_of_turn(tokenizer):
+    from llmpipe.train.data import IGNORE_INDEX, decode_targets, tokenize_example
+
+    rec = make_records(1, 3)[0]
+    ids, labels = tokenize_example(tokenizer, rec["messages"])
+    reply = rec["messages"][-1]["content"]
+    # Exactly the reply plus the learned end-of-turn token: no system/user text, no role header,
+    # no trailing newline.
+    assert decode_targets(tokenizer, ids, labels) == reply + tokenizer.eos_token
+    # The end-of-turn token is learned; the pad token is a different token.
+    assert tokenizer.pad_token_id != tokenizer.eos_token_id
+    target_positions = [i for i, lab in enumerate(labels) if lab != IGNORE_INDEX]
+    assert ids[target_positions[-1]] == tokenizer.eos_token_id
+    # Targets are one contiguous block at the end (before the template's trailing newline).
+    assert target_positions == list(range(target_positions[0], target_positions[-1] + 1))
+    masked = tokenizer.decode([t for t, lab in zip(ids, labels) if lab == IGNORE_INDEX])
+    assert SYSTEM in masked and "order" in masked and reply not in masked
+
+
+def test_multi_turn_masks_every_assistant_turn(tokenizer):
+    from llmpipe.train.data import decode_targets, tokenize_example
+
+    msgs = [{"role": "system", "content": "S"}, {"role": "user", "content": "first?"},
+            {"role": "assistant", "content": "one"}, {"role": "user", "content": "second?"},
+            {"role": "assistant", "content": "two"}]
+    ids, labels = tokenize_example(tokenizer, msgs)
+    eot = tokenizer.eos_token
+    assert decode_targets(tokenizer, ids, labels) == f"one{eot}two{eot}"
+
+
+def test_too_long_examples_are_skipped_with_a_reason(tokenizer):
+    from llmpipe.train.data import tokenize_records
+
+    recs = make_records(3, 4)
+    recs[1]["messages"][1]["content"] = "word " * 400
+    tok = tokenize_records(tokenizer, recs, max_seq_len=256)
+    assert len(tok.input_ids) == 2
+    assert tok.skipped[0]["id"] == recs[1]["id"] and "max_seq_len" in tok.skipped[0]["reason"]
+
+
+def test_bad_record_error_names_file_and_line(tmp_path):
+    from llmpipe.train.data import DataError, load_records
+
+    p = tmp_path / "train.jsonl"
+    p.write_text(json.dumps(make_records(1, 5)[0]) + "\n{not json\n")
+    with pytest.raises(DataError, match=r"train.jsonl:2: invalid JSON"):
+        load_records(p)
+
+
+def test_cpu_falls_back_from_nf4_and_says_so():
+    from llmpipe.train.config import LoraParams, TrainParams, resolve_runtime
+
+    rt = resolve_runtime(TrainParams(quantization="nf4"), LoraParams(), cuda=False)
+    assert rt.mode == "lora" and rt.precision == "fp32" and rt.optimizer == "adamw_torch"
+    assert any("falling back to LoRA" in n for n in rt.notes)
+
+
+# ---------------------------------------------------------------- training through the stage
+
+
+def test_stage_trains_tiny_llama_and_writes_adapter_metrics_and_plots(workdir, tiny_base):
+    stage = _load_stage("train")
+    params = write_params(workdir / "params.yaml")
+    assert stage.main(stage_args(workdir, tiny_base, params)) == 0
+
+    m = json.loads((workdir / "train.json").read_text())
+    assert m["mode"] == "lora" and m["device"] == "cpu"          # nf4 requested, CPU fallback recorded
+    assert any("falling back" in n for n in m["fallback_notes"])
+    assert m["steps"] == 6 and m["tokens_seen"] > 0 and m["tokens_per_s"] > 0
+    assert m["val_loss"] is not None and m["train_loss"] is not None and m["peak_memory_gb"] > 0
+    assert (workdir / "adapter" / "adapter_model.safetensors").is_file()
+    assert (workdir / "adapter" / "adapter_config.json").is_file()
+    plots = workdir / "live" / "plots" / "metrics"
+    loss_tsv = (plots / "train" / "loss.tsv").read_text().splitlines()
+    assert loss_tsv[0].split("\t")[:2] == ["step", "loss"] and len(loss_tsv) >= 6
+    assert (plots / "eval" / "loss.tsv").is_file()
+    # Random init: training must reduce the loss on the (tiny, repetitive) data.
+    first = float(loss_tsv[1].split("\t")[1])
+    assert m["train_loss"] < first
+
+
+def _adapter_tensors(path: Path) -> dict:
+    from safetensors.torch import load_file
+
+    return load_file(str(path / "adapter_model.safetensors"))
+
+
+class _Interrupt(Exception):
+    pass
+
+
+def _interrupt_after(step: int):
+    from transformers import TrainerCallback
+
+    class InterruptCallback(TrainerCallback):
+        """Simulates a kill right after the checkpoint at ``step`` was written."""
+
+        def on_save(self, args, state, control, **kw):
+            if state.global_step >= step:
+                raise _Interrupt(f"interrupted after step {state.global_step}")
+
+    return InterruptCallback()
+
+
+def test_interrupted_run_resumes_to_the_same_adapter(workdir, tiny_base):
+    """Tolerance: max |delta| <= 1e-5 over all adapter tensors (same seed, fp32, CPU)."""
+    import torch
+
+    stage = _load_stage("train")
+    params = write_params(workdir / "params.yaml")
+    assert stage.main(stage_args(workdir, tiny_base, params, "_full")) == 0
+
+    args = stage_args(workdir, tiny_base, params, "_resumed")
+    with pytest.raises(_Interrupt):
+        stage.main(args, callbacks=[_interrupt_after(4)])
+    assert not (workdir / "adapter_resumed").exists()     # nothing half-written
+    assert (workdir / "ckpt_resumed" / "checkpoint-4").is_dir()
+    assert stage.main(args) == 0
+    m = json.loads((workdir / "train_resumed.json").read_text())
+    assert m["resumed_from"] == "checkpoint-4" and m["steps"] == 6
+
+    full, resumed = _adapter_tensors(workdir / "adapter_full"), _adapter_tensors(workdir / "adapter_resumed")
+    assert full.keys() == resumed.keys() and full
+    diff = max(float((full[k] - resumed[k]).abs().max()) for k in full)
+    assert diff <= 1e-5, f"resumed adapter differs from uninterrupted one by {diff}"
+    # The resumed run's plots continue the interrupted run's steps instead of starting over.
+    steps = [int(line.split("\t")[0]) for line in
+             (workdir / "live_resumed" / "plots" / "metrics" / "train" / "loss.tsv").read_text().splitlines()[1:]]
+    assert steps == sorted(steps) and steps[0] <= 1 and steps[-1] == 6
+    assert torch.equal(torch.tensor([1]), torch.tensor([1]))
+
+
+def test_changed_params_discard_stale_checkpoints(workdir, tiny_base):
+    stage = _load_stage("train")
+    args = stage_args(workdir, tiny_base, write_params(workdir / "params.yaml", max_steps=2))
+    assert stage.main(args) == 0
+    assert (workdir / "ckpt" / "checkpoint-2").is_dir()
+    # lora.r changes -> different fingerprint -> fresh run (not a resume of an incompatible adapter)
+    p = yaml.safe_load((workdir / "params.yaml").read_text())
+    p["lora"]["r"] = 8
+    (workdir / "params.yaml").write_text(yaml.safe_dump(p))
+    assert stage.main(args) == 0
+    m = json.loads((workdir / "train.json").read_text())
+    assert m["resumed_from"] is None and m["lora"]["r"] == 8
+    cfg = json.loads((workdir / "adapter" / "adapter_config.json").read_text())
+    assert cfg["r"] == 8
