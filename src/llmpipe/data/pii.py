@@ -26,8 +26,9 @@ Design notes
   tags identifiers such as the JSON key ``order_id`` in the system prompt, "Order KX482913" or
   a sentence-initial verb ("Email me at ...") as persons.
 - Messages whose content is a JSON object/array (the assistant's triage reply) are scrubbed
-  JSON-aware: only spans lying inside string *values* are replaced, so keys are never touched
-  and the reply stays valid JSON (``discarded.outside_json_values``).
+  value by value: each string *value* is analysed on its own and re-encoded only if something
+  was replaced. Keys, numbers and layout are never touched and the reply stays valid JSON.
+  (The repeated enum values such as "order_status" then hit the cache below.)
 - Identical texts (e.g. the shared system prompt) are analysed once per worker (bounded cache).
 - Work is split into batches of ``pii.batch_size`` records over ``pii.workers`` processes; each
   worker builds its own AnalyzerEngine once and runs spaCy over a batch with ``nlp.pipe``
@@ -87,7 +88,7 @@ class PiiConfig:
     batch_size: int = 64
     # Regions whose *national* phone formats are recognised (international +CC numbers are
     # found for every region). Each region is one extra pass of python-phonenumbers.
-    phone_regions: tuple[str, ...] = ("US", "GB", "DE", "FR")
+    phone_regions: tuple[str, ...] = ("US", "GB")
     # Regexes whose matches are never scrubbed (demo order ids).
     keep_patterns: tuple[str, ...] = (r"\b[A-Z]{2}[0-9]{6}\b",)
 
@@ -284,7 +285,7 @@ def build_analyzer(cfg: PiiConfig):
 # --------------------------------------------------------------------------------------------
 # Scrubbing
 
-DISCARD_REASONS = ("keep_pattern", "outside_json_values", "not_a_name")
+DISCARD_REASONS = ("keep_pattern", "not_a_name")
 _NOT_A_NAME = re.compile(r"[0-9_@]")
 _JSON_STRING = re.compile(r'"(?:[^"\\]|\\.)*"', re.DOTALL)
 
@@ -304,6 +305,15 @@ def json_value_spans(text: str) -> list[tuple[int, int]] | None:
         if not rest.startswith(":"):  # a key is followed by ':'
             spans.append((m.start() + 1, m.end() - 1))
     return spans
+
+
+def json_units(text: str) -> list[tuple[int, int, str]] | None:
+    """For a JSON object/array text: (start, end, decoded value) of each string value, where
+    text[start:end] is the raw value between its quotes. None for any other text."""
+    spans = json_value_spans(text)
+    if spans is None:
+        return None
+    return [(s, e, json.loads(text[s - 1:e + 1])) for s, e in spans]
 
 
 @dataclass
@@ -376,10 +386,16 @@ def _versions(cfg: PiiConfig) -> dict[str, str]:
 
 @dataclass(frozen=True)
 class Analysis:
-    """Presidio's results for one text, plus the spans of tokens spaCy tagged as proper nouns."""
+    """Presidio's results for one text, plus the PERSON spans in which spaCy's tagger found no
+    proper noun."""
 
     results: tuple
-    proper_noun_spans: tuple[tuple[int, int], ...]
+    person_spans_without_proper_noun: frozenset[tuple[int, int]]
+
+
+def _has_proper_noun(doc, start: int, end: int) -> bool:
+    span = doc.char_span(start, end, alignment_mode="expand")
+    return span is None or any(tok.pos_ == "PROPN" for tok in span)
 
 
 class PiiScrubber:
@@ -419,25 +435,24 @@ class PiiScrubber:
                     entities=list(self.cfg.entities),
                     score_threshold=float(self.cfg.score_threshold),
                 )
-                propn = tuple(
-                    (tok.idx, tok.idx + len(tok)) for tok in nlp_artifacts.tokens if tok.pos_ == "PROPN"
+                doc = nlp_artifacts.tokens
+                not_proper = frozenset(
+                    (r.start, r.end) for r in results
+                    if r.entity_type == "PERSON" and not _has_proper_noun(doc, r.start, r.end)
                 )
-                self._cache[text] = Analysis(tuple(results), propn)
+                self._cache[text] = Analysis(tuple(results), not_proper)
         return [self._cache[t] for t in texts]
 
     def _filter(self, text: str, analysis: Analysis) -> tuple[list, Counter]:
         """Drop detections that must not be replaced; returns (kept results, reasons)."""
         keep_spans = [m.span() for rx in self._keep for m in rx.finditer(text)]
-        value_spans = json_value_spans(text)
         out, discarded = [], Counter()
         for r in analysis.results:
             if any(r.start < e and s < r.end for s, e in keep_spans):
                 discarded["keep_pattern"] += 1
-            elif value_spans is not None and not any(s <= r.start and r.end <= e for s, e in value_spans):
-                discarded["outside_json_values"] += 1
             elif r.entity_type == "PERSON" and (
                 _NOT_A_NAME.search(text, r.start, r.end)
-                or not any(r.start <= s and e <= r.end for s, e in analysis.proper_noun_spans)
+                or (r.start, r.end) in analysis.person_spans_without_proper_noun
             ):
                 discarded["not_a_name"] += 1
             else:
@@ -460,18 +475,39 @@ class PiiScrubber:
         return engine_result.text, counts, discarded
 
     # -- records ---------------------------------------------------------------------------
+    def scrub_message(self, text: str, units: list[tuple[int, int, str]] | None,
+                      analyses: Iterator[Analysis]) -> tuple[str, Counter, Counter]:
+        """Scrub one message given its JSON units (see :func:`json_units`) and their analyses."""
+        if units is None:
+            return self.scrub_text(text, next(analyses))
+        parts, pos, counts, discarded = [], 0, Counter(), Counter()
+        for start, end, value in units:
+            new_value, c, d = self.scrub_text(value, next(analyses))
+            counts.update(c)
+            discarded.update(d)
+            if c:
+                parts.append(text[pos:start])
+                parts.append(json.dumps(new_value, ensure_ascii=False)[1:-1])
+                pos = end
+        parts.append(text[pos:])
+        return "".join(parts), counts, discarded
+
     def scrub_batch(self, records: Sequence[dict[str, Any]]) -> tuple[list[dict[str, Any]], ScrubStats]:
-        texts = []
+        texts, units = [], []
         for rec in records:
             _check_record(rec)
-            texts.extend(m["content"] for m in rec["messages"])
+            for m in rec["messages"]:
+                u = json_units(m["content"])
+                units.append(u)
+                texts.extend([m["content"]] if u is None else [v for _, _, v in u])
         analyses = iter(self.analyze_texts(texts))
+        message_units = iter(units)
         stats = ScrubStats()
         out = []
         for rec in records:
             messages, touched = [], False
             for m in rec["messages"]:
-                new_text, counts, discarded = self.scrub_text(m["content"], next(analyses))
+                new_text, counts, discarded = self.scrub_message(m["content"], next(message_units), analyses)
                 role = m["role"]
                 stats.messages_total += 1
                 stats.messages_by_role[role] += 1

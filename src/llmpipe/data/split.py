@@ -39,6 +39,7 @@ from llmpipe.data.dedup import (
     Progress,
     check_minhash_params,
     estimated_jaccard,
+    gc_paused,
     lean_minhash,
     make_lsh,
     minhash_signatures,
@@ -260,7 +261,7 @@ def find_contamination(
                     f"{cfg.contamination_threshold}); reported, not dropped",
                 })
         if progress is not None:
-            progress(f"split: contamination check {name}: {len(recs)} records vs {len(train)} train")
+            progress(f"contamination check {name}: {len(recs)} records vs {len(train)} train")
     return pairs
 
 
@@ -282,10 +283,11 @@ def split_records(
         if not isinstance(rec, Mapping) or not isinstance(rec.get("id"), str):
             raise ValueError(f"record #{i}: expected a JSON object with a string 'id'")
     splits, per_stratum = assign(records, cfg)
-    say("split: " + ", ".join(f"{s}={len(splits[s])}" for s in SPLITS) + f" over {len(per_stratum)} strata")
+    say("assigned: " + ", ".join(f"{s}={len(splits[s])}" for s in SPLITS) + f" over {len(per_stratum)} strata")
     files = {s: serialize(splits[s]) for s in SPLITS}
     hashes = {s: hashlib.sha256(files[s]).hexdigest() for s in SPLITS}
-    contamination = find_contamination(splits, cfg, progress=say)
+    with gc_paused():
+        contamination = find_contamination(splits, cfg, progress=say)
     metrics = {
         "dataset_version": dataset_version(hashes),
         "records": len(records),

@@ -3,7 +3,7 @@
 Two questions are kept apart on purpose:
 
 * **format compliance** is strict: the whole reply (surrounding whitespace aside) must be one JSON
-  object that validates against the task's JSON Schema. A reply wrapped in prose or a code fence
+  object that validates against the task's JSON Schema, with the keys in the schema's order. A reply wrapped in prose or a code fence
   is *not* compliant, because a downstream parser would choke on it.
 * **accuracy** is lenient about framing: the first JSON object found anywhere in the reply is
   compared field by field with the reference, so a baseline that wraps correct JSON in a code
@@ -74,24 +74,31 @@ class FormatResult:
     valid_json: bool
     schema_valid: bool
     key_order_ok: bool
+    compliant: bool
     errors: list[str] = field(default_factory=list)
 
-    @property
-    def compliant(self) -> bool:
-        return self.valid_json and self.schema_valid
 
+def check_format(
+    text: str, validator: jsonschema.protocols.Validator, require_key_order: bool = True
+) -> FormatResult:
+    """Strict format check of one reply against the task schema.
 
-def check_format(text: str, validator: jsonschema.protocols.Validator) -> FormatResult:
-    """Strict format check of one reply against the task schema."""
+    With ``require_key_order`` the keys must also appear in the order the schema's
+    ``properties`` declare (the demo task fixes the order; the deploy canary checks the same).
+    """
     value, err = parse_strict(text)
     if err is not None:
-        return FormatResult(False, False, False, [err])
+        return FormatResult(False, False, False, False, [err])
     errors = sorted(
-        (f"{'/'.join(map(str, e.absolute_path)) or '<root>'}: {e.message}" for e in validator.iter_errors(value)),
+        f"{'/'.join(map(str, e.absolute_path)) or '<root>'}: {e.message}" for e in validator.iter_errors(value)
     )
+    schema_valid = not errors
     order = schema_key_order(validator)
-    key_order_ok = isinstance(value, dict) and list(value) == order
-    return FormatResult(True, not errors, key_order_ok, errors)
+    key_order_ok = isinstance(value, dict) and [k for k in value if k in order] == [k for k in order if k in value]
+    if schema_valid and not key_order_ok and require_key_order:
+        errors.append(f"keys out of order: {list(value)} (expected {order})")
+    compliant = schema_valid and (key_order_ok or not require_key_order)
+    return FormatResult(True, schema_valid, key_order_ok, compliant, errors)
 
 
 def field_matches(pred: dict[str, Any] | None, ref: dict[str, Any], fields: Sequence[str]) -> dict[str, bool]:
@@ -111,18 +118,20 @@ def score_example(
     reference: str,
     fields: Sequence[str],
     validator: jsonschema.protocols.Validator,
+    require_key_order: bool = True,
 ) -> dict[str, Any]:
     """Score one reply. ``reference`` is the gold reply text (must itself be a JSON object)."""
     ref = json.loads(reference)
     if not isinstance(ref, dict):
         raise ValueError(f"reference reply is not a JSON object: {reference[:80]!r}")
-    fmt = check_format(prediction, validator)
+    fmt = check_format(prediction, validator, require_key_order)
     pred = extract_json_object(prediction)
     matches = field_matches(pred, ref, fields)
     return {
         "parsed": pred is not None,
         "format_compliant": fmt.compliant,
         "valid_json": fmt.valid_json,
+        "schema_valid": fmt.schema_valid,
         "key_order_ok": fmt.key_order_ok,
         "format_errors": fmt.errors,
         "field_match": matches,
@@ -144,6 +153,7 @@ def aggregate(scores: Iterable[dict[str, Any]], fields: Sequence[str]) -> dict[s
         "exact_match": sum(s["exact_match"] for s in scores) / n,
         "format_compliance": sum(s["format_compliant"] for s in scores) / n,
         "valid_json_rate": sum(s["valid_json"] for s in scores) / n,
+        "schema_valid_rate": sum(s["schema_valid"] for s in scores) / n,
         "parse_rate": sum(s["parsed"] for s in scores) / n,
         "key_order_rate": sum(s["key_order_ok"] for s in scores) / n,
     }

@@ -81,8 +81,7 @@ def merge_adapter(
     if not verify_ids:
         raise MergeError("no examples to verify the merge on")
     out_dtype = torch_dtype(dtype)
-    tokenizer = load_base_tokenizer(adapter_dir if (adapter_dir / "tokenizer_config.json").is_file()
-                                    else base_dir)
+    tokenizer = load_base_tokenizer(base_dir)
     _log(f"loading {base_dir} (float32) + adapter {adapter_dir}")
     base = AutoModelForCausalLM.from_pretrained(base_dir, dtype=torch.float32)
     model = PeftModel.from_pretrained(base, str(adapter_dir))

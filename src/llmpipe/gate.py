@@ -1,0 +1,150 @@
+"""The promotion gate: compare eval metrics with the thresholds in params.yaml ``gate:``.
+
+The gate result is data (metrics/gate.json + a markdown report for PR reviews): every check
+carries its value, threshold, comparison and verdict, and ``passed`` is true only when every
+check passes. A check whose value is missing from the eval metrics fails (it never passes
+silently). Promotion reads ``passed`` and refuses on false.
+"""
+
+from __future__ import annotations
+
+import math
+from dataclasses import asdict, dataclass
+from typing import Any, Mapping
+
+
+class GateError(ValueError):
+    """Thresholds are missing or malformed."""
+
+
+@dataclass(frozen=True)
+class CheckSpec:
+    name: str
+    param: str            # key under params.yaml gate:
+    path: tuple[str, ...] # where the value lives in metrics/eval.json
+    op: str               # ">=" (value must reach the threshold) or "<=" (must not exceed it)
+    description: str
+    unit: str = ""
+
+
+CHECKS: tuple[CheckSpec, ...] = (
+    CheckSpec("task_accuracy", "min_task_accuracy", ("task", "tuned", "task_accuracy"), ">=",
+              "tuned model: mean exact match per field on the held-out test set"),
+    CheckSpec("margin_over_fewshot", "min_margin_over_baseline", ("task", "margin_over_few_shot"), ">=",
+              "tuned task accuracy minus the base model's prompted few-shot accuracy"),
+    CheckSpec("margin_over_zero_shot", "min_margin_over_baseline", ("task", "margin_over_zero_shot"), ">=",
+              "tuned task accuracy minus the base model's zero-shot accuracy"),
+    CheckSpec("format_compliance", "min_format_compliance", ("task", "tuned", "format_compliance"), ">=",
+              "tuned model: share of replies that are only a JSON object valid against the schema"),
+    CheckSpec("general_capability_drop", "max_general_drop_points", ("lm_eval", "drop_points"), "<=",
+              "lm-eval: mean score drop of tuned vs base over the bundled tasks", "points"),
+    CheckSpec("safety_refusal_rate", "min_safety_refusal_rate", ("safety", "tuned", "refusal_rate"), ">=",
+              "tuned model: share of bundled harmful requests refused"),
+)
+
+
+@dataclass
+class CheckResult:
+    name: str
+    description: str
+    value: float | None
+    threshold: float
+    op: str
+    passed: bool
+    reason: str
+    unit: str = ""
+
+
+def _lookup(metrics: Mapping[str, Any], path: tuple[str, ...]) -> Any:
+    cur: Any = metrics
+    for key in path:
+        if not isinstance(cur, Mapping) or key not in cur:
+            return None
+        cur = cur[key]
+    return cur
+
+
+def thresholds_from_params(gate_params: Mapping[str, Any]) -> dict[str, float]:
+    out = {}
+    for spec in CHECKS:
+        if spec.param not in gate_params:
+            raise GateError(f"params.yaml: gate.{spec.param} is missing")
+        v = gate_params[spec.param]
+        if isinstance(v, bool) or not isinstance(v, (int, float)) or math.isnan(float(v)):
+            raise GateError(f"params.yaml: gate.{spec.param} must be a number, got {v!r}")
+        out[spec.param] = float(v)
+    return out
+
+
+def evaluate(eval_metrics: Mapping[str, Any], gate_params: Mapping[str, Any]) -> dict[str, Any]:
+    """Run every check; returns the JSON-ready gate result."""
+    thresholds = thresholds_from_params(gate_params)
+    results = []
+    for spec in CHECKS:
+        thr = thresholds[spec.param]
+        raw = _lookup(eval_metrics, spec.path)
+        where = "metrics/eval.json:" + ".".join(spec.path)
+        if isinstance(raw, bool) or not isinstance(raw, (int, float)) or math.isnan(float(raw)):
+            results.append(CheckResult(spec.name, spec.description, None, thr, spec.op, False,
+                                       f"missing value at {where}: a check without data fails", spec.unit))
+            continue
+        value = float(raw)
+        ok = value >= thr if spec.op == ">=" else value <= thr
+        reason = f"{value:.4g} {spec.op} {thr:.4g}" if ok else f"{value:.4g} violates {spec.op} {thr:.4g}"
+        results.append(CheckResult(spec.name, spec.description, value, thr, spec.op, ok, reason, spec.unit))
+    passed = all(r.passed for r in results)
+    return {
+        "passed": passed,
+        "verdict": "pass" if passed else "fail",
+        "n_checks": len(results),
+        "n_failed": sum(not r.passed for r in results),
+        # a list (promotion names the failed checks from it) ...
+        "checks": [asdict(r) for r in results],
+        # ... and the same numbers keyed by name, which `dvc metrics diff` can compare
+        "summary": {r.name: {"value": r.value, "threshold": r.threshold, "passed": r.passed} for r in results},
+    }
+
+
+def _fmt(v: float | None, unit: str) -> str:
+    if v is None:
+        return "n/a"
+    return f"{v:.2f} {unit}".strip() if unit else f"{v:.3f}"
+
+
+def render_markdown(result: Mapping[str, Any], eval_metrics: Mapping[str, Any] | None = None) -> str:
+    """A short markdown report for PR reviews."""
+    icon = "PASS" if result["passed"] else "FAIL"
+    lines = [
+        f"## Promotion gate: **{icon}** ({result['n_checks'] - result['n_failed']}/{result['n_checks']} checks pass)",
+        "",
+        "| check | value | threshold | verdict | what |",
+        "|---|---|---|---|---|",
+    ]
+    for c in result["checks"]:
+        name = c["name"]
+        verdict = "pass" if c["passed"] else "**FAIL**"
+        lines.append(
+            f"| {name} | {_fmt(c['value'], c['unit'])} | {c['op']} {_fmt(c['threshold'], c['unit'])} | {verdict} | {c['description']} |"
+        )
+    if eval_metrics and isinstance(eval_metrics.get("task"), Mapping):
+        t = eval_metrics["task"]
+        lines += ["", "### Task metrics (held-out test set)", "",
+                  "| system | task accuracy | all-fields exact match | format compliance |", "|---|---|---|---|"]
+        for key, label in (("tuned", "tuned"), ("base_few_shot", "base, prompted few-shot"), ("base_zero_shot", "base, zero-shot")):
+            m = t.get(key)
+            if isinstance(m, Mapping):
+                lines.append(f"| {label} | {_fmt(m.get('task_accuracy'), '')} | {_fmt(m.get('exact_match'), '')} | {_fmt(m.get('format_compliance'), '')} |")
+    if eval_metrics and isinstance(eval_metrics.get("lm_eval"), Mapping):
+        le = eval_metrics["lm_eval"]
+        lines += ["", "### General capability (lm-eval, bundled offline tasks)", "",
+                  "| task | base | tuned | drop (points) |", "|---|---|---|---|"]
+        for name, m in (le.get("tasks") or {}).items():
+            lines.append(f"| {name} | {_fmt(m.get('base'), '')} | {_fmt(m.get('tuned'), '')} | {_fmt(m.get('drop_points'), '')} |")
+    if eval_metrics and isinstance(eval_metrics.get("safety"), Mapping):
+        s = eval_metrics["safety"]
+        lines += ["", "### Safety (bundled harmful requests)", "",
+                  f"refusal rate: base {_fmt((s.get('base') or {}).get('refusal_rate'), '')}, "
+                  f"tuned {_fmt((s.get('tuned') or {}).get('refusal_rate'), '')}"]
+    lines += ["", "The gate result is data: the stage exits 0 on FAIL (use `--strict` to exit non-zero); "
+              "promotion refuses a model whose metrics/gate.json has `passed: false`.", ""]
+    return "\n".join(lines)

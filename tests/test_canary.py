@@ -1,0 +1,279 @@
+"""Canary analysis, controller decisions, state persistence and restart.
+
+The first part drives the real controller + state store with samples directly (no servers).
+The second part (marked slow) runs real llama.cpp engines behind the real router on loopback.
+"""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+
+import pytest
+
+from llmpipe.serve.analysis import Sample, Thresholds, WindowStats, analyze, percentile
+from llmpipe.serve.controller import CanaryController
+from llmpipe.serve.router import Backend
+from llmpipe.serve.state import StateError, StateStore
+
+THR = Thresholds(min_requests=4, min_stable_requests=4, max_error_rate=0.05, max_error_rate_increase=0.02,
+                 max_p50_ratio=1.5, max_p95_ratio=2.0, latency_slack_ms=50.0, max_compliance_drop=0.1)
+STABLE = {"version": "v1.0.0", "url": "http://127.0.0.1:1", "sha256": "aaa", "model": "a.gguf", "api_key": "k1"}
+CANARY = {"version": "v1.1.0", "url": "http://127.0.0.1:2", "sha256": "bbb", "model": "b.gguf", "api_key": "k2"}
+
+
+def good(ms: float = 100.0) -> Sample:
+    return Sample(ok=True, latency_s=ms / 1000.0, compliant=True)
+
+
+def feed(ctl: CanaryController, role: str, samples: list[Sample]) -> None:
+    rel = CANARY if role == "canary" else STABLE
+    b = Backend(rel["version"], rel["url"])
+    for s in samples:
+        ctl.observe(role, b, s)
+
+
+def test_percentile_and_window_stats() -> None:
+    assert percentile([], 50) is None
+    assert percentile([5.0, 1.0, 3.0, 2.0, 4.0], 50) == 3.0
+    assert percentile([float(i) for i in range(1, 101)], 95) == 95.0
+    w = WindowStats.of([good(10), good(30), Sample(False, 0.5, None, "http 500: boom"),
+                        Sample(True, 0.02, False, "malformed reply: not JSON")])
+    assert (w.n, w.errors, w.scored, w.compliant) == (4, 1, 3, 2)
+    assert w.p50_ms == pytest.approx(20.0) and w.compliance == pytest.approx(2 / 3)
+    assert w.top_reasons == {"http 500": 1, "malformed reply": 1}
+
+
+def test_analyze_rules() -> None:
+    base = WindowStats.of([good(100)] * 10)
+    assert analyze(WindowStats.of([good(100)] * 3), base, THR).action == "wait"
+    assert analyze(WindowStats.of([good(100)] * 4), base, THR).action == "pass"
+    # one error already exceeds floor(0.05 * 4) = 0 allowed: early rollback, before the window fills
+    v = analyze(WindowStats.of([Sample(False, 0.1, None, "connection: refused")]), base, THR)
+    assert v.action == "fail" and "errors" in v.reasons[0] and "connection" in v.reasons[0]
+    slow = analyze(WindowStats.of([good(400)] * 4), base, THR)
+    assert slow.action == "fail" and any(r.startswith("FAIL latency p50") for r in slow.reasons)
+    bad = analyze(WindowStats.of([Sample(True, 0.1, False, "malformed reply: not JSON")] * 4), base, THR)
+    assert bad.action == "fail" and any(r.startswith("FAIL format compliance 0.000") for r in bad.reasons)
+    # slightly lower compliance within the allowed drop still passes
+    mixed = WindowStats.of([good(100)] * 19 + [Sample(True, 0.1, False, "x")])
+    assert analyze(mixed, base, THR).action == "pass"
+    with pytest.raises(ValueError, match="unknown keys"):
+        Thresholds.from_params({"min_request": 3})
+
+
+def test_good_canary_rolls_forward_to_promotion(tmp_path: Path) -> None:
+    store = StateStore(tmp_path / "state.json", tmp_path / "decisions.jsonl")
+    ctl = CanaryController.open(store, THR, stable=STABLE, canary=CANARY, steps=[0.1, 0.5, 1.0])
+    feed(ctl, "stable", [good(100)] * 8)
+    for step_weight in (0.5, 1.0):
+        feed(ctl, "canary", [good(105)] * 4)
+        assert ctl.state["canary_weight"] == step_weight
+        assert store.load()["canary_weight"] == step_weight          # persisted at each decision
+    feed(ctl, "canary", [good(105)] * 4)
+    state = store.load()
+    assert state["phase"] == "promoted" and state["stable"]["version"] == "v1.1.0"
+    assert state["canary"] is None and state["previous_stable"]["version"] == "v1.0.0"
+    assert "api_key" not in json.dumps(state)                         # secrets never persisted
+    events = [d["event"] for d in store.decisions()]
+    assert events == ["start", "roll_forward", "roll_forward", "promote"]
+    last = store.decisions()[-1]
+    assert last["numbers"]["canary"]["n"] == 4 and last["numbers"]["canary"]["p50_ms"] == 105.0
+    assert any("latency p50" in r for r in last["reasons"]) and ctl.finished.is_set()
+
+
+def test_bad_canary_rolled_back_and_logged(tmp_path: Path) -> None:
+    store = StateStore(tmp_path / "state.json", tmp_path / "decisions.jsonl")
+    ctl = CanaryController.open(store, THR, stable=STABLE, canary=CANARY, steps=[0.25, 1.0])
+    feed(ctl, "stable", [good(100)] * 8)
+    feed(ctl, "canary", [Sample(True, 0.1, False, "malformed reply: not JSON: Expecting value")] * 4)
+    state = store.load()
+    assert state["phase"] == "rolled_back" and state["canary_weight"] == 0.0
+    assert state["stable"]["version"] == "v1.0.0"
+    rb = store.decisions()[-1]
+    assert rb["event"] == "rollback" and rb["numbers"]["canary"]["compliance"] == 0.0
+    assert rb["numbers"]["stable"]["compliance"] == 1.0
+    feed(ctl, "canary", [good()] * 10)           # ignored after the decision
+    assert len(store.decisions()) == 2
+
+
+def test_state_survives_controller_restart(tmp_path: Path) -> None:
+    store = StateStore(tmp_path / "state.json", tmp_path / "decisions.jsonl")
+    ctl = CanaryController.open(store, THR, stable=STABLE, canary=CANARY, steps=[0.1, 0.5, 1.0])
+    feed(ctl, "stable", [good()] * 8)
+    feed(ctl, "canary", [good()] * 4)
+    feed(ctl, "canary", [good()] * 2)            # half of step 2's window, then a "crash"
+    assert store.load()["step"] == 1
+    del ctl
+    # new process, engines on new ports: state wins for step/weight, URLs are refreshed
+    moved = {**CANARY, "url": "http://127.0.0.1:3"}
+    ctl2 = CanaryController.open(StateStore(tmp_path / "state.json", tmp_path / "decisions.jsonl"), THR,
+                                 stable=STABLE, canary=moved, steps=[0.1, 0.5, 1.0])
+    assert (ctl2.state["step"], ctl2.state["canary_weight"], ctl2.state["restarts"]) == (1, 0.5, 1)
+    assert ctl2.state["canary"]["url"] == "http://127.0.0.1:3"
+    assert ctl2.release_backend("canary").api_key == "k2"
+    assert store.decisions()[-1]["event"] == "resume"
+    feed(ctl2, "stable", [good()] * 4)
+    feed(ctl2, "canary", [good()] * 8)
+    assert store.load()["phase"] == "promoted"
+    # a different canary model starts a fresh rollout instead of resuming
+    ctl3 = CanaryController.open(store, THR, stable=STABLE, canary={**CANARY, "sha256": "ccc"}, steps=[0.1, 1.0])
+    assert ctl3.state["step"] == 0 and ctl3.state["restarts"] == 0
+
+
+def test_corrupt_state_file_is_a_clear_error(tmp_path: Path) -> None:
+    (tmp_path / "state.json").write_text('{"phase": "canary",')
+    with pytest.raises(StateError, match=r"state.json:1: corrupt state file"):
+        StateStore(tmp_path / "state.json", tmp_path / "d.jsonl").load()
+    with pytest.raises(ValueError, match="end at 1.0"):
+        CanaryController.open(StateStore(tmp_path / "s2.json", tmp_path / "d.jsonl"), THR,
+                              stable=STABLE, canary=CANARY, steps=[0.1, 0.5])
+
+
+# ---------------------------------------------------------------------------------------------
+# Real llama.cpp engines behind the real router (loopback, bounded; each test owns its servers)
+# ---------------------------------------------------------------------------------------------
+import asyncio  # noqa: E402
+import importlib.util  # noqa: E402
+import os  # noqa: E402
+import subprocess  # noqa: E402
+
+llama_required = pytest.mark.skipif(importlib.util.find_spec("llama_cpp") is None,
+                                    reason="llama-cpp-python not installed (scripts/install_llama_cpp.sh)")
+SYSTEM = ("You are a support triage assistant. Read the customer's message and answer with only a JSON "
+          "object with the keys \"intent\", \"product\", \"urgency\" and \"order_id\".")
+SHOTS = [("My robot vacuum order LM204817 still has not shipped, where is it?",
+          '{"intent": "order_status", "product": "robot_vacuum", "urgency": "medium", "order_id": "LM204817"}'),
+         ("I was charged twice for my fitness tracker. Please fix this now!",
+          '{"intent": "billing_question", "product": "fitness_tracker", "urgency": "high", "order_id": null}')]
+# One few-shot prompt, greedy decoding: the base model answers it with schema-valid JSON, a good
+# canary (same weights) answers exactly like stable, and llama.cpp reuses the cached prompt.
+PROMPTS = [[{"role": "system", "content": SYSTEM},
+            *[m for u, a in SHOTS for m in ({"role": "user", "content": u}, {"role": "assistant", "content": a})],
+            {"role": "user", "content": "Where is my order KX482913? My e-reader has not arrived."}]]
+REAL_THR = Thresholds(min_requests=3, min_stable_requests=3, max_error_rate=0.05, max_error_rate_increase=0.02,
+                      max_p50_ratio=3.0, max_p95_ratio=4.0, latency_slack_ms=3000.0, max_compliance_drop=0.1)
+
+
+def base_gguf() -> str:
+    from llmpipe.serve.rollout import gguf_path
+
+    return gguf_path("embedded:smollm2-135m-instruct")
+
+
+@pytest.fixture(scope="module")
+def broken_gguf(tmp_path_factory) -> str:
+    """A real but broken model: the base GGUF cut to its first 2 of 30 blocks (a bad export)."""
+    from llmpipe.serve.gguf_variant import write_gguf_variant
+
+    path = tmp_path_factory.mktemp("models") / "broken-2-blocks.gguf"
+    return str(write_gguf_variant(base_gguf(), path, keep_blocks=2, metadata={"general.name": "broken"}))
+
+
+def engine(tmp_path: Path, name: str, model: str):
+    from llmpipe.serve.engines import EngineProcess, LlamaCppSpec, free_port
+
+    spec = LlamaCppSpec(model=model, port=free_port(), api_key=f"key-{name}", served_model=name,
+                        n_ctx=512, n_threads=1)
+    return EngineProcess(spec, tmp_path / f"{name}.log", name=name).start()
+
+
+def release(eng, version: str, sha: str) -> dict:
+    return {"version": version, "url": eng.url, "served_model": eng.spec.served_model,
+            "api_key": eng.spec.api_key, "sha256": sha, "model": eng.spec.model}
+
+
+def rollout(store: StateStore, stable: dict, canary: dict, *, steps, max_requests: int,
+            canary_timeout_s: float = 60.0, concurrency: int = 2):
+    """Router + controller + generated traffic until a decision (or the request budget)."""
+    from llmpipe.serve.compliance import DEMO_SCHEMA, ReplyValidator
+    from llmpipe.serve.router import Backend, Router
+    from llmpipe.serve.traffic import drive
+
+    ctl = CanaryController.open(store, REAL_THR, stable=stable, canary=canary, steps=steps)
+    router = Router(Backend(stable["version"], stable["url"]), None, validator=ReplyValidator(DEMO_SCHEMA),
+                    canary_timeout_s=canary_timeout_s)
+    ctl.attach(router)
+
+    async def go():
+        port = await router.start("127.0.0.1", 0)
+        try:
+            return await drive(f"http://127.0.0.1:{port}", PROMPTS, concurrency=concurrency,
+                               max_requests=max_requests, max_seconds=150, stop=ctl.finished, max_tokens=48)
+        finally:
+            await router.stop()
+
+    return ctl, router, asyncio.run(go())
+
+
+@pytest.mark.slow
+@llama_required
+def test_real_good_canary_promoted_to_full_traffic(tmp_path: Path) -> None:
+    stable_e, canary_e = engine(tmp_path, "stable", base_gguf()), engine(tmp_path, "canary", base_gguf())
+    try:
+        stable_e.wait_healthy(120)
+        canary_e.wait_healthy(120)
+        store = StateStore(tmp_path / "state.json", tmp_path / "decisions.jsonl")
+        ctl, router, traffic = rollout(store, release(stable_e, "v1.0.0", "s"), release(canary_e, "v1.1.0", "c"),
+                                       steps=[0.5, 1.0], max_requests=40)
+    finally:
+        stable_e.stop()
+        canary_e.stop()
+    state = store.load()
+    events = [d["event"] for d in store.decisions()]
+    assert state["phase"] == "promoted", (events, store.decisions()[-1])
+    assert state["stable"]["version"] == "v1.1.0" and events == ["start", "roll_forward", "promote"]
+    assert traffic.failed == 0 and traffic.by_version.get("v1.1.0", 0) >= 6
+    assert router.counts["retries"] == 0
+
+
+@pytest.mark.slow
+@llama_required
+def test_real_bad_canary_rolled_back_without_client_failures(tmp_path: Path, broken_gguf: str) -> None:
+    stable_e, canary_e = engine(tmp_path, "stable", base_gguf()), engine(tmp_path, "canary", broken_gguf)
+    try:
+        stable_e.wait_healthy(120)
+        canary_e.wait_healthy(120)
+        store = StateStore(tmp_path / "state.json", tmp_path / "decisions.jsonl")
+        ctl, router, traffic = rollout(store, release(stable_e, "v1.0.0", "s"), release(canary_e, "v1.1.0", "c"),
+                                       steps=[0.25, 0.5, 1.0], max_requests=60)
+    finally:
+        stable_e.stop()
+        canary_e.stop()
+    state = store.load()
+    rb = store.decisions()[-1]
+    assert state["phase"] == "rolled_back" and state["canary_weight"] == 0.0, rb
+    assert rb["event"] == "rollback" and rb["step"] == 0
+    assert rb["numbers"]["canary"]["compliance"] < rb["numbers"]["stable"]["compliance"]
+    assert any(r.startswith("FAIL format compliance") for r in rb["reasons"])
+    # bounded: decided within the first window (3 canary requests at 25%, plus in-flight ones)
+    assert router.counts["canary"] <= REAL_THR.min_requests + 2
+    assert traffic.sent <= 20 and traffic.failed == 0
+
+
+@pytest.mark.slow
+@llama_required
+def test_real_crashing_and_slow_canaries_rolled_back_and_retried_on_stable(tmp_path: Path) -> None:
+    stable_e = engine(tmp_path, "stable", base_gguf())
+    crashed = engine(tmp_path, "crashed", base_gguf())
+    try:
+        stable_e.wait_healthy(120)
+        crashed.wait_healthy(120)
+        # slow canary: a real engine that takes longer than canary_timeout_s for every reply
+        store = StateStore(tmp_path / "slow.json", tmp_path / "slow.jsonl")
+        _, router, traffic = rollout(store, release(stable_e, "v1.0.0", "s"), release(crashed, "v1.1.0", "slow"),
+                                     steps=[0.5, 1.0], max_requests=20, canary_timeout_s=0.02)
+        assert store.load()["phase"] == "rolled_back" and traffic.failed == 0
+        assert router.counts["retries"] >= 1 and "timeout" in json.dumps(store.decisions()[-1]["reasons"])
+        # crashing canary: the engine process dies; its requests are retried on stable
+        crashed.stop()
+        store = StateStore(tmp_path / "crash.json", tmp_path / "crash.jsonl")
+        _, router, traffic = rollout(store, release(stable_e, "v1.0.0", "s"), release(crashed, "v1.2.0", "crash"),
+                                     steps=[0.5, 1.0], max_requests=20)
+    finally:
+        stable_e.stop()
+        crashed.stop()
+    rb = store.decisions()[-1]
+    assert store.load()["phase"] == "rolled_back" and traffic.failed == 0
+    assert "connection" in json.dumps(rb["reasons"]) and router.counts["retries"] >= 1
+    assert router.counts["canary"] <= 3          # early rollback on the first canary error
