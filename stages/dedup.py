@@ -24,7 +24,9 @@ def _progress(msg: str) -> None:
 
 
 def main(argv: list[str] | None = None) -> int:
-    ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    ap = argparse.ArgumentParser(
+        description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter
+    )
     ap.add_argument("--params", default=None, help="params file (default: params.yaml)")
     ap.add_argument("--input", default="data/scrubbed/records.jsonl")
     ap.add_argument("--out-records", default="data/dedup/records.jsonl")
@@ -47,7 +49,8 @@ def main(argv: list[str] | None = None) -> int:
     _progress(
         f"{metrics['records_in']} in -> {metrics['records_out']} out "
         f"({metrics['exact_duplicates_removed']} exact, {metrics['near_duplicates_removed']} near, "
-        f"{metrics['clusters']} clusters) in {time.perf_counter() - t0:.1f}s; report: {args.out_clusters}"
+        f"{metrics['clusters']} clusters) in {time.perf_counter() - t0:.1f}s; "
+        f"report: {args.out_clusters}"
     )
     return 0
 

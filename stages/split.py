@@ -25,7 +25,9 @@ def _progress(msg: str) -> None:
 
 
 def main(argv: list[str] | None = None) -> int:
-    ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    ap = argparse.ArgumentParser(
+        description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter
+    )
     ap.add_argument("--params", default=None, help="params file (default: params.yaml)")
     ap.add_argument("--input", default="data/dedup/records.jsonl")
     ap.add_argument("--out-dir", default="data/split", help="where train/val/test.jsonl go")

@@ -136,6 +136,7 @@ def test_corrupt_state_file_is_a_clear_error(tmp_path: Path) -> None:
 import asyncio  # noqa: E402
 import importlib.util  # noqa: E402
 import os  # noqa: E402
+import sys  # noqa: E402
 import subprocess  # noqa: E402
 
 llama_required = pytest.mark.skipif(importlib.util.find_spec("llama_cpp") is None,
@@ -277,3 +278,95 @@ def test_real_crashing_and_slow_canaries_rolled_back_and_retried_on_stable(tmp_p
     assert store.load()["phase"] == "rolled_back" and traffic.failed == 0
     assert "connection" in json.dumps(rb["reasons"]) and router.counts["retries"] >= 1
     assert router.counts["canary"] <= 3          # early rollback on the first canary error
+
+
+def _git(repo: Path, *args: str) -> str:
+    return subprocess.run(["git", *args], cwd=repo, check=True, capture_output=True, text=True).stdout
+
+
+@pytest.mark.slow
+@llama_required
+def test_deploy_stage_promotes_then_rolls_back_with_registry(tmp_path: Path, broken_gguf: str) -> None:
+    """stages/deploy.py on a fresh checkout: promote a good model (registry: prod), then roll a
+    broken one back (registry: canary unassigned), then do nothing for the same broken model."""
+    import shutil
+
+    import yaml
+
+    from llmpipe.registry import Registry, promote
+    from llmpipe.serve.compliance import DEMO_SCHEMA
+    from llmpipe.serve.rollout import md5_file
+
+    root = tmp_path / "checkout"
+    root.mkdir()
+    _git(root, "init", "-q", "-b", "main")
+    _git(root, "config", "user.email", "ci@example.com")
+    _git(root, "config", "user.name", "CI")
+    (root / ".gitignore").write_text("models/\ndeploy/\n")
+    reg_cfg = {"artifact": "model", "model_path": "models/gguf/model-q4_k_m.gguf", "stage": "canary",
+               "prod_stage": "prod", "bump": "minor", "initial_version": "v1.0.0", "gate": "metrics/gate.json",
+               "check_dvc_status": False}
+    params = {
+        "model": {"name_or_path": "embedded:smollm2-135m-instruct"},
+        "validate": {"default_system_prompt": SYSTEM},
+        "registry": reg_cfg,
+        "serve": {"host": "127.0.0.1", "n_ctx": 512, "n_threads": 1, "canary_timeout_s": 60,
+                  "startup_timeout_s": 120},
+        "deploy": {"model": "models/gguf/model-q4_k_m.gguf", "bootstrap_stable": broken_gguf,
+                   "prompts": "data/split/test.jsonl", "reply_schema": "data/task/support_triage.schema.json",
+                   "steps": [0.5, 1.0],
+                   # the 2-block bootstrap stable is far faster than any real model: judge format here
+                   "thresholds": {**REAL_THR.__dict__, "max_p50_ratio": 100.0, "max_p95_ratio": 100.0},
+                   "traffic": {"concurrency": 2, "max_tokens": 48, "max_requests": 40, "max_seconds": 150},
+                   "update_registry": True},
+    }
+    (root / "params.yaml").write_text(yaml.safe_dump(params))
+    (root / "data/split").mkdir(parents=True)
+    record = {"id": "t1", "messages": PROMPTS[0] + [{"role": "assistant", "content": SHOTS[0][1]}], "metadata": {}}
+    (root / "data/split/test.jsonl").write_text(json.dumps(record) + "\n")
+    (root / "data/task").mkdir(parents=True)
+    (root / "data/task/support_triage.schema.json").write_text(json.dumps(DEMO_SCHEMA))
+    (root / "metrics").mkdir()
+    (root / "metrics/gate.json").write_text(json.dumps({"passed": True, "checks": []}))
+    model = root / "models/gguf/model-q4_k_m.gguf"
+    model.parent.mkdir(parents=True)
+
+    def pipeline_run(source: str, message: str) -> str:
+        shutil.copyfile(source, model)
+        lock = {"schema": "2.0", "stages": {"quantize": {"cmd": "x", "outs": [
+            {"path": "models/gguf/model-q4_k_m.gguf", "hash": "md5", "md5": md5_file(model)}]}}}
+        (root / "dvc.lock").write_text(yaml.safe_dump(lock))
+        _git(root, "add", "-A")
+        _git(root, "commit", "-qm", message)
+        return promote(root, reg_cfg).version
+
+    def deploy() -> dict:
+        env = {**os.environ, "PYTHONPATH": str(Path(__file__).resolve().parents[1] / "src")}
+        proc = subprocess.run([sys.executable, str(Path(__file__).resolve().parents[1] / "stages/deploy.py")],
+                              cwd=root, env=env, capture_output=True, text=True, timeout=280)
+        assert proc.returncode == 0, proc.stderr[-3000:]
+        return json.loads((root / "metrics/deploy.json").read_text())
+
+    reg = Registry(root)
+    # 1) the pipeline's model is good (the base model) and stable is the broken bootstrap: promote
+    assert pipeline_run(base_gguf(), "run 1") == "v1.0.0"
+    m = deploy()
+    assert m["decision"] == "promoted" and m["client_failures"] == 0, m
+    assert m["canary_version"] == "v1.0.0" and m["registry"] == {"assigned": "prod", "version": "v1.0.0"}
+    assert reg.stage_version("model", "prod") == "v1.0.0" and reg.stage_version("model", "canary") is None
+    state = json.loads((root / "deploy/state.json").read_text())
+    assert state["phase"] == "promoted" and state["stable"]["model"] == "deploy/releases/v1.0.0.gguf"
+    assert (root / "deploy/releases/v1.0.0.gguf").stat().st_size == model.stat().st_size
+    # 2) the next pipeline run produces a broken model: rolled back, no client failure
+    assert pipeline_run(broken_gguf, "run 2") == "v1.1.0"
+    assert reg.stage_version("model", "canary") == "v1.1.0"
+    m = deploy()
+    assert m["decision"] == "rolled_back" and m["client_failures"] == 0, m
+    assert m["stable_version"] == "v1.0.0" and m["canary_version"] == "v1.1.0"
+    assert m["registry"] == {"unassigned": "canary", "version": "v1.1.0"}
+    assert reg.stage_version("model", "canary") is None and reg.stage_version("model", "prod") == "v1.0.0"
+    assert any("!" in t for t in _git(root, "tag", "-l").split())      # model#canary!#N records it
+    events = [json.loads(line)["event"] for line in (root / "deploy/decisions.jsonl").read_text().splitlines()]
+    assert events.count("promote") == 1 and events.count("rollback") == 1 and events.count("registry") == 2
+    # 3) the same broken model again: nothing to do
+    assert deploy()["decision"] == "noop_rolled_back"

@@ -133,14 +133,14 @@ def test_router_real_engine_endpoints_metrics_and_api_keys(tmp_path: Path) -> No
                 async with aiohttp.ClientSession() as s:
                     async with s.post(base + "/v1/chat/completions", json={"messages": PROMPT}) as r:
                         out["no_key"] = r.status
-                    body = {"model": "whatever", "messages": PROMPT, "max_tokens": 24, "temperature": 0}
+                    body = {"model": "whatever", "messages": PROMPT, "max_tokens": 8, "temperature": 0}
                     async with s.post(base + "/v1/chat/completions", json=body, headers=auth) as r:
                         out["chat"] = (r.status, r.headers.get("x-llmpipe-version"), await r.json())
                     async with s.post(base + "/v1/completions", headers=auth,
                                       json={"prompt": "The capital of France is", "max_tokens": 4}) as r:
                         out["completion"] = (r.status, await r.json())
                     async with s.post(base + "/v1/chat/completions", headers=auth,
-                                      json={**body, "stream": True, "max_tokens": 8}) as r:
+                                      json={**body, "stream": True, "max_tokens": 4}) as r:
                         out["stream"] = (r.status, (await r.read()).decode())
                     async with s.get(base + "/v1/models", headers=auth) as r:
                         out["models"] = await r.json()

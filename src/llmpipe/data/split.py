@@ -55,7 +55,9 @@ ALL_STRATUM = "<all>"
 
 @dataclass(frozen=True)
 class SplitConfig:
-    ratios: Mapping[str, float] = field(default_factory=lambda: {"train": 0.8, "val": 0.1, "test": 0.1})
+    ratios: Mapping[str, float] = field(
+        default_factory=lambda: {"train": 0.8, "val": 0.1, "test": 0.1}
+    )
     seed: int = 1234
     stratify_key: str | None = "intent"
     contamination_threshold: float = 0.8
@@ -72,20 +74,25 @@ class SplitConfig:
         for k in SPLITS:
             v = r[k]
             if not isinstance(v, (int, float)) or isinstance(v, bool) or not 0.0 <= v <= 1.0:
-                raise ParamsError(f"params.yaml: split.ratios.{k} must be a number in [0, 1], got {v!r}")
+                raise ParamsError(
+                    f"params.yaml: split.ratios.{k} must be a number in [0, 1], got {v!r}"
+                )
         if abs(sum(float(r[k]) for k in SPLITS) - 1.0) > 1e-6:
             raise ParamsError(
                 f"params.yaml: split.ratios must sum to 1, got {sum(float(r[k]) for k in SPLITS)!r}"
             )
         if not isinstance(self.seed, int) or isinstance(self.seed, bool):
             raise ParamsError(f"params.yaml: split.seed must be an integer, got {self.seed!r}")
-        if self.stratify_key is not None and (not isinstance(self.stratify_key, str) or not self.stratify_key):
+        key = self.stratify_key
+        if key is not None and (not isinstance(key, str) or not key):
             raise ParamsError(
-                f"params.yaml: split.stratify_key must be a metadata key or null, got {self.stratify_key!r}"
+                f"params.yaml: split.stratify_key must be a metadata key or null, got {key!r}"
             )
         t = self.contamination_threshold
         if not isinstance(t, (int, float)) or isinstance(t, bool) or not 0.0 < t <= 1.0:
-            raise ParamsError(f"params.yaml: split.contamination_threshold must be in (0, 1], got {t!r}")
+            raise ParamsError(
+                f"params.yaml: split.contamination_threshold must be in (0, 1], got {t!r}"
+            )
         check_minhash_params(
             "split.contamination",
             self.contamination_num_perm,
@@ -102,15 +109,22 @@ class SplitConfig:
         }
         unknown = sorted(set(section) - known)
         if unknown:
-            raise ParamsError(f"params.yaml: unknown key(s) in section 'split': {', '.join(unknown)}")
+            raise ParamsError(
+                f"params.yaml: unknown key(s) in section 'split': {', '.join(unknown)}"
+            )
         missing = sorted(known - set(section))
         if missing:
-            raise ParamsError(f"params.yaml: section 'split' is missing key(s): {', '.join(missing)}")
+            raise ParamsError(
+                f"params.yaml: section 'split' is missing key(s): {', '.join(missing)}"
+            )
         roles = section["contamination_roles"]
+        ratios = section["ratios"]
         if not isinstance(roles, (list, tuple)):
-            raise ParamsError(f"params.yaml: split.contamination_roles must be a list, got {roles!r}")
+            raise ParamsError(
+                f"params.yaml: split.contamination_roles must be a list, got {roles!r}"
+            )
         return cls(
-            ratios=dict(section["ratios"]) if isinstance(section["ratios"], Mapping) else section["ratios"],
+            ratios=dict(ratios) if isinstance(ratios, Mapping) else ratios,
             seed=section["seed"],
             stratify_key=section["stratify_key"],
             contamination_threshold=section["contamination_threshold"],
@@ -151,7 +165,9 @@ def stratum_of(record: Mapping[str, Any], key: str | None) -> str:
     if not isinstance(meta, Mapping) or key not in meta:
         return MISSING_STRATUM
     value = meta[key]
-    return value if isinstance(value, str) else json.dumps(value, sort_keys=True, ensure_ascii=False)
+    if isinstance(value, str):
+        return value
+    return json.dumps(value, sort_keys=True, ensure_ascii=False)
 
 
 def canonical_json(record: Mapping[str, Any]) -> str:
@@ -161,7 +177,8 @@ def canonical_json(record: Mapping[str, Any]) -> str:
 
 def order_key(record: Mapping[str, Any], seed: int) -> tuple[str, str]:
     """Position of a record in the seeded pseudo-random order (input-order independent)."""
-    return (hashlib.sha256(f"{seed}:{record.get('id')}".encode("utf-8")).hexdigest(), canonical_json(record))
+    digest = hashlib.sha256(f"{seed}:{record.get('id')}".encode("utf-8")).hexdigest()
+    return digest, canonical_json(record)
 
 
 def allocate(n: int, ratios: Mapping[str, float]) -> dict[str, int]:
@@ -187,10 +204,11 @@ def allocate(n: int, ratios: Mapping[str, float]) -> dict[str, int]:
 def assign(
     records: Sequence[Mapping[str, Any]], cfg: SplitConfig
 ) -> tuple[dict[str, list[dict[str, Any]]], dict[str, dict[str, int]]]:
-    """Split ``records``; returns (records per split in file order, counts per stratum per split)."""
+    """Split ``records``: (records per split in file order, counts per stratum per split)."""
     strata: dict[str, list[tuple[tuple[str, str], Mapping[str, Any]]]] = {}
     for rec in records:
-        strata.setdefault(stratum_of(rec, cfg.stratify_key), []).append((order_key(rec, cfg.seed), rec))
+        name = stratum_of(rec, cfg.stratify_key)
+        strata.setdefault(name, []).append((order_key(rec, cfg.seed), rec))
     out: dict[str, list[tuple[tuple[str, str], Mapping[str, Any]]]] = {s: [] for s in SPLITS}
     per_stratum: dict[str, dict[str, int]] = {}
     for name in sorted(strata):
@@ -230,7 +248,8 @@ def find_contamination(
 
     train = splits["train"]
     train_texts = texts_of("train")
-    train_sig = minhash_signatures(train_texts, cfg.contamination_num_perm, cfg.contamination_shingle_size)
+    num_perm, k = cfg.contamination_num_perm, cfg.contamination_shingle_size
+    train_sig = minhash_signatures(train_texts, num_perm, k)
     lsh = make_lsh(cfg.contamination_threshold, cfg.contamination_num_perm)
     with lsh.insertion_session() as session:
         for i, text in enumerate(train_texts):
@@ -240,7 +259,7 @@ def find_contamination(
     for name in SPLITS[1:]:
         recs = splits[name]
         texts = texts_of(name)
-        sig = minhash_signatures(texts, cfg.contamination_num_perm, cfg.contamination_shingle_size)
+        sig = minhash_signatures(texts, num_perm, k)
         for i, text in enumerate(texts):
             if not text or not train_texts:
                 continue
@@ -248,7 +267,11 @@ def find_contamination(
             if not cands:
                 continue
             sims = estimated_jaccard(sig[i], train_sig[cands])
-            hits = [(float(sims[k]), c) for k, c in enumerate(cands) if sims[k] >= cfg.contamination_threshold]
+            hits = [
+                (float(sim), c)
+                for sim, c in zip(sims, cands)
+                if sim >= cfg.contamination_threshold
+            ]
             for jac, c in sorted(hits, key=lambda t: (-t[0], t[1])):
                 pairs.append({
                     "split": name,
@@ -283,7 +306,8 @@ def split_records(
         if not isinstance(rec, Mapping) or not isinstance(rec.get("id"), str):
             raise ValueError(f"record #{i}: expected a JSON object with a string 'id'")
     splits, per_stratum = assign(records, cfg)
-    say("assigned: " + ", ".join(f"{s}={len(splits[s])}" for s in SPLITS) + f" over {len(per_stratum)} strata")
+    sizes = ", ".join(f"{s}={len(splits[s])}" for s in SPLITS)
+    say(f"assigned: {sizes} over {len(per_stratum)} strata")
     files = {s: serialize(splits[s]) for s in SPLITS}
     hashes = {s: hashlib.sha256(files[s]).hexdigest() for s in SPLITS}
     with gc_paused():
@@ -295,7 +319,9 @@ def split_records(
         "sha256": hashes,
         "strata": per_stratum,
         "contamination_pairs": len(contamination),
-        "contamination_by_split": {s: sum(1 for p in contamination if p["split"] == s) for s in SPLITS[1:]},
+        "contamination_by_split": {
+            s: sum(1 for p in contamination if p["split"] == s) for s in SPLITS[1:]
+        },
         "contaminated_records": len({(p["split"], p["id"]) for p in contamination}),
         "params": cfg.as_dict(),
     }

@@ -30,6 +30,7 @@ class EvalConfig:
     max_new_tokens: int = 48
     batch_size: int = 16
     device: str = "auto"
+    num_threads: int | None = None
     fewshot_k: int = 4
     fewshot_seed: int = 1234
     fewshot_stratify_key: str | None = "intent"
@@ -62,6 +63,7 @@ class EvalConfig:
             max_new_tokens=_get(ev, "max_new_tokens", int, "eval"),
             batch_size=_get(ev, "batch_size", int, "eval"),
             device=_get(ev, "device", str, "eval", "auto"),
+            num_threads=_get(ev, "num_threads", int, "eval", None),
             fewshot_k=_get(fs, "k", int, "eval.fewshot"),
             fewshot_seed=_get(fs, "seed", int, "eval.fewshot", 1234),
             fewshot_stratify_key=_get(fs, "stratify_key", str, "eval.fewshot", None),

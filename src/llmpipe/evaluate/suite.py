@@ -81,6 +81,8 @@ def evaluate_model(
     import torch
 
     torch.manual_seed(seed)
+    if cfg.num_threads:
+        torch.set_num_threads(cfg.num_threads)
     validator = scorers.load_schema(cfg.schema)
     timing: dict[str, float] = {}
     out: dict[str, Any] = {"task": {}, "rows": []}

@@ -86,7 +86,8 @@ def _stable_release(prev: dict[str, Any] | None, cfg: dict[str, Any], root: Path
         return {k: prev["stable"][k] for k in ("version", "model", "sha256", "registered") if k in prev["stable"]}
     spec = cfg.get("bootstrap_stable", "embedded:smollm2-135m-instruct")
     path = gguf_path(spec)
-    return {"version": f"base-{spec.replace('embedded:', '')}", "model": path,
+    label = Path(spec).stem if spec.endswith(".gguf") else spec.replace("embedded:", "")
+    return {"version": f"base-{_safe(label)}", "model": path,
             "sha256": sha256_file(path), "registered": False}
 
 
@@ -101,6 +102,9 @@ def _registry_apply(root: Path, rcfg: dict[str, Any], state: dict[str, Any], act
             return {"skipped": f"{rel['version']} is not a registered version"}
         stage = rcfg.get("prod_stage", "prod")
         reg.assign(artifact, rel["version"], stage, f"deploy: canary {rel['version']} passed every step")
+        canary_stage = rcfg.get("stage", "canary")
+        if reg.stage_version(artifact, canary_stage) == rel["version"]:
+            reg.unassign(artifact, rel["version"], canary_stage, f"deploy: {rel['version']} graduated to {stage}")
         return {"assigned": stage, "version": rel["version"]}
     rel = state.get("canary") or {}
     if not rel.get("registered"):
