@@ -79,6 +79,7 @@ def main() -> int:
     ap.add_argument("--weight", type=float, default=0.1, help="canary share inside the router")
     ap.add_argument("--model", default="embedded:smollm2-135m-instruct")
     ap.add_argument("--threads", type=int, default=1, help="llama.cpp threads")
+    ap.add_argument("--sequential", type=int, default=100, help="requests in the 1-client comparison")
     ap.add_argument("--out", default=str(ROOT / "benchmarks/results/router_load.json"))
     args = ap.parse_args()
 
@@ -95,6 +96,11 @@ def main() -> int:
         router = start_router(eng.url, rport, args.weight)
         print(f"[bench] router: {args.clients} clients x {args.seconds:.0f}s", file=sys.stderr)
         routed = asyncio.run(drive(f"http://127.0.0.1:{rport}", PROMPTS, **common))
+        # sequential (1 client): end-to-end latency difference without queueing
+        seq_direct = asyncio.run(drive(eng.url, PROMPTS[:1], concurrency=1, max_requests=args.sequential,
+                                       max_tokens=1))
+        seq_router = asyncio.run(drive(f"http://127.0.0.1:{rport}", PROMPTS[:1], concurrency=1,
+                                       max_requests=args.sequential, max_tokens=1))
         metrics_text = httpx.get(f"http://127.0.0.1:{rport}/metrics", timeout=5).text
     finally:
         if router is not None:
@@ -113,7 +119,12 @@ def main() -> int:
         if d["throughput_rps"] else None,
         "latency_p50_diff_ms": round(r["latency_ms"][50] - d["latency_ms"][50], 2)
         if d["latency_ms"][50] is not None and r["latency_ms"][50] is not None else None,
-        "lost_requests": d["lost"] + r["lost"],
+        "sequential_1_client": {
+            "direct": summary(seq_direct, "direct"), "router": summary(seq_router, "router"),
+            "latency_p50_diff_ms": round(percentile([x * 1000 for x in seq_router.latencies_s], 50)
+                                         - percentile([x * 1000 for x in seq_direct.latencies_s], 50), 3),
+        },
+        "lost_requests": d["lost"] + r["lost"] + seq_direct.failed + seq_router.failed,
         "router_metrics_sample": [l for l in metrics_text.splitlines() if l.startswith("llmpipe_router_requests_total")],
     }
     write_json(args.out, result)

@@ -1,7 +1,7 @@
 """DVC stage `eval`: the tuned (merged) model, side by side with the base results.
 
 in:  models/merged/ (HF dir), data/split/test.jsonl, metrics/eval_base.json (from eval-base),
-     bundled data/eval/, data/task/support_triage.schema.json, params eval.* and seed
+     bundled data/eval/, data/task/support_triage.schema.json, params eval.*
 out: eval/tuned/outputs.jsonl (per-example replies + scores), eval/tuned/safety.jsonl,
      eval/tuned/lm_eval_samples.jsonl, eval/tuned/judge.jsonl (only with eval.judge.enabled),
      metrics/eval.json (tuned / base zero-shot / base few-shot task metrics and margins,
@@ -41,7 +41,7 @@ def main(argv: list[str] | None = None) -> int:
     try:
         params = load_params(args.params)
         cfg = EvalConfig.from_params(section(params, "eval"))
-        seed = int(params.get("seed", 1234))
+        seed = cfg.seed
         test = load_records(args.test, cfg.limit)
         if not Path(args.base_metrics).is_file():
             raise RecordError(f"{args.base_metrics}: base results not found (run the eval-base stage first)")

@@ -2,7 +2,7 @@
 
 in:  models/base/ (HF dir), data/split/test.jsonl, data/split/train.jsonl (few-shot examples),
      bundled data/eval/ (lm-eval tasks, safety set), data/task/support_triage.schema.json,
-     params eval.* and seed (NOT lora.*/train.*: `dvc exp run -S lora.r=32` reuses this stage)
+     params eval.* (NOT lora.*/train.*: `dvc exp run -S lora.r=32` reuses this stage)
 out: eval/base/outputs.jsonl (per-example replies + scores, both systems),
      eval/base/safety.jsonl, eval/base/lm_eval_samples.jsonl, eval/base/fewshot_examples.jsonl,
      eval/base/judge.jsonl (only with eval.judge.enabled), metrics/eval_base.json
@@ -41,7 +41,7 @@ def main(argv: list[str] | None = None) -> int:
     try:
         params = load_params(args.params)
         cfg = EvalConfig.from_params(section(params, "eval"))
-        seed = int(params.get("seed", 1234))
+        seed = cfg.seed
         test = load_records(args.test, cfg.limit)
         train = load_records(args.train)
         examples = select_examples(train, cfg.fewshot_k, cfg.fewshot_seed, cfg.fewshot_stratify_key)

@@ -13,6 +13,7 @@ from collections import defaultdict
 from pathlib import Path
 
 import pytest
+import yaml
 
 from llmpipe.data.pii import (
     PiiConfig,
@@ -175,6 +176,12 @@ def build_corpus():
         ("My husband Robert Fischer ordered the vacuum for me, can you check on it?", "Robert Fischer"),
         ("Please ask Fatima Al-Sayed in billing to call me back about the double charge.", "Fatima Al-Sayed"),
         ("Cheers, Tom Baker", "Tom Baker"),
+        ("Thanks for looking into it.\n\n- Jonas", "Jonas"),
+        ("Any update would be great. Kind regards. Noah", "Noah"),
+        ("The tracker stopped syncing.\n\nThanks in advance.\n\nGrace", "Grace"),
+        ("My name is Lucas Mensah and the earbuds I got are silent on the left side.", "Lucas Mensah"),
+        ("Keisha Evans here. The kettle leaks from the bottom.", "Keisha Evans"),
+        ("The camera is offline again.\nThanks,\nOlusegun F.", "Olusegun"),
     ]
     for text, name in hard_names:
         add(text, reply(n, None), planted=[("PERSON", name, "user")])
@@ -287,7 +294,7 @@ EXPECTED_RECALL = {
     "IP_ADDRESS": 1.0,
     "IBAN_CODE": 1.0,
     "PHONE_NUMBER": 1.0,
-    "PERSON": 32 / 33,
+    "PERSON": 38 / 39,
     "STREET_ADDRESS": 19 / 21,
 }
 
@@ -297,6 +304,17 @@ def test_recall_per_entity_type(corpus, scrubbed, cfg):
     assert set(recall) == set(EXPECTED_RECALL)
     for etype, expected in EXPECTED_RECALL.items():
         assert recall[etype] >= expected, f"{etype}: recall {recall[etype]:.3f}, misses {misses[etype]}"
+
+
+def test_person_patterns_add_recall(corpus, scrubbed, cfg):
+    """spaCy alone misses sign-offs and some introductions that pii.person_patterns catch."""
+    spacy_only = PiiConfig(**{**cfg.__dict__, "person_patterns": False})
+    out, _ = scrub_records(corpus[0], spacy_only, progress=False, scrubber=PiiScrubber(spacy_only))
+    recall, misses = recall_by_type(corpus, out, spacy_only)
+    with_patterns, _ = recall_by_type(corpus, scrubbed[0], cfg)
+    assert recall["PERSON"] == 35 / 39, misses["PERSON"]
+    assert with_patterns["PERSON"] > recall["PERSON"]
+    assert {v for v, _ in misses["PERSON"]} >= {"Jonas", "Lucas Mensah", "Olusegun"}
 
 
 def test_every_role_is_scrubbed(corpus, scrubbed, cfg):
@@ -390,12 +408,22 @@ def test_invalid_ssn_patterns_are_left_by_design(scrubber):
     assert out == ["my ssn is 123-45-6789", "my ssn is 000-12-3456", "my ssn is <US_SSN>"]
 
 
+def test_person_patterns_stay_off_ordinary_endings(scrubber):
+    texts = ["Where is my order? Thanks.", "It stopped working again. Urgent!",
+             "Can someone look at this. Help", "I'm not sure.", "This is Ridiculous.",
+             "I am Writing to complain about order KX482913.", "Thanks in advance.\n\nBest regards",
+             "My e-reader froze on the Kindle Store page.", "Please reply ASAP",
+             "The camera will not join my Wi-Fi"]
+    for text, res in zip(texts, scrubber.analyze_texts(texts)):
+        assert scrubber.scrub_text(text, res)[0] == text
+
+
 def test_street_address_does_not_fire_on_plain_text(scrubber):
     texts = ["It has been 3 days on the way and 2 Coffee makers are still missing.",
              "I ordered 2 units on May 5th, order KX482913, the box said Main St. Store.",
              "My thermostat shows 72 degrees but the room is at 65."]
     for text, res in zip(texts, scrubber.analyze_texts(texts)):
-        assert not [r for r in res.results if r.entity_type == "STREET_ADDRESS"], text
+        assert not [r for r in res if r.entity_type == "STREET_ADDRESS"], text
 
 
 # ------------------------------------------------------------------------------------------
@@ -409,7 +437,7 @@ def test_metrics_counts_exact(cfg, scrubber):
         return {"id": record_id(msgs), "messages": msgs, "metadata": {}, "source": {"file": "x", "line": 1}}
 
     records = [
-        rec(SYSTEM, "Email me at maria.gonzalez@example.com or call 415-555-0176. Order KX482913.",
+        rec(SYSTEM, "You can email me at maria.gonzalez@example.com or call 415-555-0176. Order KX482913.",
             reply(0, "KX482913")),
         rec(SYSTEM, "Where is my order? It is late.", reply(1, None)),
         rec(SYSTEM + " Agent email: t.nguyen@proton.me", "My IP is 203.0.113.45 and ssn 536-22-1947.",
@@ -432,9 +460,9 @@ def test_metrics_counts_exact(cfg, scrubber):
     assert "KX482913" in out[0]["messages"][1]["content"]
     assert out[1] == records[1]
     assert out[0]["messages"][0]["content"] == SYSTEM  # "order_id" in the prompt is no PERSON
-    # spaCy's PERSON false positives: "Email" (a verb), "order_id" in the system prompt (x3),
-    # the reply value "smart_thermostat"; "Order KX482913" overlaps the order-id keep pattern.
-    assert m["discarded"] == {"keep_pattern": 1, "not_a_name": 5}
+    # spaCy's PERSON false positives on identifiers: "order_id" in the system prompt (x3), the
+    # reply value "smart_thermostat"; "Order KX482913" overlaps the order-id keep pattern.
+    assert m["discarded"] == {"keep_pattern": 1, "not_a_name": 4}
 
 
 def test_config_errors_name_the_param():
@@ -470,8 +498,6 @@ def test_stage_end_to_end(tmp_path, corpus, scrubbed, cfg):
     src.write_text("".join(json.dumps(r) + "\n" for r in records), encoding="utf-8")
     params = load_params(REPO / "params.yaml")
     params["pii"] = dict(params["pii"], workers=2, batch_size=8)
-    import yaml
-
     (tmp_path / "params.yaml").write_text(yaml.safe_dump(params), encoding="utf-8")
     out, metrics = tmp_path / "out" / "records.jsonl", tmp_path / "m" / "pii.json"
     env = dict(os.environ, PYTHONPATH=str(REPO / "src"))

@@ -2,9 +2,12 @@
 
 One module-scoped run of the real `quantize` stage (llama.cpp converter -> f16 GGUF ->
 llama_model_quantize Q8_0 / Q4_K_M -> load back with llama_cpp.Llama) feeds most tests. The tiny
-model has hidden size 256 so k-quants (256-wide blocks) really apply, and a larger init scale so
-its next-token distributions are peaked: quantization error then shows up in perplexity and in
+model has hidden size 256 so k-quants (256-wide blocks) really apply, and a few training steps on
+the test records so its next-token distributions are peaked: quantization error then shows up in perplexity and in
 greedy tokens instead of drowning in a near-uniform softmax.
+
+llama.cpp runs with one thread here: on a shared 2-core box its spinning thread barrier collapses
+when oversubscribed (measured: 2 threads 2-19 tok/s vs 1 thread ~900 tok/s under load).
 """
 
 from __future__ import annotations
@@ -22,7 +25,7 @@ pytest.importorskip("llama_cpp", reason="llama-cpp-python not installed: run scr
 from llmpipe.export import gguf as G  # noqa: E402
 
 ROOT = Path(__file__).resolve().parents[1]
-TRAIN_STEPS = 30
+TRAIN_STEPS = 12
 SYSTEM = ("You are a support triage assistant. Read the customer's message and answer with only a "
           "JSON object with the keys \"intent\", \"product\", \"urgency\" and \"order_id\".")
 USERS = [
@@ -77,13 +80,16 @@ def tiny_model(tmp_path_factory) -> Path:
     torch.manual_seed(0)
     torch.set_num_threads(2)
     model = LlamaForCausalLM(cfg)
-    seqs = [torch.tensor([G.hf_token_ids(tok, G.chat_text(tok, r["messages"]))]) for r in _records()]
+    seqs = [G.hf_token_ids(tok, G.chat_text(tok, r["messages"])) for r in _records()]
+    width = max(len(s) for s in seqs)
+    ids = torch.tensor([s + [tok.pad_token_id] * (width - len(s)) for s in seqs])
+    mask = torch.tensor([[1] * len(s) + [0] * (width - len(s)) for s in seqs])
+    labels = ids.masked_fill(mask == 0, -100)
     opt = torch.optim.AdamW(model.parameters(), lr=1e-2)
     model.train()
     for _step in range(TRAIN_STEPS):
         opt.zero_grad()
-        loss = sum(model(input_ids=x, labels=x).loss for x in seqs) / len(seqs)
-        loss.backward()
+        model(input_ids=ids, attention_mask=mask, labels=labels).loss.backward()
         opt.step()
     model.eval()
     out = tmp_path_factory.mktemp("merged")
@@ -99,7 +105,7 @@ def stage_run(tiny_model, tmp_path_factory):
     test.write_text("".join(json.dumps(r) + "\n" for r in _records()), encoding="utf-8")
     params = work / "params.yaml"
     params.write_text(
-        "quantize:\n  name: tiny\n  types: [Q8_0, q4_k_m]\n  n_threads: 2\n  n_ctx: 256\n"
+        "quantize:\n  name: tiny\n  types: [Q8_0, q4_k_m]\n  n_threads: 1\n  n_ctx: 256\n"
         "  ppl_max_examples: 6\n  reply_max_tokens: 8\n  bench_tokens: 16\n", encoding="utf-8")
     out, metrics = work / "gguf", work / "quantize.json"
     rc = _load_stage().main(["--params", str(params), "--model", str(tiny_model), "--test", str(test),
@@ -120,7 +126,8 @@ def test_stage_writes_all_files_and_metrics(stage_run):
         assert v["tokens_per_s"] > 0 and v["prompt_tokens_per_s"] > 0
         assert v["tokenizer_mismatches"] == 0
     assert sizes["q4_k_m"] < sizes["q8_0"] < sizes["f16"]
-    assert m["gguf"]["q8_0"]["bits_per_weight"] == pytest.approx(8.5, abs=0.6)
+    bpw = {k: v["bits_per_weight"] for k, v in m["gguf"].items()}  # whole file incl. vocab metadata
+    assert bpw["q4_k_m"] < bpw["q8_0"] < bpw["f16"] and bpw["f16"] >= 16
     assert m["ppl_examples"] == 6 and m["ppl_truncated"] == 0 and m["tokenizer_roundtrip_ok"] is True
     manifest = json.loads((out / "manifest.json").read_text())
     assert manifest["files"]["q8_0"]["file"] == "tiny-q8_0.gguf"
@@ -157,7 +164,7 @@ def test_tokenizer_round_trip_hf_vs_llama_cpp(stage_run, tiny_model):
     from transformers import AutoTokenizer
 
     tok = AutoTokenizer.from_pretrained(tiny_model)
-    llm = G.load_gguf(stage_run["out"] / "tiny-q8_0.gguf", n_ctx=256)
+    llm = G.load_gguf(stage_run["out"] / "tiny-q8_0.gguf", n_ctx=256, n_threads=1)
     try:
         for rec in _records():
             for gen_prompt, msgs in ((False, rec["messages"]), (True, rec["messages"][:-1])):
@@ -181,7 +188,7 @@ def test_f16_gguf_matches_transformers_logits_and_greedy_tokens(stage_run, tiny_
         hf_logits = model(torch.tensor([ids])).logits[0].numpy()
         hf_greedy = model.generate(torch.tensor([ids]), max_new_tokens=8, do_sample=False,
                                    min_new_tokens=8, pad_token_id=tok.pad_token_id)[0, len(ids):].tolist()
-    llm = G.load_gguf(stage_run["out"] / "tiny-f16.gguf", n_ctx=256)
+    llm = G.load_gguf(stage_run["out"] / "tiny-f16.gguf", n_ctx=256, n_threads=1)
     try:
         llm.reset()
         llm.eval(ids)
@@ -200,7 +207,7 @@ def test_f16_gguf_matches_transformers_logits_and_greedy_tokens(stage_run, tiny_
 
 
 def test_chat_reply_and_generation_speed(stage_run):
-    llm = G.load_gguf(stage_run["out"] / "tiny-q4_k_m.gguf", n_ctx=256)
+    llm = G.load_gguf(stage_run["out"] / "tiny-q4_k_m.gguf", n_ctx=256, n_threads=1)
     try:
         msgs = list(_records())[0]["messages"][:-1]
         reply = G.chat_reply(llm, msgs, max_tokens=8)

@@ -110,7 +110,7 @@ def _cmd_router(args: argparse.Namespace) -> int:
     from llmpipe.serve.analysis import Thresholds
     from llmpipe.serve.compliance import ReplyValidator
     from llmpipe.serve.controller import CanaryController
-    from llmpipe.serve.router import Backend, Router
+    from llmpipe.serve.router import Backend, Router, run_async
     from llmpipe.serve.state import StateStore
 
     params = load_params(args.params) if Path(args.params).exists() else {}
@@ -147,16 +147,19 @@ def _cmd_router(args: argparse.Namespace) -> int:
         await stop.wait()
         await router.stop()
 
-    asyncio.run(main())
+    run_async(main())
     return 0
 
 
 def _cmd_deploy(args: argparse.Namespace) -> int:
+    from llmpipe.serve.engines import EngineError
     from llmpipe.serve.rollout import DeployError, run_deploy
+    from llmpipe.serve.state import StateError
+    from llmpipe.serve.traffic import TrafficError
 
     try:
         metrics = run_deploy(load_params(args.params))
-    except DeployError as exc:
+    except (DeployError, EngineError, StateError, TrafficError, ValueError) as exc:
         print(f"deploy: {exc}", file=sys.stderr)
         return 1
     print(json.dumps({k: metrics.get(k) for k in ("decision", "stable_version", "canary_version",

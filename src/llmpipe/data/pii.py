@@ -18,13 +18,20 @@ Design notes
 - US_SSN: Presidio rejects SSNs that the SSA never issues (area 000/666, group 00, serial 0000,
   all one digit, mixed delimiters, and the famous samples 123-45-6789, 078-05-1120). Those are
   left in the text by design; real-looking SSNs are scrubbed.
+- ``pii.person_patterns`` adds a case-sensitive PatternRecognizer for PERSON in the two places
+  where spaCy's small model misses most names in support messages: the signature at the very
+  end ("Thanks,\nGrace", "- Lucas", "Regards, Nadia Brown") and self-introductions ("My name is
+  Lucas Mensah", "This is Keisha Evans", "Amara Adeyemi here"). Closing words (Thanks, Cheers,
+  Urgent, ...) are excluded.
 - Spans matching ``pii.keep_patterns`` (default: the demo order-id format ``[A-Z]{2}[0-9]{6}``)
   are never scrubbed: spaCy's small model tags e.g. "Order KX482913" as a PERSON. A detection
   overlapping such a span is discarded (metrics ``discarded.keep_pattern``).
-- PERSON detections are discarded (``discarded.not_a_name``) when they contain a digit, '_' or
-  '@', or when spaCy's tagger marks none of their tokens as a proper noun: the small NER model
-  tags identifiers such as the JSON key ``order_id`` in the system prompt, "Order KX482913" or
-  a sentence-initial verb ("Email me at ...") as persons.
+- PERSON detections containing a digit, '_' or '@' are discarded (``discarded.not_a_name``):
+  the small NER model tags identifiers such as the JSON key ``order_id`` in the system prompt,
+  the reply value ``smart_thermostat`` or "Order KX482913" as persons; names never contain
+  those characters. Other PERSON false positives (a capitalised "Email:" / "Call me at" at the
+  start of a line) are replaced on purpose: filtering them by part of speech also drops real
+  sign-off names ("Thanks,\nGrace"), and a leaked name costs more than a lost label word.
 - Messages whose content is a JSON object/array (the assistant's triage reply) are scrubbed
   value by value: each string *value* is analysed on its own and re-encoded only if something
   was replaced. Keys, numbers and layout are never touched and the reply stays valid JSON.
@@ -32,8 +39,7 @@ Design notes
 - Identical texts (e.g. the shared system prompt) are analysed once per worker (bounded cache).
 - Work is split into batches of ``pii.batch_size`` records over ``pii.workers`` processes; each
   worker builds its own AnalyzerEngine once and runs spaCy over a batch with ``nlp.pipe``
-  (Presidio's SpacyNlpEngine.process_batch, then AnalyzerEngine.analyze on the artifacts, as
-  Presidio's BatchAnalyzerEngine does; we keep the spaCy tokens for the PERSON check).
+  (Presidio's BatchAnalyzerEngine).
 
 Heavy imports (presidio, spacy) happen lazily so that worker processes can be started cheaply.
 """
@@ -89,6 +95,8 @@ class PiiConfig:
     # Regions whose *national* phone formats are recognised (international +CC numbers are
     # found for every region). Each region is one extra pass of python-phonenumbers.
     phone_regions: tuple[str, ...] = ("US", "GB")
+    # Extra PERSON patterns for signatures and self-introductions (see SIGNATURE_NAME_REGEX).
+    person_patterns: bool = True
     # Regexes whose matches are never scrubbed (demo order ids).
     keep_patterns: tuple[str, ...] = (r"\b[A-Z]{2}[0-9]{6}\b",)
 
@@ -136,6 +144,8 @@ class PiiConfig:
                 f"{where}.replacement: {self.replacement!r} is not a valid template "
                 f"(only {{entity_type}} may be used): {exc}"
             ) from None
+        if not isinstance(self.person_patterns, bool):
+            raise PiiError(f"{where}.person_patterns: must be true or false, got {self.person_patterns!r}")
         for key in ("workers", "batch_size"):
             value = getattr(self, key)
             if isinstance(value, bool) or not isinstance(value, int) or value < 1:
@@ -184,6 +194,26 @@ STREET_ADDRESS_REGEX = (
 )
 STREET_ADDRESS_CONTEXT = ["address", "ship", "shipping", "deliver", "delivery", "street", "live",
                           "moved", "send", "mail", "apartment", "apt"]
+
+# Names spaCy's small model often misses in support messages (pii.person_patterns): the
+# signature at the very end ("Thanks,\nGrace", "- Lucas", "Regards, Nadia Brown :)") and a
+# self-introduction ("My name is Lucas Mensah", "This is Keisha Evans", "Amara Adeyemi here").
+_NAME = r"(?:[A-Z]['\u2019][A-Z][a-z]+|[A-Z][a-z\u00df-\u00ff]+(?:-[A-Z][a-z\u00df-\u00ff]+)?)"
+_NOT_NAME_WORDS = (
+    r"(?!(?:Thanks|Thank|Thx|Cheers|Regards|Best|Kind|Warm|Sincerely|Please|Help|Urgent|Asap|"
+    r"Bye|Hi|Hello|Hey|Ok|Okay|Yes|No|Sorry|Again|Anyone|Anybody|Someone|Order|Today|Soon|"
+    r"Tomorrow|Now|Email|Phone|Call|Text|Card|Address|Respond|Reply|Support|Team|Customer)\b)"
+)
+SIGNATURE_NAME_REGEX = (
+    rf"(?:(?<=\n)|(?<=^)|(?<=\s[-\u2013\u2014] )|(?<=\s[-\u2013\u2014])|(?<=[,.!] )|(?<=\bthx )|(?<=\bty ))"
+    rf"{_NOT_NAME_WORDS}{_NAME}(?:[ \t]+(?:[A-Z]\.|{_NAME}))?(?=[ \t]*(?::\)|[.!])?\s*\Z)"
+)
+INTRODUCTION_NAME_REGEX = (
+    rf"(?:(?<=\b[Mm]y name is )|(?<=\b[Mm]y name's )|(?<=\bI am )|(?<=\bI'm )){_NOT_NAME_WORDS}"
+    rf"{_NAME}(?:[ \t]+{_NAME})?(?=[ \t]*[,.!\n]|[ \t]+(?:and|here)\b)"
+    rf"|(?:(?<=\b[Tt]his is )|(?<=\b[Ii]t's )|(?<=\b[Ii]ts )){_NOT_NAME_WORDS}{_NAME}[ \t]+{_NAME}(?=[ \t]*[,.!\n])"
+    rf"|(?:(?<=\n)|(?<=^)|(?<=, )|(?<=\. )){_NOT_NAME_WORDS}{_NAME}[ \t]+{_NAME}(?= here\b)"
+)
 
 
 def _check_spacy_model(name: str) -> None:
@@ -249,7 +279,17 @@ def _recognizers(cfg: PiiConfig) -> list:
             global_regex_flags=re.MULTILINE,  # case matters: street names are capitalised
         ),
     }
-    return [factories[e]() for e in cfg.entities]
+    recognizers = [factories[e]() for e in cfg.entities]
+    if "PERSON" in cfg.entities and cfg.person_patterns:
+        recognizers.append(PatternRecognizer(
+            supported_entity="PERSON",
+            name="SignatureNameRecognizer",
+            supported_language=lang,
+            patterns=[Pattern("signature_name", SIGNATURE_NAME_REGEX, 0.5),
+                      Pattern("introduction_name", INTRODUCTION_NAME_REGEX, 0.6)],
+            global_regex_flags=0,  # case matters: names are capitalised
+        ))
+    return recognizers
 
 
 def build_analyzer(cfg: PiiConfig):
@@ -384,25 +424,12 @@ def _versions(cfg: PiiConfig) -> dict[str, str]:
     return out
 
 
-@dataclass(frozen=True)
-class Analysis:
-    """Presidio's results for one text, plus the PERSON spans in which spaCy's tagger found no
-    proper noun."""
-
-    results: tuple
-    person_spans_without_proper_noun: frozenset[tuple[int, int]]
-
-
-def _has_proper_noun(doc, start: int, end: int) -> bool:
-    span = doc.char_span(start, end, alignment_mode="expand")
-    return span is None or any(tok.pos_ == "PROPN" for tok in span)
-
-
 class PiiScrubber:
     """Holds one AnalyzerEngine + AnonymizerEngine and scrubs batches of records."""
 
     def __init__(self, cfg: PiiConfig, analyzer=None):
         cfg.validate()
+        from presidio_analyzer import BatchAnalyzerEngine
         from presidio_anonymizer import AnonymizerEngine
         from presidio_anonymizer.entities import ConflictResolutionStrategy, OperatorConfig
 
@@ -414,55 +441,45 @@ class PiiScrubber:
         }
         self._conflicts = ConflictResolutionStrategy.REMOVE_INTERSECTIONS
         self._keep = [re.compile(p) for p in cfg.keep_patterns]
-        self._cache: dict[str, Analysis] = {}
+        self._batch = BatchAnalyzerEngine(analyzer_engine=self.analyzer)
+        self._cache: dict[str, list] = {}
 
     # -- analysis --------------------------------------------------------------------------
-    def analyze_texts(self, texts: Sequence[str]) -> list[Analysis]:
-        """Analysis of each text: spaCy runs over the batch with nlp.pipe, then every
-        recognizer; repeated texts (the shared system prompt) are analysed once."""
+    def analyze_texts(self, texts: Sequence[str]) -> list[list]:
+        """Presidio results for each text. spaCy runs over the batch with nlp.pipe; repeated
+        texts (the shared system prompt, the reply's enum values) are analysed once."""
         todo = list(dict.fromkeys(t for t in texts if t not in self._cache))
         if todo:
             if len(self._cache) + len(todo) > _CACHE_MAX:
                 self._cache.clear()
-            artifacts = self.analyzer.nlp_engine.process_batch(
-                todo, language=self.cfg.language, batch_size=self.cfg.batch_size
+            results = self._batch.analyze_iterator(
+                todo,
+                language=self.cfg.language,
+                batch_size=self.cfg.batch_size,
+                entities=list(self.cfg.entities),
+                score_threshold=float(self.cfg.score_threshold),
             )
-            for text, nlp_artifacts in artifacts:
-                results = self.analyzer.analyze(
-                    text=text,
-                    language=self.cfg.language,
-                    nlp_artifacts=nlp_artifacts,
-                    entities=list(self.cfg.entities),
-                    score_threshold=float(self.cfg.score_threshold),
-                )
-                doc = nlp_artifacts.tokens
-                not_proper = frozenset(
-                    (r.start, r.end) for r in results
-                    if r.entity_type == "PERSON" and not _has_proper_noun(doc, r.start, r.end)
-                )
-                self._cache[text] = Analysis(tuple(results), not_proper)
+            for text, res in zip(todo, results):
+                self._cache[text] = res
         return [self._cache[t] for t in texts]
 
-    def _filter(self, text: str, analysis: Analysis) -> tuple[list, Counter]:
+    def _filter(self, text: str, results: list) -> tuple[list, Counter]:
         """Drop detections that must not be replaced; returns (kept results, reasons)."""
         keep_spans = [m.span() for rx in self._keep for m in rx.finditer(text)]
         out, discarded = [], Counter()
-        for r in analysis.results:
+        for r in results:
             if any(r.start < e and s < r.end for s, e in keep_spans):
                 discarded["keep_pattern"] += 1
-            elif r.entity_type == "PERSON" and (
-                _NOT_A_NAME.search(text, r.start, r.end)
-                or (r.start, r.end) in analysis.person_spans_without_proper_noun
-            ):
+            elif r.entity_type == "PERSON" and _NOT_A_NAME.search(text, r.start, r.end):
                 discarded["not_a_name"] += 1
             else:
                 out.append(r)
         return out, discarded
 
-    def scrub_text(self, text: str, analysis: Analysis) -> tuple[str, Counter, Counter]:
+    def scrub_text(self, text: str, results: list) -> tuple[str, Counter, Counter]:
         """Apply the replacements for one analysed text; returns (new text, replacements per
         entity type, discarded detections per reason)."""
-        results, discarded = self._filter(text, analysis)
+        results, discarded = self._filter(text, results)
         if not results:
             return text, Counter(), discarded
         engine_result = self._anonymizer.anonymize(
@@ -476,7 +493,7 @@ class PiiScrubber:
 
     # -- records ---------------------------------------------------------------------------
     def scrub_message(self, text: str, units: list[tuple[int, int, str]] | None,
-                      analyses: Iterator[Analysis]) -> tuple[str, Counter, Counter]:
+                      analyses: Iterator[list]) -> tuple[str, Counter, Counter]:
         """Scrub one message given its JSON units (see :func:`json_units`) and their analyses."""
         if units is None:
             return self.scrub_text(text, next(analyses))
@@ -615,18 +632,21 @@ def scrub_records(
 ) -> tuple[list[dict[str, Any]], dict[str, Any]]:
     """Scrub canonical records; returns (scrubbed records in input order, metrics dict).
 
-    With ``cfg.workers > 1`` (and more than one batch of input) the batches are spread over a
-    pool of worker processes, each with its own AnalyzerEngine. Otherwise the work runs here,
-    on ``scrubber`` if given (tests pass one to load the model once) or on a new one.
+    Given a ``scrubber`` (tests and benchmarks pass one to load the model once), the work runs
+    here on it. Otherwise, with ``cfg.workers > 1`` and more than one batch of input, the
+    batches are spread over a pool of worker processes, each with its own AnalyzerEngine; with
+    one worker a new scrubber runs here.
     """
     cfg.validate()
+    if scrubber is not None and scrubber.cfg != cfg:
+        raise ValueError("scrub_records: the scrubber was built for a different PiiConfig")
     records = list(records)
     total = len(records)
     report = _Progress(total, progress)
     stats = ScrubStats()
     out: list[dict[str, Any]] = []
     batches = list(_batches(records, cfg.batch_size))
-    workers = min(cfg.workers, len(batches))
+    workers = 1 if scrubber is not None else min(cfg.workers, len(batches))
     if workers <= 1:
         scrubber = scrubber or PiiScrubber(cfg)
         for batch in batches:
@@ -635,6 +655,9 @@ def scrub_records(
             stats += st
             report.update(len(recs))
     else:
+        # A failing pool initializer makes multiprocessing respawn workers forever: check the
+        # one thing likely to fail (the spaCy model) here first, with a clear error.
+        _check_spacy_model(cfg.spacy_model)
         pool = _pool_context().Pool(workers, initializer=_worker_init, initargs=(cfg,))
         try:
             for recs, st in pool.imap(_worker_scrub, batches):

@@ -31,6 +31,7 @@ class EvalConfig:
     batch_size: int = 16
     device: str = "auto"
     num_threads: int | None = None
+    seed: int = 1234
     fewshot_k: int = 4
     fewshot_seed: int = 1234
     fewshot_stratify_key: str | None = "intent"
@@ -64,6 +65,7 @@ class EvalConfig:
             batch_size=_get(ev, "batch_size", int, "eval"),
             device=_get(ev, "device", str, "eval", "auto"),
             num_threads=_get(ev, "num_threads", int, "eval", None),
+            seed=_get(ev, "seed", int, "eval", 1234),
             fewshot_k=_get(fs, "k", int, "eval.fewshot"),
             fewshot_seed=_get(fs, "seed", int, "eval.fewshot", 1234),
             fewshot_stratify_key=_get(fs, "stratify_key", str, "eval.fewshot", None),

@@ -26,14 +26,18 @@ def _offline_env() -> None:
 
 
 def task_manager(task_dir: str | Path):
-    """A TaskManager that knows the bundled tasks in ``task_dir`` (besides lm-eval's own)."""
+    """A TaskManager that knows only the bundled tasks in ``task_dir``.
+
+    lm-eval's own task catalogue (thousands of YAMLs, most of them hub datasets) is left out:
+    indexing it costs tens of seconds and none of it is usable offline anyway.
+    """
     _offline_env()
     from lm_eval.tasks import TaskManager
 
     d = Path(task_dir)
     if not d.is_dir():
         raise HarnessError(f"{d}: lm-eval task directory not found")
-    return TaskManager(include_path=str(d.resolve()))
+    return TaskManager(include_path=str(d.resolve()), include_defaults=False)
 
 
 def load_tasks(task_dir: str | Path, names: list[str]) -> dict[str, Any]:

@@ -419,12 +419,18 @@ def evaluate_gguf(
     ``tokens.seqs``, the HF ids, so every model sees the same tokens.
     """
     path = Path(path)
-    info = read_gguf_info(path)
     size = path.stat().st_size
     t0 = time.perf_counter()
     llm = load_gguf(path, n_ctx=n_ctx, n_threads=n_threads)
     load_s = time.perf_counter() - t0
     try:
+        # from llama.cpp itself (gguf.GGUFReader takes seconds on a 49k-token vocabulary)
+        n_params = int(llm._model.n_params())
+        ftype = int(llm.metadata.get("general.file_type", -1))
+        file_type = (_llama_cpp().llama_ftype_name(ftype) or b"?").decode() if ftype >= 0 else "unknown"
+        if not llm.metadata.get("tokenizer.chat_template"):
+            raise GGUFError(f"{path}: no tokenizer.chat_template in the GGUF metadata; chat replies "
+                            "would use a wrong prompt format (does the merged tokenizer have one?)")
         mismatches = sum(
             1 for text, ids in zip(tokens.texts, tokens.full_ids) if llama_tokenize(llm, text) != ids
         )
@@ -435,12 +441,11 @@ def evaluate_gguf(
         llm.close()
     return {
         "file": path.name,
-        "file_type": info.file_type,
-        "tensor_types": info.tensor_types,
-        "has_chat_template": info.has_chat_template,
+        "file_type": file_type,
+        "n_params": n_params,
         "size_bytes": size,
         "size_mb": round(size / 1e6, 2),
-        "bits_per_weight": round(size * 8 / info.n_elements, 3) if info.n_elements else None,
+        "bits_per_weight": round(size * 8 / n_params, 3) if n_params else None,
         "load_seconds": round(load_s, 3),
         "ppl": ppl.ppl,
         "mean_nll": ppl.mean_nll,

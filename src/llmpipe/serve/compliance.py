@@ -1,8 +1,9 @@
 """Format compliance of a model reply: the demo task's JSON rules, checked with jsonschema.
 
-The schema file is data/task/support_triage.schema.json (owned by the eval stage, so deploy and
-eval use the same rules). When a schema has ``properties``, replies must also list the keys in
-that order (the task says "exactly these keys, in this order").
+The schema file is data/task/support_triage.schema.json and the check itself is the eval stage's
+``llmpipe.evaluate.scorers.check_format`` (strict: the whole reply is one JSON object, valid
+against the schema, keys in the schema's order), so deploy and eval judge replies the same way.
+If that module is unavailable, an equivalent local check is used.
 """
 
 from __future__ import annotations
@@ -13,6 +14,11 @@ from pathlib import Path
 from typing import Any
 
 from jsonschema.validators import validator_for
+
+try:  # the eval stage's scorer: one definition of "compliant" for eval and deploy
+    from llmpipe.evaluate.scorers import check_format as _eval_check_format
+except ImportError:  # pragma: no cover - only when the evaluate package is absent
+    _eval_check_format = None
 
 # The demo task's reply rules, used only when the schema file is absent (e.g. a unit test that
 # runs before the eval stage exists). The file, when present, always wins.
@@ -43,6 +49,7 @@ class ReplyValidator:
         self._validator = cls(schema)
         self.source = source
         props = schema.get("properties")
+        self.check_key_order = check_key_order
         self._order = list(props) if check_key_order and isinstance(props, dict) else None
 
     @classmethod
@@ -61,6 +68,9 @@ class ReplyValidator:
         """Return (compliant, reason). ``reason`` is "" when compliant."""
         if text is None:
             return False, "no reply text"
+        if _eval_check_format is not None:
+            res = _eval_check_format(text, self._validator, require_key_order=self.check_key_order)
+            return res.compliant, "" if res.compliant else "; ".join(res.errors)[:300]
         try:
             obj = json.loads(text.strip())
         except json.JSONDecodeError as exc:

@@ -9,7 +9,6 @@ stops everything it started, applies the outcome to the registry and returns the
 
 from __future__ import annotations
 
-import asyncio
 import hashlib
 import os
 import re
@@ -26,7 +25,7 @@ from llmpipe.serve.analysis import Thresholds
 from llmpipe.serve.compliance import ReplyValidator
 from llmpipe.serve.controller import CanaryController, public_release
 from llmpipe.serve.engines import EngineProcess, LlamaCppSpec, free_port
-from llmpipe.serve.router import Backend, Router
+from llmpipe.serve.router import Backend, Router, run_async
 from llmpipe.serve.state import StateStore
 from llmpipe.serve.traffic import drive, load_prompts
 
@@ -187,7 +186,7 @@ def run_deploy(params: dict[str, Any], root: str | Path = ".", *, state_path: st
                         timeout_s=float(scfg.get("timeout_s", 300)),
                         canary_timeout_s=float(scfg.get("canary_timeout_s", 60)))
         ctl.attach(router)
-        traffic = asyncio.run(_drive_rollout(router, ctl, prompts, host, tcfg))
+        traffic = run_async(_drive_rollout(router, ctl, prompts, host, tcfg))
         if not ctl.finished.is_set():
             ctl.abort(f"traffic budget spent ({traffic.sent} requests, {traffic.duration_s:.0f}s) "
                       f"before step {ctl.state['step'] + 1}/{len(ctl.state['steps'])} was decided")
