@@ -18,6 +18,7 @@ import os
 import platform
 import subprocess
 import sys
+import tempfile
 import time
 from pathlib import Path
 
@@ -84,7 +85,8 @@ def main() -> int:
     args = ap.parse_args()
 
     spec = LlamaCppSpec(model=gguf_path(args.model), port=free_port(), n_ctx=1024, n_threads=args.threads)
-    eng = EngineProcess(spec, ROOT / "benchmarks/results/.engine.log", name="llama.cpp engine").start()
+    log = Path(tempfile.gettempdir()) / f"router_load_engine_{os.getpid()}.log"
+    eng = EngineProcess(spec, log, name="llama.cpp engine").start()
     router = None
     try:
         eng.wait_healthy(180)

@@ -80,6 +80,7 @@ def _cmd_serve(args: argparse.Namespace) -> int:
     scfg = params.get("serve") or {}
     key = _api_key(args.api_key_env or scfg.get("api_key_env"))
     host = args.host or scfg.get("host", "127.0.0.1")
+    args.port = args.port or int(scfg.get(f"{args.role}_port", 8001 if args.role == "stable" else 8002))
     if args.engine == "vllm":
         vcfg = scfg.get("vllm") or {}
         loras = dict(item.split("=", 1) for item in args.lora)
@@ -93,7 +94,7 @@ def _cmd_serve(args: argparse.Namespace) -> int:
     if args.print_command:
         print(" ".join(spec.command()))
         return 0
-    eng = EngineProcess(spec, Path(args.log), name=f"{args.engine} engine")
+    eng = EngineProcess(spec, Path(args.log or f"deploy/logs/{args.role}.log"), name=f"{args.engine} engine")
     try:
         eng.start().wait_healthy(float(scfg.get("startup_timeout_s", 180)))
         print(f"serving {args.model} at {eng.url}/v1 (Ctrl-C to stop)", file=sys.stderr)
@@ -138,7 +139,8 @@ def _cmd_router(args: argparse.Namespace) -> int:
         ctl.attach(router)
 
     async def main() -> None:
-        port = await router.start(args.host or scfg.get("host", "127.0.0.1"), args.port)
+        port = await router.start(args.host or scfg.get("host", "127.0.0.1"),
+                                  args.port if args.port is not None else int(scfg.get("router_port", 8000)))
         print(f"router listening on port {port}", file=sys.stderr, flush=True)
         stop = asyncio.Event()
         loop = asyncio.get_running_loop()
@@ -191,9 +193,11 @@ def build_parser() -> argparse.ArgumentParser:
     s.add_argument("--served-model", help="model name reported by the engine")
     s.add_argument("--lora", action="append", default=[], metavar="NAME=PATH", help="vLLM LoRA adapter")
     s.add_argument("--host")
-    s.add_argument("--port", type=int, default=8001)
+    s.add_argument("--role", choices=["stable", "canary"], default="stable",
+                   help="default port: serve.stable_port / serve.canary_port")
+    s.add_argument("--port", type=int)
     s.add_argument("--api-key-env", help="env var with the API key (default serve.api_key_env)")
-    s.add_argument("--log", default="deploy/logs/engine.log")
+    s.add_argument("--log", help="engine log file (default deploy/logs/ROLE.log)")
     s.add_argument("--params", default="params.yaml")
     s.add_argument("--print-command", action="store_true", help="print the engine command and exit")
     s.set_defaults(func=_cmd_serve)
@@ -210,7 +214,7 @@ def build_parser() -> argparse.ArgumentParser:
     s.add_argument("--state", default="deploy/state.json")
     s.add_argument("--decisions", default="deploy/decisions.jsonl")
     s.add_argument("--host")
-    s.add_argument("--port", type=int, default=8000)
+    s.add_argument("--port", type=int, help="default serve.router_port")
     s.add_argument("--api-key-env", help="env var with the router's client API key")
     s.add_argument("--upstream-key-env", help="env var with the engines' API key")
     s.add_argument("--params", default="params.yaml")

@@ -138,6 +138,10 @@ def run_deploy(params: dict[str, Any], root: str | Path = ".", *, state_path: st
         store.log({"event": "skip", "reasons": [f"{gate_file}: {why}; nothing is deployed"]})
         return _finish(root / metrics_path, {**metrics, "decision": "skipped", "reason": why})
 
+    if scfg.get("engine", "llamacpp") != "llamacpp":
+        raise DeployError(f"serve.engine={scfg.get('engine')!r}: the deploy stage runs the CPU engine (llamacpp); "
+                          "on GPU start vLLM with `llmpipe.cli serve --engine vllm` and run "
+                          "`llmpipe.cli router --control` in front of it")
     model = root / cfg.get("model", "models/gguf/model-q4_k_m.gguf")
     if not model.is_file():
         raise DeployError(f"{model}: the pipeline's GGUF model is missing (run the quantize stage)")

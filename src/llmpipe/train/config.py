@@ -76,7 +76,7 @@ class TrainParams:
     gradient_checkpointing: str = "auto"  # auto (on for CUDA) | true | false
     optimizer: str = "auto"             # auto: paged_adamw_8bit on CUDA+bitsandbytes else adamw_torch
     attn_implementation: str = "auto"   # auto: sdpa | eager | flash_attention_2 ...
-    liger_kernel: str = "auto"          # auto: use Liger kernels on CUDA when installed | true | false
+    liger_kernel: str = "auto"          # auto: off (measured slower) | true (CUDA + liger-kernel) | false
     eval_steps: int = 50
     save_steps: int = 50
     save_total_limit: int = 2
@@ -84,6 +84,7 @@ class TrainParams:
     num_processes: int = 1              # > 1: the stage re-launches itself via `accelerate launch`
     distributed: str = "ddp"            # ddp | fsdp (only with num_processes > 1)
     dataloader_workers: int = 0
+    cpu_threads: int = 0                # CPU only: torch.set_num_threads (0 = default)
     extra: dict[str, Any] = field(default_factory=dict)
 
     @classmethod
@@ -160,6 +161,12 @@ def _has(module: str) -> bool:
     return importlib.util.find_spec(module) is not None
 
 
+def _varlen_available() -> bool:
+    from llmpipe.train import attention
+
+    return attention.available()
+
+
 def resolve_runtime(tp: TrainParams, lp: LoraParams, cuda: bool | None = None) -> Runtime:
     """Decide the device, mode, precision, optimizer and kernels; say why in ``notes``."""
     import torch
@@ -194,7 +201,9 @@ def resolve_runtime(tp: TrainParams, lp: LoraParams, cuda: bool | None = None) -
 
     gc = cuda if tp.gradient_checkpointing == "auto" else tp.gradient_checkpointing == "true"
     if tp.liger_kernel == "auto":
-        liger = cuda and _has("liger_kernel")
+        # Measured on an H100 (benchmarks/results/train_throughput.json): Liger made this training
+        # step slower, so "auto" leaves it off; set train.liger_kernel: true to force it.
+        liger = False
     else:
         liger = tp.liger_kernel == "true"
         if liger and not (cuda and _has("liger_kernel")):
@@ -202,7 +211,12 @@ def resolve_runtime(tp: TrainParams, lp: LoraParams, cuda: bool | None = None) -
             liger = False
     attn = tp.attn_implementation
     if attn == "auto":
-        attn = "flash_attention_2" if cuda and _has("flash_attn") else "sdpa"
+        if cuda and _has("flash_attn"):
+            attn = "flash_attention_2"
+        elif cuda and tp.packing and _varlen_available():
+            attn = "llmpipe_varlen"     # torch's FlashAttention varlen kernel, see train/attention.py
+        else:
+            attn = "sdpa"
     return Runtime("cuda" if cuda else "cpu", mode, precision, optimizer, gc, liger, attn, tuple(notes))
 
 

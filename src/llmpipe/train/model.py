@@ -29,6 +29,10 @@ def load_for_training(model_dir: str | Path, runtime: Runtime):
     if not (model_dir / "config.json").is_file():
         raise ModelSourceError(f"{model_dir}: no config.json (run the base-model stage first)")
     dtype = compute_dtype(runtime)
+    if runtime.attn_implementation == "llmpipe_varlen":
+        from llmpipe.train import attention
+
+        attention.register()
     kwargs = {"dtype": dtype, "attn_implementation": runtime.attn_implementation}
     if runtime.mode.startswith("q"):
         from transformers import BitsAndBytesConfig

@@ -236,12 +236,14 @@ def train(
     checkpoint_dir, adapter_dir = Path(checkpoint_dir), Path(adapter_dir)
     fp = fingerprint(lora, {k: v for k, v in tp.__dict__.items()
                             if k not in ("eval_steps", "save_steps", "save_total_limit", "logging_steps",
-                                         "dataloader_workers")},
+                                         "dataloader_workers", "cpu_threads")},
                      runtime.mode, runtime.precision, max_seq_len, model_fingerprint,
                      data_hash(train_data), data_hash(val_data) if val_data else None)
     last = prepare_checkpoints(checkpoint_dir, fp, resume)
 
     set_seed(tp.seed)
+    if runtime.device == "cpu" and tp.cpu_threads > 0:
+        torch.set_num_threads(tp.cpu_threads)
     tokenizer = load_base_tokenizer(model_dir)
     model = load_for_training(model_dir, runtime)
     progress = _Progress.make()
@@ -272,7 +274,11 @@ def train(
     wall = time.perf_counter() - t0
     eval_loss = None
     if val_data is not None:
-        eval_loss = float(trainer.evaluate()["eval_loss"])
+        evals = [h for h in trainer.state.log_history if "eval_loss" in h]
+        if evals and evals[-1].get("step") == trainer.state.global_step:
+            eval_loss = float(evals[-1]["eval_loss"])       # the last step was just evaluated
+        else:
+            eval_loss = float(trainer.evaluate()["eval_loss"])
     tokens_seen = int(trainer.state.num_input_tokens_seen or 0)
     metrics = {
         "mode": runtime.mode,
