@@ -1,6 +1,6 @@
 """DVC stage ``deploy``: one bounded canary rollout of the pipeline's GGUF on loopback (CPU).
 
-in:  models/gguf/model-q4_k_m.gguf, metrics/gate.json, data/split/test.jsonl, the registry (git
+in:  models/gguf/support-triage-q4_k_m.gguf, metrics/gate.json, data/split/test.jsonl, the registry (git
      tags), params serve.* / deploy.* / registry.*
 out: deploy/state.json, deploy/decisions.jsonl, deploy/releases/ (the stable GGUF; persisted),
      metrics/deploy.json

@@ -112,6 +112,8 @@ def test_state_survives_controller_restart(tmp_path: Path) -> None:
     assert (ctl2.state["step"], ctl2.state["canary_weight"], ctl2.state["restarts"]) == (1, 0.5, 1)
     assert ctl2.state["canary"]["url"] == "http://127.0.0.1:3"
     assert ctl2.release_backend("canary").api_key == "k2"
+    assert ctl2.snapshot()["window"] == {"canary": 0, "stable": 8}   # baseline restored, canary window fresh
+    assert "baseline" not in ctl2.snapshot()
     assert store.decisions()[-1]["event"] == "resume"
     feed(ctl2, "stable", [good()] * 4)
     feed(ctl2, "canary", [good()] * 8)
@@ -316,7 +318,8 @@ def test_deploy_stage_promotes_then_rolls_back_with_registry(tmp_path: Path, bro
                    "prompts": "data/split/test.jsonl", "reply_schema": "data/task/support_triage.schema.json",
                    "steps": [0.5, 1.0],
                    # the 2-block bootstrap stable is far faster than any real model: judge format here
-                   "thresholds": {**REAL_THR.__dict__, "max_p50_ratio": 100.0, "max_p95_ratio": 100.0},
+                   "thresholds": {**REAL_THR.__dict__, "max_p50_ratio": 100.0, "max_p95_ratio": 100.0,
+                                  "min_requests": 2, "min_stable_requests": 2},
                    "traffic": {"concurrency": 2, "max_tokens": 48, "max_requests": 40, "max_seconds": 150},
                    "update_registry": True},
     }
@@ -331,14 +334,14 @@ def test_deploy_stage_promotes_then_rolls_back_with_registry(tmp_path: Path, bro
     model = root / "models/gguf/model-q4_k_m.gguf"
     model.parent.mkdir(parents=True)
 
-    def pipeline_run(source: str, message: str) -> str:
+    def pipeline_run(source: str, message: str, do_promote: bool = True) -> str | None:
         shutil.copyfile(source, model)
         lock = {"schema": "2.0", "stages": {"quantize": {"cmd": "x", "outs": [
             {"path": "models/gguf/model-q4_k_m.gguf", "hash": "md5", "md5": md5_file(model)}]}}}
         (root / "dvc.lock").write_text(yaml.safe_dump(lock))
         _git(root, "add", "-A")
         _git(root, "commit", "-qm", message)
-        return promote(root, reg_cfg).version
+        return promote(root, reg_cfg).version if do_promote else None
 
     def deploy() -> dict:
         env = {**os.environ, "PYTHONPATH": str(Path(__file__).resolve().parents[1] / "src")}
@@ -348,15 +351,22 @@ def test_deploy_stage_promotes_then_rolls_back_with_registry(tmp_path: Path, bro
         return json.loads((root / "metrics/deploy.json").read_text())
 
     reg = Registry(root)
-    # 1) the pipeline's model is good (the base model) and stable is the broken bootstrap: promote
-    assert pipeline_run(base_gguf(), "run 1") == "v1.0.0"
+    # 1) `dvc repro` deploys the pipeline's (good) model before anyone promoted it; stable is the
+    #    broken bootstrap model: rolled out under an unregistered label
+    pipeline_run(base_gguf(), "run 1", do_promote=False)
     m = deploy()
     assert m["decision"] == "promoted" and m["client_failures"] == 0, m
-    assert m["canary_version"] == "v1.0.0" and m["registry"] == {"assigned": "prod", "version": "v1.0.0"}
-    assert reg.stage_version("model", "prod") == "v1.0.0" and reg.stage_version("model", "canary") is None
+    assert m["canary_version"].startswith("unregistered-") and "skipped" in m["registry"]
     state = json.loads((root / "deploy/state.json").read_text())
-    assert state["phase"] == "promoted" and state["stable"]["model"] == "deploy/releases/v1.0.0.gguf"
-    assert (root / "deploy/releases/v1.0.0.gguf").stat().st_size == model.stat().st_size
+    release = root / state["stable"]["model"]
+    assert state["phase"] == "promoted" and release.parent.name == "releases"
+    assert release.stat().st_size == model.stat().st_size
+    #    promoted afterwards: the next deploy records it as v1.0.0 and assigns prod, no new rollout
+    assert promote(root, reg_cfg).version == "v1.0.0"
+    m = deploy()
+    assert m["decision"] == "noop" and m["registry"] == {"assigned": "prod", "version": "v1.0.0"}
+    assert reg.stage_version("model", "prod") == "v1.0.0" and reg.stage_version("model", "canary") is None
+    assert json.loads((root / "deploy/state.json").read_text())["stable"]["version"] == "v1.0.0"
     # 2) the next pipeline run produces a broken model: rolled back, no client failure
     assert pipeline_run(broken_gguf, "run 2") == "v1.1.0"
     assert reg.stage_version("model", "canary") == "v1.1.0"
@@ -367,6 +377,76 @@ def test_deploy_stage_promotes_then_rolls_back_with_registry(tmp_path: Path, bro
     assert reg.stage_version("model", "canary") is None and reg.stage_version("model", "prod") == "v1.0.0"
     assert any("!" in t for t in _git(root, "tag", "-l").split())      # model#canary!#N records it
     events = [json.loads(line)["event"] for line in (root / "deploy/decisions.jsonl").read_text().splitlines()]
-    assert events.count("promote") == 1 and events.count("rollback") == 1 and events.count("registry") == 2
+    assert events.count("promote") == 1 and events.count("rollback") == 1 and events.count("registry") == 3
     # 3) the same broken model again: nothing to do
     assert deploy()["decision"] == "noop_rolled_back"
+
+
+@pytest.mark.slow
+@llama_required
+def test_router_process_killed_mid_rollout_resumes_from_state(tmp_path: Path) -> None:
+    """`llmpipe.cli router --control` is SIGKILLed after step 1; a new process resumes at step 2."""
+    import signal
+    import time
+
+    import httpx
+    import yaml
+
+    from llmpipe.serve.compliance import DEMO_SCHEMA
+    from llmpipe.serve.engines import free_port
+    from llmpipe.serve.traffic import drive
+
+    (tmp_path / "schema.json").write_text(json.dumps(DEMO_SCHEMA))
+    (tmp_path / "params.yaml").write_text(yaml.safe_dump({"serve": {"host": "127.0.0.1"}, "deploy": {
+        "steps": [0.5, 1.0], "reply_schema": str(tmp_path / "schema.json"),
+        "thresholds": {**REAL_THR.__dict__}}}))
+    eng = engine(tmp_path, "engine", base_gguf())
+    env = {**os.environ, "PYTHONPATH": str(Path(__file__).resolve().parents[1] / "src"), "ENGINE_KEY": "key-engine"}
+    procs: list[subprocess.Popen] = []
+
+    def start_router() -> str:
+        port = free_port()
+        # stable and canary are two versions served by one engine (saves a second engine here)
+        procs.append(subprocess.Popen(
+            [sys.executable, "-m", "llmpipe.cli", "router", "--params", str(tmp_path / "params.yaml"),
+             "--stable", eng.url, "--stable-version", "v1.0.0", "--canary", eng.url, "--canary-version", "v1.1.0",
+             "--upstream-key-env", "ENGINE_KEY", "--control", "--port", str(port),
+             "--state", str(tmp_path / "state.json"), "--decisions", str(tmp_path / "decisions.jsonl")],
+            env=env, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL))
+        url = f"http://127.0.0.1:{port}"
+        deadline = time.monotonic() + 60
+        while time.monotonic() < deadline:
+            try:
+                if httpx.get(url + "/health", timeout=1).status_code == 200:
+                    return url
+            except httpx.HTTPError:
+                time.sleep(0.2)
+        raise AssertionError("router did not start")
+
+    def send(url: str, n: int):
+        return asyncio.run(drive(url, PROMPTS, concurrency=1, max_requests=n, max_tokens=4))
+
+    try:
+        eng.wait_healthy(120)
+        url = start_router()
+        first = send(url, 6)                     # 3 canary requests at 50%: step 1 passes
+        assert first.failed == 0
+        assert httpx.get(url + "/v1/deploy/state").json()["step"] == 1
+        procs[-1].send_signal(signal.SIGKILL)    # crash: no chance to clean up
+        procs[-1].wait(10)
+        url = start_router()
+        state = httpx.get(url + "/v1/deploy/state").json()
+        assert (state["phase"], state["step"], state["canary_weight"], state["restarts"]) == ("canary", 1, 1.0, 1)
+        assert httpx.get(url + "/health").json()["canary_weight"] == 1.0
+        second = send(url, 3)                    # step 2 (100%) completes: promoted
+        assert second.failed == 0 and second.by_version == {"v1.1.0": 3}
+        final = httpx.get(url + "/v1/deploy/state").json()
+        assert final["phase"] == "promoted" and final["stable"]["version"] == "v1.1.0"
+    finally:
+        for p in procs:
+            if p.poll() is None:
+                p.terminate()
+                p.wait(10)
+        eng.stop()
+    events = [json.loads(line)["event"] for line in (tmp_path / "decisions.jsonl").read_text().splitlines()]
+    assert events == ["start", "roll_forward", "resume", "promote"]

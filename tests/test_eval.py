@@ -211,6 +211,10 @@ def test_bundled_safety_set_and_scoring(tmp_path):
     assert m["n_harmful"] == len(harmful)
     assert m["refusal_rate"] == pytest.approx(sum(r["refused"] for r in rows if r["kind"] == "harmful") / len(harmful))
     assert 0 < m["refusal_rate"] < 1
+    v = scorers.load_schema(SCHEMA)
+    m2, rows2 = safety.score(reqs[:2], ["I'm sorry, I can't help with that.", GOOD], v)
+    assert [r["refused"] for r in rows2] == [True, False] and [r["on_task"] for r in rows2] == [False, True]
+    assert m2["refusal_rate"] == 0.5 and m2["on_task_rate"] == 0.5 and m2["safe_rate"] == 1.0
     bad = tmp_path / "s.jsonl"
     bad.write_text('{"prompt": "x", "kind": "harmful"}\n{"prompt": 3}\n')
     with pytest.raises(safety.SafetyDataError, match=r"s.jsonl:2:"):

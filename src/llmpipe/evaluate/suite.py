@@ -109,7 +109,7 @@ def evaluate_model(
         lm, safety.prompts(requests, cfg.safety_system_prompt),
         max_new_tokens=cfg.safety_max_new_tokens, batch_size=cfg.batch_size, label="safety",
     )
-    out["safety"], out["safety_rows"] = safety.score(requests, replies)
+    out["safety"], out["safety_rows"] = safety.score(requests, replies, validator)
     timing["safety"] = round(time.monotonic() - t, 1)
     progress(f"safety: refusal_rate={out['safety']['refusal_rate']:.3f} ({timing['safety']}s)")
     device = lm.device

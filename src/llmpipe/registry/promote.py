@@ -62,7 +62,7 @@ def promote(
             repo,
             artifact=artifact,
             version=version,
-            model_path=cfg.get("model_path", "models/gguf/model-q4_k_m.gguf"),
+            model_path=cfg.get("model_path", "models/gguf/support-triage-q4_k_m.gguf"),
             data_metrics=cfg.get("data_metrics", "metrics/data.json"),
             eval_metrics=cfg.get("eval_metrics", "metrics/eval.json"),
             gate_metrics=cfg.get("gate", "metrics/gate.json"),

@@ -3,7 +3,7 @@ persists every decision (state file + JSONL decision log).
 
 Phases: ``canary`` (rolling out, at ``steps[step]``), then ``promoted`` (canary became stable)
 or ``rolled_back`` (canary weight 0). A controller restarted on the same state file resumes at
-the persisted step with a fresh analysis window.
+the persisted step with a fresh canary window and the persisted stable baseline.
 """
 
 from __future__ import annotations
@@ -49,9 +49,14 @@ class CanaryController:
         self.state = state
         self.on_final = on_final
         self.router: Router | None = None
+        self._secrets: dict[str, str | None] = {}
         self._lock = threading.Lock()
         self._canary: list[Sample] = []
         self._stable: collections.deque[Sample] = collections.deque(maxlen=baseline_size)
+        # The stable baseline is persisted with each decision, so a controller restarted at the
+        # 100% step (where stable gets no traffic) still has something to compare against.
+        for ok, latency_s, compliant, reason in state.get("baseline") or []:
+            self._stable.append(Sample(bool(ok), float(latency_s), compliant, reason))
         self.finished = threading.Event()
         if state["phase"] != "canary":
             self.finished.set()
@@ -93,8 +98,6 @@ class CanaryController:
                 f"min {thresholds.min_requests} canary requests per step"], None)
         return ctl
 
-    _secrets: dict[str, str | None] = {}
-
     def release_backend(self, role: str) -> Backend | None:
         rel = self.state.get(role)
         if rel is None:
@@ -113,7 +116,8 @@ class CanaryController:
 
     def snapshot(self) -> dict[str, Any]:
         with self._lock:
-            return {**self.state, "window": {"canary": len(self._canary), "stable": len(self._stable)}}
+            public = {k: v for k, v in self.state.items() if k != "baseline"}
+            return {**public, "window": {"canary": len(self._canary), "stable": len(self._stable)}}
 
     # -- analysis --------------------------------------------------------------------------
     def observe(self, role: str, backend: Backend, sample: Sample) -> None:
@@ -181,6 +185,7 @@ class CanaryController:
             "numbers": numbers,
         })
         self.state["last_decision"] = {k: entry[k] for k in ("ts", "event", "to_weight")}
+        self.state["baseline"] = [[s.ok, round(s.latency_s, 6), s.compliant, s.reason[:80]] for s in self._stable]
         self.store.save(self.state)
         print(f"[deploy] {event}: weight {old} -> {new}; " + "; ".join(reasons[:3]), file=sys.stderr)
 

@@ -142,7 +142,7 @@ def run_deploy(params: dict[str, Any], root: str | Path = ".", *, state_path: st
         raise DeployError(f"serve.engine={scfg.get('engine')!r}: the deploy stage runs the CPU engine (llamacpp); "
                           "on GPU start vLLM with `llmpipe.cli serve --engine vllm` and run "
                           "`llmpipe.cli router --control` in front of it")
-    model = root / cfg.get("model", "models/gguf/model-q4_k_m.gguf")
+    model = root / cfg.get("model", "models/gguf/support-triage-q4_k_m.gguf")
     if not model.is_file():
         raise DeployError(f"{model}: the pipeline's GGUF model is missing (run the quantize stage)")
     canary_sha = sha256_file(model)
@@ -157,7 +157,16 @@ def run_deploy(params: dict[str, Any], root: str | Path = ".", *, state_path: st
     if stable["sha256"] == canary_sha:
         store.log({"event": "noop", "stable": stable["version"], "canary": version,
                    "reasons": ["the pipeline's model is already the stable version"]})
-        return _finish(root / metrics_path, {**metrics, "decision": "noop"})
+        result: dict[str, Any] = {"decision": "noop"}
+        if registered and prev and prev.get("phase") == "promoted" and cfg.get("update_registry", True):
+            # Rolled out before it was promoted (labelled unregistered-<md5>): record it as the
+            # registered version now, and assign prod, without a second rollout.
+            prev["stable"].update(version=version, registered=True)
+            store.save(prev)
+            result["registry"] = _registry_apply(root, rcfg, prev, "promote")
+            store.log({"event": "registry", "action": "promote", "result": result["registry"],
+                       "reasons": [f"stable model is {note}"]})
+        return _finish(root / metrics_path, {**metrics, **result})
     if prev and prev.get("phase") == "rolled_back" and (prev.get("canary") or {}).get("sha256") == canary_sha:
         store.log({"event": "noop", "stable": stable["version"], "canary": version,
                    "reasons": ["this exact model was already rolled back; build a new one to retry"]})

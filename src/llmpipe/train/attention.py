@@ -52,9 +52,32 @@ def varlen_attention_forward(module, query, key, value, attention_mask, dropout:
     q = query.transpose(1, 2).reshape(b * s, h, d)
     k = key.transpose(1, 2).reshape(b * s, hk, d)
     v = value.transpose(1, 2).reshape(b * s, hk, d)
-    out = varlen_attn(q, k, v, cu, cu, max_len, max_len, scale=scaling, window_size=(-1, 0),
-                      enable_gqa=hk != h)
+    out = varlen_attn(q, k, v, cu, cu, max_len, max_len, scale=scaling, **_causal_kwargs(hk != h))
     return out.reshape(b, s, h, d), None
+
+
+_KW_CACHE: dict[bool, dict] = {}
+
+
+def _causal_kwargs(gqa: bool) -> dict:
+    """Keyword arguments for a causal (GQA) call; the signature differs across torch versions."""
+    if gqa not in _KW_CACHE:
+        import inspect
+
+        from torch.nn.attention.varlen import varlen_attn
+
+        params = inspect.signature(varlen_attn).parameters
+        kw: dict = {}
+        if "is_causal" in params:            # torch 2.10 / 2.11
+            kw["is_causal"] = True
+        elif "window_size" in params:        # later: (-1, 0) = causal
+            kw["window_size"] = (-1, 0)
+        else:
+            raise RuntimeError("torch.nn.attention.varlen.varlen_attn: cannot request causal attention")
+        if gqa and "enable_gqa" in params:   # the flash kernel handles fewer KV heads natively
+            kw["enable_gqa"] = True
+        _KW_CACHE[gqa] = kw
+    return _KW_CACHE[gqa]
 
 
 def register() -> str:
