@@ -78,6 +78,7 @@ def test_promote_registers_version_with_lineage(repo: Path) -> None:
     assert lin["metrics"]["gate"]["passed"] is True
     assert lin["metrics"]["eval"]["tuned"]["format_compliance"] == 0.97
     assert lin["model"]["dvc_lock"]["md5"] == MODEL_MD5
+    assert lin["model"]["sha256"] is None          # the (DVC-managed) model file is not in this repo
     assert lin["artifacts"]["models/merged"]["nfiles"] == 5
     # gto show / history see the version and the stage
     show = json.loads(reg.gto("show", "model", "--json"))

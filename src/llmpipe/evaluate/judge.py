@@ -10,7 +10,6 @@ unjudged (score None) with every raw answer, never guessed.
 
 from __future__ import annotations
 
-import json
 import os
 import sys
 from dataclasses import asdict, dataclass, field

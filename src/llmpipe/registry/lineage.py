@@ -51,6 +51,14 @@ def lock_artifacts(lock: dict[str, Any] | None) -> dict[str, dict[str, Any]]:
     return result
 
 
+def _sha256(path: Path) -> str:
+    h = hashlib.sha256()
+    with open(path, "rb") as fh:
+        while block := fh.read(1 << 20):
+            h.update(block)
+    return h.hexdigest()
+
+
 def _git(repo: Path, *args: str) -> str:
     proc = subprocess.run(["git", *args], cwd=repo, capture_output=True, text=True)
     if proc.returncode != 0:
@@ -84,6 +92,8 @@ def build_lineage(
             if model_path.startswith(path.rstrip("/") + "/"):
                 model_hash = {**info, "inside": path}
                 break
+    model_file = repo / model_path
+    model_sha256 = _sha256(model_file) if model_file.is_file() else None
     return {
         "schema": LINEAGE_SCHEMA,
         "artifact": artifact,
@@ -93,7 +103,7 @@ def build_lineage(
             "commit": _git(repo, "rev-parse", "HEAD"),
             "branch": _git(repo, "rev-parse", "--abbrev-ref", "HEAD"),
         },
-        "model": {"path": model_path, "dvc_lock": model_hash},
+        "model": {"path": model_path, "sha256": model_sha256, "dvc_lock": model_hash},
         "base_model": (params.get("model") or {}).get("name_or_path"),
         "dataset_version": data.get("dataset_version"),
         "params_sha256": hashlib.sha256(params_text.encode()).hexdigest(),

@@ -54,7 +54,7 @@ def identify_version(root: Path, model: Path, artifact: str) -> tuple[str, bool,
     """(version, registered, note): the registry version whose lineage hash matches ``model``."""
     from llmpipe.registry.gto_cli import GtoError, Registry
 
-    md5 = md5_file(model)
+    md5, sha = md5_file(model), sha256_file(model)
     fallback = f"unregistered-{md5[:8]}"
     try:
         reg = Registry(root)
@@ -65,15 +65,16 @@ def identify_version(root: Path, model: Path, artifact: str) -> tuple[str, bool,
     matches = []
     for v in versions:
         try:
-            lock = (reg.lineage(artifact, v.version).get("model") or {}).get("dvc_lock") or {}
+            info = reg.lineage(artifact, v.version).get("model") or {}
         except GtoError:
             continue
-        if lock.get("md5") == md5:
+        # sha256 of the file taken at promotion, or the file's md5 recorded in dvc.lock
+        if info.get("sha256") == sha or (info.get("dvc_lock") or {}).get("md5") == md5:
             matches.append(v.version)
     if not matches:
-        return fallback, False, f"no registered {artifact} version has md5 {md5} (promote it first)"
+        return fallback, False, f"no registered {artifact} version has this model (sha256 {sha[:12]}); promote it first"
     best = canary if canary in matches else matches[-1]
-    return best, True, f"{artifact}@{best} (md5 {md5} matches its dvc.lock hash)"
+    return best, True, f"{artifact}@{best} (model hash matches its lineage)"
 
 
 def _safe(name: str) -> str:

@@ -49,6 +49,11 @@ def varlen_attention_forward(module, query, key, value, attention_mask, dropout:
     else:
         cu = cu.to(device=query.device, dtype=torch.int32)
         max_len = int(kwargs.get("max_length_q") or s)
+    if hk != h and not _causal_kwargs(True).get("enable_gqa"):
+        # Expand grouped KV heads explicitly: older varlen_attn has no GQA switch.
+        key = key.repeat_interleave(h // hk, dim=1)
+        value = value.repeat_interleave(h // hk, dim=1)
+        hk = h
     q = query.transpose(1, 2).reshape(b * s, h, d)
     k = key.transpose(1, 2).reshape(b * s, hk, d)
     v = value.transpose(1, 2).reshape(b * s, hk, d)
