@@ -51,6 +51,8 @@ CONFIGS = {
     "stage_lora_liger": ("stage", "lora", {"liger_kernel": "true"}),
     "stage_qlora_liger": ("stage", "qlora", {"liger_kernel": "true"}),
     "stage_lora_adamw": ("stage", "lora", {"optimizer": "adamw_torch_fused"}),
+    "stage_lora_paged8bit": ("stage", "lora", {"optimizer": "paged_adamw_8bit"}),
+    "stage_qlora_paged8bit": ("stage", "qlora", {"optimizer": "paged_adamw_8bit"}),
     "stage_lora_log10": ("stage", "lora", {"logging_steps": 10}),
     "stage_lora_nockpt": ("stage", "lora", {"gradient_checkpointing": "false"}),
     "stage_lora_mb2": ("stage", "lora", {"per_device_batch_size": 2}),
@@ -238,21 +240,38 @@ def check_attention() -> dict:
     for impl in ("sdpa", attention.NAME):     # same weights, same packed batch, two attention paths
         m.config._attn_implementation = impl
         m.zero_grad(set_to_none=True)
-        out = m(input_ids=x, position_ids=pos, labels=x, **(extra if impl != "sdpa" else {}))
+        out = m(input_ids=x, position_ids=pos, labels=x, use_cache=False, **(extra if impl != "sdpa" else {}))
         out.loss.backward()
         g = m.model.layers[0].self_attn.q_proj.weight.grad.float()
         if ref is None:
-            ref = (out.logits.detach().float(), g, float(out.loss))
+            ref = (out.logits.detach().float(), g, float(out.loss.detach()))
         else:
             res = {"logits_rel_err": float((out.logits.detach().float() - ref[0]).norm() / ref[0].norm()),
                    "grad_rel_err": float((g - ref[1]).norm() / ref[1].norm()),
-                   "loss_sdpa": ref[2], "loss_varlen": float(out.loss)}
+                   "loss_sdpa": ref[2], "loss_varlen": float(out.loss.detach())}
+    # Ground truth: every example on its own (no packing), logits concatenated.
+    with torch.no_grad():
+        m.config._attn_implementation = "sdpa"
+        segs, start = [], 0
+        for n in lens:
+            segs.append(m(input_ids=x[:, start:start + n], use_cache=False).logits.float())
+            start += n
+        truth = torch.cat(segs, dim=1)
+        packed = {}
+        for impl in ("sdpa", attention.NAME):
+            m.config._attn_implementation = impl
+            # use_cache=False as in training: with a cache transformers skips packed-sequence detection
+            lg = m(input_ids=x, position_ids=pos, use_cache=False,
+                   **(extra if impl != "sdpa" else {})).logits.float()
+            packed[impl] = float((lg - truth).norm() / truth.norm())
+    res["sdpa_packed_vs_unpacked_rel_err"] = packed["sdpa"]
+    res["varlen_packed_vs_unpacked_rel_err"] = packed[attention.NAME]
     # Isolation check: changing the first example must not change the others' logits.
     x2 = x.clone()
     x2[0, :lens[0]] = torch.randint(0, 1000, (lens[0],), device="cuda")
     with torch.no_grad():
-        a = m(input_ids=x, position_ids=pos, **extra).logits
-        b = m(input_ids=x2, position_ids=pos, **extra).logits
+        a = m(input_ids=x, position_ids=pos, use_cache=False, **extra).logits
+        b = m(input_ids=x2, position_ids=pos, use_cache=False, **extra).logits
     res["cross_example_leak"] = float((a[0, lens[0]:] - b[0, lens[0]:]).abs().max())
     return res
 
@@ -284,10 +303,14 @@ def main(argv=None) -> int:
     ap.add_argument("--out", default="benchmarks/results/train_throughput.json")
     ap.add_argument("--timeout", type=int, default=240, help="seconds per configuration")
     ap.add_argument("--check-attention", action="store_true", help="compare varlen attention with sdpa first")
+    ap.add_argument("--check-only", action="store_true", help="only run the attention check")
     ap.add_argument("--one", default=None, help=argparse.SUPPRESS)
     args = ap.parse_args(argv)
     if args.one:
         return one(args)
+    if args.check_only:
+        print(json.dumps(check_attention()))
+        return 0
 
     model_dir = Path(args.model_dir)
     meta = model_dir / "bench_meta.json"

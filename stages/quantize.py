@@ -38,7 +38,7 @@ from llmpipe.params import ParamsError, load_params, section
 DEFAULTS = {
     "name": "model",
     "types": ["Q8_0", "Q4_K_M"],
-    "n_threads": 2,
+    "n_threads": 1,
     "n_ctx": 1024,
     "ppl_max_examples": 64,
     "reply_max_tokens": 64,
@@ -165,7 +165,8 @@ def main(argv: list[str] | None = None) -> int:
     for k, r in results.items():
         m = {key: r[key] for key in ("file", "file_type", "size_bytes", "size_mb", "bits_per_weight", "ppl",
                                       "ppl_delta", "ppl_delta_pct", "tokens_per_s", "prompt_tokens_per_s",
-                                      "tokenizer_mismatches", "create_seconds", "load_seconds")}
+                                      "tokenizer_mismatches", "create_seconds", "load_seconds", "eval_seconds",
+                                      "n_params")}
         m["size_ratio_vs_f16"] = round(r["size_bytes"] / f16_bytes, 4)
         m["reply_chars"] = len(r["reply"])
         gguf_metrics[k] = m

@@ -439,6 +439,7 @@ def evaluate_gguf(
         gen = measure_generation(llm, prompt_ids, n_tokens=bench_tokens)
     finally:
         llm.close()
+    eval_s = time.perf_counter() - t0
     return {
         "file": path.name,
         "file_type": file_type,
@@ -447,6 +448,7 @@ def evaluate_gguf(
         "size_mb": round(size / 1e6, 2),
         "bits_per_weight": round(size * 8 / n_params, 3) if n_params else None,
         "load_seconds": round(load_s, 3),
+        "eval_seconds": round(eval_s, 2),
         "ppl": ppl.ppl,
         "mean_nll": ppl.mean_nll,
         "ppl_tokens": ppl.n_tokens,
