@@ -18,7 +18,7 @@
 #        LLAMA_CPP_FORCE_BUILD=1  ignore a cached wheel and rebuild
 set -euo pipefail
 
-VERSION=0.3.36                      # newest on PyPI; its llama.cpp reads/writes GGUF v3 like gguf 0.19.0
+VERSION=0.3.36                      # newest on PyPI; GGUF v3, readable by the PyPI gguf 0.19.0
 SKBUILD_CORE=scikit-build-core==1.1.2
 # Pinned server extra of llama-cpp-python 0.3.36 (uvicorn, fastapi, pyyaml are in requirements.txt)
 SERVER_DEPS=(sse-starlette==3.7.0 starlette-context==0.3.6 pydantic-settings==2.16.3)
@@ -49,7 +49,12 @@ done
 CACHE_ROOT=${LLMPIPE_CACHE_DIR:-${XDG_CACHE_HOME:-$HOME/.cache}/llmpipe}
 PYTAG=$("$PY" -c 'import sys, sysconfig; print(f"cp{sys.version_info[0]}{sys.version_info[1]}-" + sysconfig.get_platform())')
 CXX_ID=$(c++ --version | head -n1)
-KEY=$(printf '%s\n%s\n%s\n%s\n' "$VERSION" "$CMAKE_ARGS_USED" "$PYTAG" "$CXX_ID" | sha256sum | cut -c1-16)
+# A -march=native build is only valid on the same CPU: then the CPU flags join the key.
+CPU_ID=portable
+if [[ "$CMAKE_ARGS_USED" == *GGML_NATIVE=ON* ]]; then
+    CPU_ID=$(grep -m1 '^flags' /proc/cpuinfo 2>/dev/null || uname -m)
+fi
+KEY=$(printf '%s\n%s\n%s\n%s\n%s\n' "$VERSION" "$CMAKE_ARGS_USED" "$PYTAG" "$CXX_ID" "$CPU_ID" | sha256sum | cut -c1-16)
 SDIST_DIR="$CACHE_ROOT/sdist"
 WHEEL_DIR="$CACHE_ROOT/llama-cpp-python/$VERSION-$KEY"
 SDIST="$SDIST_DIR/llama_cpp_python-$VERSION.tar.gz"
@@ -81,7 +86,15 @@ else
     log "using cached wheel $WHEEL"
 fi
 
-"$PY" -m pip install --quiet --no-deps --force-reinstall "$WHEEL"
+# Reinstall only when the venv holds another build (marker = cache key of the installed wheel).
+MARKER="$PREFIX/share/llmpipe/llama-cpp-python.key"
+if [[ "$(cat "$MARKER" 2>/dev/null)" != "$KEY" ]] || ! "$PY" -c 'import llama_cpp' 2>/dev/null; then
+    "$PY" -m pip install --quiet --no-deps --force-reinstall "$WHEEL"
+    mkdir -p "$(dirname "$MARKER")"
+    echo "$KEY" > "$MARKER"
+else
+    log "llama-cpp-python $VERSION (key $KEY) already installed"
+fi
 "$PY" -m pip install --quiet "${SERVER_DEPS[@]}" "${CONVERTER_DEPS[@]}"
 
 # llama.cpp's converter from the same sdist (MIT, LICENSE copied beside it); not committed.

@@ -20,7 +20,7 @@ import sys
 import time
 from pathlib import Path
 
-from llmpipe.io import atomic_dir, read_json, write_json, write_jsonl
+from llmpipe.io import atomic_dir, write_json, write_jsonl
 from llmpipe.model.base import load_base_tokenizer
 from llmpipe.model.source import ModelSourceError
 from llmpipe.params import ParamsError, load_params, section

@@ -208,10 +208,9 @@ def _interrupt_after(step: int):
     return InterruptCallback()
 
 
+@pytest.mark.slow
 def test_interrupted_run_resumes_to_the_same_adapter(workdir, tiny_base):
     """Tolerance: max |delta| <= 1e-5 over all adapter tensors (same seed, fp32, CPU)."""
-    import torch
-
     stage = _load_stage("train")
     params = write_params(workdir / "params.yaml")
     assert stage.main(stage_args(workdir, tiny_base, params, "_full")) == 0
@@ -233,7 +232,6 @@ def test_interrupted_run_resumes_to_the_same_adapter(workdir, tiny_base):
     steps = [int(line.split("\t")[0]) for line in
              (workdir / "live_resumed" / "plots" / "metrics" / "train" / "loss.tsv").read_text().splitlines()[1:]]
     assert steps == sorted(steps) and steps[0] <= 1 and steps[-1] == 6
-    assert torch.equal(torch.tensor([1]), torch.tensor([1]))
 
 
 def test_changed_params_discard_stale_checkpoints(workdir, tiny_base):

@@ -142,7 +142,7 @@ def quantize(
     src: str | os.PathLike[str],
     dst: str | os.PathLike[str],
     quant: str,
-    n_threads: int = 2,
+    n_threads: int = 1,
 ) -> Path:
     """Quantize the GGUF file ``src`` (f16/f32) to ``quant`` with llama.cpp's quantizer."""
     lc = _llama_cpp()
@@ -201,7 +201,7 @@ def read_gguf_info(path: str | os.PathLike[str]) -> GGUFInfo:
 # --------------------------------------------------------------------------- load back
 
 
-def load_gguf(path: str | os.PathLike[str], n_ctx: int = 1024, n_threads: int = 2, seed: int = 0):
+def load_gguf(path: str | os.PathLike[str], n_ctx: int = 1024, n_threads: int = 1, seed: int = 0):
     """Load a GGUF with llama.cpp (CPU), keeping the logits of every position (for perplexity)."""
     lc = _llama_cpp()
     path = Path(path)
@@ -408,7 +408,7 @@ def evaluate_gguf(
     prompt_messages: list[dict[str, str]],
     prompt_ids: Sequence[int],
     n_ctx: int = 1024,
-    n_threads: int = 2,
+    n_threads: int = 1,
     reply_max_tokens: int = 64,
     bench_tokens: int = 64,
 ) -> dict[str, Any]:

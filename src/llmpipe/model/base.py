@@ -168,6 +168,7 @@ def materialise(
     from llmpipe.model.source import load_tokenizer
 
     out_dir = Path(out_dir)
+    torch_dtype(dtype)          # reject a bad model.dtype before any slow loading
     src = resolve(name_or_path)
     tokenizer = load_tokenizer(name_or_path)
     if not getattr(tokenizer, "chat_template", None):

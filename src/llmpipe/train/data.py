@@ -19,8 +19,6 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, Iterable
 
-from llmpipe.io import read_jsonl
-
 IGNORE_INDEX = -100
 
 

@@ -14,7 +14,6 @@ from __future__ import annotations
 
 import json
 import math
-import os
 import resource
 import shutil
 import sys
@@ -311,7 +310,3 @@ def train(
         trainer.model.save_pretrained(str(adapter_dir))
         tokenizer.save_pretrained(str(adapter_dir))
     return TrainOutput(metrics=metrics, runtime=runtime, adapter_dir=adapter_dir, history=progress.history)
-
-
-def is_main_process() -> bool:
-    return int(os.environ.get("RANK", "0")) == 0

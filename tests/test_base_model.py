@@ -1,0 +1,107 @@
+"""base-model: the embedded GGUF becomes a plain, reloadable HF safetensors dir."""
+
+from __future__ import annotations
+
+import importlib.util
+import json
+from pathlib import Path
+
+import pytest
+import yaml
+
+from llmpipe.io import sha256_file
+
+ROOT = Path(__file__).resolve().parents[1]
+
+
+def _load_stage(name: str):
+    spec = importlib.util.spec_from_file_location(f"stage_{name}", ROOT / "stages" / f"{name}.py")
+    mod = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(mod)
+    return mod
+
+
+def _params(tmp_path: Path, **model) -> Path:
+    p = tmp_path / "params.yaml"
+    p.write_text(yaml.safe_dump({"model": {"max_seq_len": 512, **model}}))
+    return p
+
+
+@pytest.mark.slow
+def test_embedded_gguf_materialises_to_an_equivalent_safetensors_model(tmp_path):
+    import torch
+    from transformers import AutoModelForCausalLM, AutoTokenizer
+
+    from llmpipe.model.source import resolve
+
+    out, metrics = tmp_path / "base", tmp_path / "base_model.json"
+    rc = _load_stage("base_model").main([
+        "--params", str(_params(tmp_path, name_or_path="embedded:smollm2-135m-instruct", dtype="float32")),
+        "--out", str(out), "--metrics", str(metrics)])
+    assert rc == 0
+    m = json.loads(metrics.read_text())
+    assert m["architecture"] == "LlamaForCausalLM" and 130e6 < m["num_parameters"] < 140e6
+    assert m["weights_sha256"]["model.safetensors"] == sha256_file(out / "model.safetensors")
+    assert "Paris" in m["smoke_reply"]                  # the dequantised weights are sane
+    assert m["pad_token"] != m["eos_token"]             # the end-of-turn token stays learnable
+
+    tok = AutoTokenizer.from_pretrained(out)
+    assert tok.pad_token == "<|endoftext|>" and tok.eos_token == "<|im_end|>"
+    assert "<|im_start|>assistant" in tok.apply_chat_template(
+        [{"role": "user", "content": "hi"}], tokenize=False, add_generation_prompt=True)
+    cfg = json.loads((out / "config.json").read_text())
+    assert "quantization_config" not in cfg and cfg["pad_token_id"] == tok.pad_token_id
+
+    # Same logits as the GGUF loaded directly by transformers.
+    src = resolve("embedded:smollm2-135m-instruct")
+    x = tok("Where is my order KX482913?", return_tensors="pt")["input_ids"]
+    with torch.no_grad():
+        ref = AutoModelForCausalLM.from_pretrained(src.path, gguf_file=src.gguf_file)(input_ids=x).logits
+        got = AutoModelForCausalLM.from_pretrained(out)(input_ids=x).logits
+    assert float((ref - got).abs().max()) < 1e-4
+
+
+def test_local_hf_dir_is_copied_with_a_distinct_pad_token(tmp_path):
+    """A local HF dir works as model.name_or_path; a pad token equal to EOS is replaced."""
+    import torch
+    from safetensors.torch import load_file
+    from transformers import AutoTokenizer, LlamaConfig, LlamaForCausalLM, PreTrainedTokenizerFast
+    from tokenizers import Tokenizer, models, pre_tokenizers
+
+    src = tmp_path / "src"
+    vocab = {"<|endoftext|>": 0, "<|im_start|>": 1, "<|im_end|>": 2, **{c: i + 3 for i, c in enumerate("abcdefghij ")}}
+    raw = Tokenizer(models.WordLevel(vocab, unk_token="<|endoftext|>"))
+    raw.pre_tokenizer = pre_tokenizers.Split("", "isolated")
+    tok = PreTrainedTokenizerFast(tokenizer_object=raw, eos_token="<|im_end|>", pad_token="<|im_end|>",
+                                  bos_token="<|im_start|>", unk_token="<|endoftext|>")
+    tok.chat_template = "{% for m in messages %}<|im_start|>{{ m['content'] }}<|im_end|>{% endfor %}"
+    torch.manual_seed(0)
+    LlamaForCausalLM(LlamaConfig(vocab_size=len(vocab), hidden_size=16, intermediate_size=32, num_hidden_layers=1,
+                                 num_attention_heads=2, num_key_value_heads=1)).save_pretrained(src)
+    tok.save_pretrained(src)
+
+    out = tmp_path / "base"
+    rc = _load_stage("base_model").main([
+        "--params", str(_params(tmp_path, name_or_path=str(src), dtype="bfloat16")), "--out", str(out),
+        "--metrics", str(tmp_path / "m.json"), "--no-smoke"])
+    assert rc == 0
+    saved = AutoTokenizer.from_pretrained(out)
+    assert saved.pad_token == "<|endoftext|>" and saved.pad_token_id != saved.eos_token_id
+    assert {t.dtype for t in load_file(str(out / "model.safetensors")).values()} == {torch.bfloat16}
+
+
+def test_missing_model_fails_clearly_and_writes_nothing(tmp_path, capsys):
+    out = tmp_path / "base"
+    rc = _load_stage("base_model").main([
+        "--params", str(_params(tmp_path, name_or_path=str(tmp_path / "nope"))), "--out", str(out),
+        "--metrics", str(tmp_path / "m.json")])
+    assert rc == 2
+    assert "no such model directory" in capsys.readouterr().err
+    assert not out.exists() and not (tmp_path / "m.json").exists()
+
+
+def test_unknown_dtype_is_rejected(tmp_path, capsys):
+    rc = _load_stage("base_model").main([
+        "--params", str(_params(tmp_path, name_or_path="embedded:smollm2-135m-instruct", dtype="int3")),
+        "--out", str(tmp_path / "b"), "--metrics", str(tmp_path / "m.json")])
+    assert rc == 2 and "model.dtype" in capsys.readouterr().err
