@@ -346,7 +346,7 @@ def test_deploy_stage_promotes_then_rolls_back_with_registry(tmp_path: Path, bro
     def deploy() -> dict:
         env = {**os.environ, "PYTHONPATH": str(Path(__file__).resolve().parents[1] / "src")}
         proc = subprocess.run([sys.executable, str(Path(__file__).resolve().parents[1] / "stages/deploy.py")],
-                              cwd=root, env=env, capture_output=True, text=True, timeout=280)
+                              cwd=root, env=env, capture_output=True, text=True, timeout=900)
         assert proc.returncode == 0, proc.stderr[-3000:]
         return json.loads((root / "metrics/deploy.json").read_text())
 

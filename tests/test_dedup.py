@@ -285,7 +285,7 @@ def test_config_errors_name_the_param():
 def _run_stage(args: list[str]) -> subprocess.CompletedProcess:
     env = dict(os.environ, PYTHONPATH=str(REPO / "src"))
     return subprocess.run([sys.executable, str(REPO / "stages" / "dedup.py"), *args],
-                          cwd=REPO, env=env, capture_output=True, text=True, timeout=120)
+                          cwd=REPO, env=env, capture_output=True, text=True, timeout=600)
 
 
 def _write_params(tmp_path: Path, threshold: float = 0.8) -> Path:

@@ -504,7 +504,7 @@ def test_stage_end_to_end(tmp_path, corpus, scrubbed, cfg):
     proc = subprocess.run(
         [sys.executable, str(REPO / "stages" / "pii_scrub.py"), "--input", str(src), "--output",
          str(out), "--metrics", str(metrics), "--params", str(tmp_path / "params.yaml")],
-        cwd=tmp_path, env=env, capture_output=True, text=True, timeout=170,
+        cwd=tmp_path, env=env, capture_output=True, text=True, timeout=900,
     )
     assert proc.returncode == 0, proc.stderr
     assert "rec/s" in proc.stderr
@@ -521,7 +521,7 @@ def test_stage_end_to_end(tmp_path, corpus, scrubbed, cfg):
         [sys.executable, str(REPO / "stages" / "pii_scrub.py"), "--input", str(bad), "--output",
          str(tmp_path / "o2.jsonl"), "--metrics", str(tmp_path / "m2.json"),
          "--params", str(tmp_path / "params.yaml")],
-        cwd=tmp_path, env=env, capture_output=True, text=True, timeout=60,
+        cwd=tmp_path, env=env, capture_output=True, text=True, timeout=300,
     )
     assert proc.returncode == 2
     assert f"{bad}:2: invalid JSON" in proc.stderr

@@ -59,7 +59,7 @@ def repo(tmp_path: Path) -> Path:
 def cli(repo: Path, *args: str) -> subprocess.CompletedProcess:
     env = {**os.environ, "PYTHONPATH": SRC}
     return subprocess.run([sys.executable, "-m", "llmpipe.cli", "promote", "--repo", str(repo), *args],
-                          capture_output=True, text=True, env=env, timeout=120)
+                          capture_output=True, text=True, env=env, timeout=600)
 
 
 def test_promote_registers_version_with_lineage(repo: Path) -> None:

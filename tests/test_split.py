@@ -199,7 +199,7 @@ def _run_stage(tmp_path: Path, inp: Path, out_dir: Path, metrics: Path) -> subpr
     return subprocess.run(
         [sys.executable, str(REPO / "stages" / "split.py"), "--params", str(params), "--input", str(inp),
          "--out-dir", str(out_dir), "--metrics", str(metrics)],
-        cwd=REPO, env=env, capture_output=True, text=True, timeout=120,
+        cwd=REPO, env=env, capture_output=True, text=True, timeout=600,
     )
 
 
