@@ -526,3 +526,16 @@ def test_stage_end_to_end(tmp_path, corpus, scrubbed, cfg):
     assert proc.returncode == 2
     assert f"{bad}:2: invalid JSON" in proc.stderr
     assert not (tmp_path / "o2.jsonl").exists()
+
+
+def test_bounded_analysis_cache_clears_without_losing_texts(scrubber, monkeypatch):
+    """Regression: when the per-scrubber cache overflows mid-run, texts that were cache hits in
+    the same batch must be re-analysed, not looked up after the clear (100k-record benchmark)."""
+    import llmpipe.data.pii as pii
+
+    monkeypatch.setattr(pii, "_CACHE_MAX", 3)
+    shared = "Reach me at grace.hopper@example.com please."
+    first = scrubber.analyze_texts([shared, "one more text", "and another"])
+    again = scrubber.analyze_texts([shared, "a new text that overflows", "and a second new one"])
+    assert [r.entity_type for r in first[0]] == [r.entity_type for r in again[0]]
+    assert any(r.entity_type == "EMAIL_ADDRESS" for r in again[0])

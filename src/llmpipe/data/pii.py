@@ -449,9 +449,12 @@ class PiiScrubber:
         """Presidio results for each text. spaCy runs over the batch with nlp.pipe; repeated
         texts (the shared system prompt, the reply's enum values) are analysed once."""
         todo = list(dict.fromkeys(t for t in texts if t not in self._cache))
+        if todo and len(self._cache) + len(todo) > _CACHE_MAX:
+            # Bounded memory: start afresh, and re-analyse every text of this batch (some of them
+            # were cache hits a moment ago).
+            self._cache.clear()
+            todo = list(dict.fromkeys(texts))
         if todo:
-            if len(self._cache) + len(todo) > _CACHE_MAX:
-                self._cache.clear()
             results = self._batch.analyze_iterator(
                 todo,
                 language=self.cfg.language,
