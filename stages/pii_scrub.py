@@ -8,34 +8,14 @@ out: data/scrubbed/records.jsonl (same records, same order, scrubbed text, recom
 from __future__ import annotations
 
 import argparse
-import json
 import sys
 import time
 from pathlib import Path
-from typing import Any
 
 from llmpipe.data.pii import PiiConfig, PiiError, scrub_records
+from llmpipe.data.records import read_records
 from llmpipe.io import write_json, write_jsonl
 from llmpipe.params import ParamsError, load_params, section
-
-
-def read_records(path: Path) -> list[dict[str, Any]]:
-    """Canonical JSONL records; a bad line is reported with file and line number."""
-    if not path.is_file():
-        raise PiiError(f"{path}: input not found (run the validate stage first)")
-    records = []
-    with open(path, encoding="utf-8") as fh:
-        for lineno, line in enumerate(fh, 1):
-            if not line.strip():
-                continue
-            try:
-                rec = json.loads(line)
-            except ValueError as exc:
-                raise PiiError(f"{path}:{lineno}: invalid JSON: {exc}") from None
-            if not isinstance(rec, dict) or not isinstance(rec.get("messages"), list):
-                raise PiiError(f"{path}:{lineno}: not a canonical record (no 'messages' list)")
-            records.append(rec)
-    return records
 
 
 def main(argv: list[str] | None = None) -> int:
@@ -48,7 +28,7 @@ def main(argv: list[str] | None = None) -> int:
 
     try:
         cfg = PiiConfig.from_params(section(load_params(args.params), "pii"))
-        records = read_records(args.input)
+        records = read_records(args.input, PiiError)
         print(f"pii-scrub: {len(records)} records from {args.input}, entities {list(cfg.entities)}, "
               f"{cfg.workers} worker(s), batch {cfg.batch_size}", file=sys.stderr, flush=True)
         start = time.monotonic()

@@ -50,6 +50,7 @@ from typing import Any, Callable, Mapping, Sequence
 import numpy as np
 from datasketch import LeanMinHash, MinHash, MinHashLSH
 
+from llmpipe.data import records as canonical
 from llmpipe.params import ParamsError
 
 MINHASH_SEED = 1  # datasketch's default seed; fixed so signatures are reproducible
@@ -526,30 +527,5 @@ def _dedup(
 
 
 def read_records(path: str) -> list[dict[str, Any]]:
-    """Read a pipeline JSONL file of records; errors name the file and line."""
-    out: list[dict[str, Any]] = []
-    try:
-        fh = open(path, "rb")
-    except FileNotFoundError:
-        raise DedupError(f"{path}: input file not found (did the previous stage run?)") from None
-    with fh:
-        for lineno, raw in enumerate(fh, start=1):
-            try:
-                line = raw.decode("utf-8")
-            except UnicodeDecodeError as exc:
-                raise DedupError(f"{path}:{lineno}: not valid UTF-8 ({exc.reason})") from None
-            if not line.strip():
-                continue
-            try:
-                obj = json.loads(line)
-            except json.JSONDecodeError as exc:
-                msg = f"{path}:{lineno}: invalid JSON: {exc.msg} (column {exc.colno})"
-                raise DedupError(msg) from None
-            if not isinstance(obj, dict):
-                msg = f"{path}:{lineno}: expected a JSON object, got {type(obj).__name__}"
-                raise DedupError(msg)
-            if not isinstance(obj.get("id"), str) or not isinstance(obj.get("messages"), list):
-                msg = f"{path}:{lineno}: record needs a string 'id' and a 'messages' list"
-                raise DedupError(msg)
-            out.append(obj)
-    return out
+    """Read a pipeline JSONL file of records (each with an ``id``); errors name the file and line."""
+    return canonical.read_records(path, DedupError, require_id=True)

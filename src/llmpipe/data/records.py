@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import hashlib
 import json
+import os
 from typing import Any
 
 ROLES = ("system", "user", "assistant")
@@ -34,3 +35,38 @@ def make_record(
 def final_reply(record: dict[str, Any]) -> str:
     """The content of the last (assistant) message."""
     return record["messages"][-1]["content"]
+
+
+def read_records(
+    path: str | os.PathLike[str], error: type[Exception] = ValueError, *, require_id: bool = False
+) -> list[dict[str, Any]]:
+    """Read a pipeline JSONL file of canonical records (the output of a previous stage).
+
+    Every problem raises ``error`` naming the file and line: a missing file, invalid UTF-8,
+    invalid JSON, a value that is not an object, a record without a ``messages`` list (or, with
+    ``require_id``, without a string ``id``). Blank lines are skipped.
+    """
+    out: list[dict[str, Any]] = []
+    try:
+        fh = open(path, "rb")
+    except FileNotFoundError:
+        raise error(f"{path}: input file not found (did the previous stage run?)") from None
+    with fh:
+        for lineno, raw in enumerate(fh, start=1):
+            try:
+                line = raw.decode("utf-8")
+            except UnicodeDecodeError as exc:
+                raise error(f"{path}:{lineno}: not valid UTF-8 ({exc.reason})") from None
+            if not line.strip():
+                continue
+            try:
+                obj = json.loads(line)
+            except json.JSONDecodeError as exc:
+                raise error(f"{path}:{lineno}: invalid JSON: {exc.msg} (column {exc.colno})") from None
+            if not isinstance(obj, dict):
+                raise error(f"{path}:{lineno}: expected a JSON object, got {type(obj).__name__}")
+            if not isinstance(obj.get("messages"), list) or (require_id and not isinstance(obj.get("id"), str)):
+                need = "a string 'id' and a 'messages' list" if require_id else "a 'messages' list"
+                raise error(f"{path}:{lineno}: record needs {need}")
+            out.append(obj)
+    return out
