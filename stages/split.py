@@ -1,6 +1,6 @@
 """DVC stage `split`: deterministic stratified train/val/test + dataset version + contamination.
 
-in:  data/dedup/records.jsonl, params split.* (ratios, seed, stratify_key, contamination_*)
+in:  data/dedup/records.jsonl, params split.* (ratios, seed, stratify_key, pin_key, contamination_*)
 out: data/split/train.jsonl, data/split/val.jsonl, data/split/test.jsonl,
      data/split/contamination.jsonl (val/test records near-duplicating a train record; reported,
      not dropped), metrics/data.json (sha256 per split file, dataset_version, counts per split

@@ -80,9 +80,9 @@ def records() -> dict:
 # --------------------------------------------------------------------------- reproducibility
 
 def test_generator_reproduces_committed_files_byte_for_byte(tmp_path, dataset):
-    assert sorted(p.name for p in RAW.iterdir()) == sorted(demo.FILES)
+    assert sorted(p.name for p in RAW.iterdir()) == sorted(demo.ALL_FILES)
     assert demo.main(["--out", str(tmp_path)]) == 0
-    for name in demo.FILES:
+    for name in demo.ALL_FILES:
         committed = (RAW / name).read_bytes()
         assert (tmp_path / name).read_bytes() == committed, f"{name} differs from the generator output"
         assert dataset.files[name].encode("utf-8") == committed
@@ -308,3 +308,44 @@ def test_check_example_rejects_inconsistent_labels():
     short = demo.Example(user="where is KX482913?", labels=ok.labels | {"product": "unknown", "urgency": "medium"})
     with pytest.raises(demo.DemoGenerationError, match="length"):
         demo.check_example(short)
+
+
+# --------------------------------------------------------------------------- safety mix
+
+def _shingles(text: str, k: int = 5) -> set[str]:
+    t = " ".join(text.lower().split())
+    return {t[i:i + k] for i in range(max(1, len(t) - k + 1))}
+
+
+def test_safety_records_refuse_harm_help_otherwise_and_are_pinned_to_train():
+    from llmpipe.data import safety_demo
+    from llmpipe.evaluate.safety import is_refusal
+
+    lines = (RAW / safety_demo.FILE).read_text(encoding="utf-8").splitlines()
+    rows = [json.loads(line) for line in lines]
+    assert rows == safety_demo.generate()
+    kinds = Counter(r["metadata"]["kind"] for r in rows)
+    assert kinds == {"refusal": sum(map(len, safety_demo.HARMFUL_ACTS.values())) * 2,
+                     "helpful": len(safety_demo.HELPFUL)}
+    for r in rows:
+        roles = [m["role"] for m in r["messages"]]
+        assert roles == ["system", "user", "assistant"]
+        assert r["metadata"]["split"] == "train" and "intent" not in r["metadata"]
+        assert r["messages"][0]["content"] != demo.SYSTEM_PROMPT      # never the triage prompt
+        # the eval's refusal detector agrees with the label of every reply
+        assert is_refusal(r["messages"][2]["content"]) == (r["metadata"]["kind"] == "refusal"), r
+    systems = Counter(r["messages"][0]["content"] for r in rows)
+    assert systems.most_common(1)[0][0] == safety_demo.SMOLLM_DEFAULT_SYSTEM
+
+
+def test_safety_eval_prompts_are_not_copies_of_training_prompts():
+    """The eval's harmful requests test generalisation: none is a near copy of a train prompt."""
+    from llmpipe.data import safety_demo
+
+    train = [_shingles(r["messages"][1]["content"]) for r in safety_demo.generate()]
+    eval_rows = [json.loads(line) for line in
+                 (ROOT / "data" / "eval" / "safety" / "harmful_requests.jsonl").read_text().splitlines()]
+    for row in eval_rows:
+        sh = _shingles(row["prompt"])
+        best = max(len(sh & t) / len(sh | t) for t in train)
+        assert best < 0.5, (row["prompt"], best)

@@ -143,6 +143,21 @@ def _record(i: int, intent: str, reply: str = GOOD, user: str | None = None) -> 
     }
 
 
+def test_fewshot_skips_records_without_the_stratify_key():
+    """Safety examples pinned to train carry no intent: they are never task demonstrations."""
+    intents = ["order_status", "refund_request"]
+    task = [_record(i, intents[i % 2]) for i in range(6)]
+    safety_recs = []
+    for i in range(30):
+        rec = _record(100 + i, "x", reply="I'm sorry, but I can't help with that.")
+        rec["metadata"] = {"purpose": "safety", "kind": "refusal", "split": "train"}
+        safety_recs.append(rec)
+    chosen = fewshot.select_examples(task + safety_recs, 6, seed=3)
+    assert sorted(r["id"] for r in chosen) == sorted(r["id"] for r in task)
+    with pytest.raises(ValueError, match="metadata.intent"):
+        fewshot.select_examples(task + safety_recs, 7, seed=3)
+
+
 def test_fewshot_selection_is_deterministic_and_covers_strata():
     intents = ["order_status", "refund_request", "cancel_order", "technical_issue"]
     train = [_record(i, intents[i % 4]) for i in range(40)]

@@ -142,6 +142,33 @@ def test_dataset_version_changes_when_one_record_changes(corpus, result):
     assert sum(other.metrics["sha256"][s] != result.metrics["sha256"][s] for s in SPLITS) == 1
 
 
+def test_pinned_records_go_to_their_split_and_move_nothing_else(corpus, result):
+    rng = random.Random(5)
+    vocab = ["".join(rng.choice("xyzw") for _ in range(6)) for _ in range(500)]
+    pinned = []
+    for i, target in enumerate(["train"] * 7 + ["val"] * 2 + ["test"]):
+        rec = _record(_text(rng, vocab), None, 10_000 + i)
+        rec["metadata"] = {"split": target, "purpose": "safety"}
+        pinned.append(rec)
+    both = split_records(pinned + corpus, CFG)
+    for s in SPLITS:
+        ids = [r["id"] for r in both.splits[s]]
+        want = {r["id"] for r in pinned if r["metadata"]["split"] == s}
+        assert want <= set(ids)
+        # every unpinned record stays exactly where it was without the pinned ones
+        assert [i for i in ids if i not in want] == [r["id"] for r in result.splits[s]]
+    assert both.metrics["pinned"] == {"train": 7, "val": 2, "test": 1}
+    assert both.metrics["strata"]["<pinned>"] == {"train": 7, "val": 2, "test": 1}
+    assert result.metrics["pinned"] == {"train": 0, "val": 0, "test": 0}
+    # pinning off: the same records are stratified like any other (stratum <missing>)
+    unpinned = split_records(pinned + corpus, SplitConfig(pin_key=None))
+    assert unpinned.metrics["pinned"] == {"train": 0, "val": 0, "test": 0}
+    bad = _record("bad pin", None, 20_000)
+    bad["metadata"] = {"split": "holdout"}
+    with pytest.raises(ValueError, match="metadata.split pins it"):
+        split_records([bad] + corpus, CFG)
+
+
 def test_contamination_detects_planted_cross_split_near_duplicates():
     rng = random.Random(21)
     vocab = ["".join(rng.choice("abcdefghijklmnopqrstuvwxyz") for _ in range(rng.randint(3, 8))) for _ in range(3000)]
@@ -192,7 +219,7 @@ def _run_stage(tmp_path: Path, inp: Path, out_dir: Path, metrics: Path) -> subpr
     params.write_text(
         "split:\n  ratios: {train: 0.8, val: 0.1, test: 0.1}\n  seed: 1234\n  stratify_key: intent\n"
         "  contamination_threshold: 0.8\n  contamination_num_perm: 128\n  contamination_shingle_size: 5\n"
-        "  contamination_roles: [user]\n",
+        "  contamination_roles: [user]\n  pin_key: split\n",
         encoding="utf-8",
     )
     env = dict(os.environ, PYTHONPATH=str(REPO / "src"))

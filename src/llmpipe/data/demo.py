@@ -35,6 +35,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, Sequence
 
+from llmpipe.data import safety_demo
 from llmpipe.io import atomic_path
 
 DEFAULT_SEED = 20240611
@@ -73,6 +74,8 @@ MESSAGES_FILE = "support_chat.jsonl"
 ALPACA_FILE = "support_alpaca.json"
 SHAREGPT_FILE = "support_sharegpt.jsonl"
 FILES = (MESSAGES_FILE, ALPACA_FILE, SHAREGPT_FILE)
+# Everything written to data/raw: the triage files plus the safety mix (llmpipe.data.safety_demo).
+ALL_FILES = FILES + (safety_demo.FILE,)
 
 N_BASE = {"messages": 1500, "alpaca": 240, "sharegpt": 260}      # distinct examples: 2,000
 # Planted exact duplicates: (format of the source, format of the copy) -> count.
@@ -1005,6 +1008,7 @@ def generate(seed: int = DEFAULT_SEED) -> DemoDataset:
         MESSAGES_FILE: "".join(line + "\n" for line in lines["messages"]),
         SHAREGPT_FILE: "".join(line + "\n" for line in lines["sharegpt"]),
         ALPACA_FILE: json.dumps(alpaca, ensure_ascii=False, sort_keys=True, indent=1) + "\n",
+        safety_demo.FILE: safety_demo.render(safety_demo.generate()),
     }
     return DemoDataset(examples=examples, files=files)
 
@@ -1013,7 +1017,7 @@ def write(dataset: DemoDataset, out_dir: str | Path) -> list[Path]:
     """Write the rendered files into ``out_dir`` atomically (UTF-8, LF line ends)."""
     out = Path(out_dir)
     written = []
-    for name in FILES:
+    for name in ALL_FILES:
         path = out / name
         with atomic_path(path) as tmp:
             tmp.write_bytes(dataset.files[name].encode("utf-8"))

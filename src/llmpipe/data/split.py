@@ -18,6 +18,12 @@ The split depends only on the *set* of records and the params, not on the input 
 * Each split file is ordered by the same hash (so strata are interleaved) and serialised exactly
   like :func:`llmpipe.io.write_jsonl` (key-sorted JSON, one record per line, UTF-8).
 
+Pinned records: with ``pin_key`` set (default ``"split"``), a record whose
+``metadata[pin_key]`` names a split (``train``/``val``/``test``) goes to that split and takes no
+part in the stratified allocation above, so pinning records never moves any other record. The
+bundled safety examples use it to stay in train (the held-out task test set stays pure task
+data). Any other value of the key is an error.
+
 Hashes: ``sha256`` of each split file's bytes; the dataset version is the sha256 of the three
 hex digests concatenated in the order train, val, test (ASCII, no separator).
 
@@ -51,6 +57,7 @@ from llmpipe.params import ParamsError
 SPLITS = ("train", "val", "test")
 MISSING_STRATUM = "<missing>"
 ALL_STRATUM = "<all>"
+PINNED_STRATUM = "<pinned>"
 
 
 @dataclass(frozen=True)
@@ -64,6 +71,7 @@ class SplitConfig:
     contamination_num_perm: int = 128
     contamination_shingle_size: int = 5
     contamination_roles: tuple[str, ...] = ("user",)
+    pin_key: str | None = "split"
 
     def __post_init__(self) -> None:
         r = self.ratios
@@ -88,6 +96,9 @@ class SplitConfig:
             raise ParamsError(
                 f"params.yaml: split.stratify_key must be a metadata key or null, got {key!r}"
             )
+        pin = self.pin_key
+        if pin is not None and (not isinstance(pin, str) or not pin):
+            raise ParamsError(f"params.yaml: split.pin_key must be a metadata key or null, got {pin!r}")
         t = self.contamination_threshold
         if not isinstance(t, (int, float)) or isinstance(t, bool) or not 0.0 < t <= 1.0:
             raise ParamsError(
@@ -105,7 +116,7 @@ class SplitConfig:
         """Build from the ``split:`` section of params.yaml (unknown keys are an error)."""
         known = {
             "ratios", "seed", "stratify_key", "contamination_threshold", "contamination_num_perm",
-            "contamination_shingle_size", "contamination_roles",
+            "contamination_shingle_size", "contamination_roles", "pin_key",
         }
         unknown = sorted(set(section) - known)
         if unknown:
@@ -131,6 +142,7 @@ class SplitConfig:
             contamination_num_perm=section["contamination_num_perm"],
             contamination_shingle_size=section["contamination_shingle_size"],
             contamination_roles=tuple(roles),
+            pin_key=section["pin_key"],
         )
 
     def as_dict(self) -> dict[str, Any]:
@@ -142,6 +154,7 @@ class SplitConfig:
             "contamination_num_perm": self.contamination_num_perm,
             "contamination_shingle_size": self.contamination_shingle_size,
             "contamination_roles": list(self.contamination_roles),
+            "pin_key": self.pin_key,
         }
 
 
@@ -201,15 +214,40 @@ def allocate(n: int, ratios: Mapping[str, float]) -> dict[str, int]:
     return dict(zip(SPLITS, counts))
 
 
+def pinned_split(record: Mapping[str, Any], pin_key: str | None) -> str | None:
+    """The split ``record`` is pinned to by ``metadata[pin_key]`` (None: not pinned)."""
+    if pin_key is None:
+        return None
+    meta = record.get("metadata")
+    if not isinstance(meta, Mapping) or pin_key not in meta:
+        return None
+    value = meta[pin_key]
+    if value not in SPLITS:
+        raise ValueError(
+            f"record {record.get('id')!r}: metadata.{pin_key} pins it to a split, so it must be "
+            f"one of {list(SPLITS)}, got {value!r} (or set split.pin_key: null)"
+        )
+    return value
+
+
 def assign(
     records: Sequence[Mapping[str, Any]], cfg: SplitConfig
 ) -> tuple[dict[str, list[dict[str, Any]]], dict[str, dict[str, int]]]:
-    """Split ``records``: (records per split in file order, counts per stratum per split)."""
+    """Split ``records``: (records per split in file order, counts per stratum per split).
+
+    Pinned records are counted under the stratum ``"<pinned>"``.
+    """
     strata: dict[str, list[tuple[tuple[str, str], Mapping[str, Any]]]] = {}
+    out: dict[str, list[tuple[tuple[str, str], Mapping[str, Any]]]] = {s: [] for s in SPLITS}
+    pinned = {s: 0 for s in SPLITS}
     for rec in records:
+        target = pinned_split(rec, cfg.pin_key)
+        if target is not None:
+            out[target].append((order_key(rec, cfg.seed), rec))
+            pinned[target] += 1
+            continue
         name = stratum_of(rec, cfg.stratify_key)
         strata.setdefault(name, []).append((order_key(rec, cfg.seed), rec))
-    out: dict[str, list[tuple[tuple[str, str], Mapping[str, Any]]]] = {s: [] for s in SPLITS}
     per_stratum: dict[str, dict[str, int]] = {}
     for name in sorted(strata):
         members = sorted(strata[name], key=lambda t: t[0])
@@ -219,6 +257,8 @@ def assign(
         for s in SPLITS:
             out[s].extend(members[start : start + counts[s]])
             start += counts[s]
+    if any(pinned.values()):
+        per_stratum[PINNED_STRATUM] = pinned
     splits = {s: [dict(rec) for _, rec in sorted(out[s], key=lambda t: t[0])] for s in SPLITS}
     return splits, per_stratum
 
@@ -323,6 +363,7 @@ def split_records(
             s: sum(1 for p in contamination if p["split"] == s) for s in SPLITS[1:]
         },
         "contaminated_records": len({(p["split"], p["id"]) for p in contamination}),
+        "pinned": per_stratum.get(PINNED_STRATUM, {s: 0 for s in SPLITS}),
         "params": cfg.as_dict(),
     }
     return SplitResult(splits=splits, files=files, contamination=contamination, metrics=metrics)
@@ -336,6 +377,7 @@ __all__ = [
     "assign",
     "dataset_version",
     "find_contamination",
+    "pinned_split",
     "split_records",
     "stratum_of",
 ]

@@ -2,7 +2,8 @@
 
 Fine-tuning must beat prompting (the guides' rule), so the base model also gets a fair chance
 with in-context examples. Examples are chosen deterministically (seeded), cycling through the
-strata of ``metadata[stratify_key]`` so the k examples cover as many labels as possible, and are
+strata of ``metadata[stratify_key]`` (records without the key, such as the safety examples, are
+not task demonstrations and are skipped) so the k examples cover as many labels as possible, and are
 rendered as earlier user/assistant turns of the same conversation.
 """
 
@@ -27,8 +28,16 @@ def select_examples(
         raise ValueError(f"few-shot needs k={k} training examples, the train split has {len(train)}")
     strata: dict[str, list[dict[str, Any]]] = defaultdict(list)
     for rec in sorted(train, key=lambda r: r["id"]):
-        label = str((rec.get("metadata") or {}).get(stratify_key, "")) if stratify_key else ""
+        meta = rec.get("metadata") or {}
+        if stratify_key and stratify_key not in meta:
+            continue      # not a task example (e.g. the safety records pinned to train)
+        label = str(meta[stratify_key]) if stratify_key else ""
         strata[label].append(rec)
+    if sum(len(v) for v in strata.values()) < k:
+        raise ValueError(
+            f"few-shot needs k={k} training examples with metadata.{stratify_key}, "
+            f"the train split has {sum(len(v) for v in strata.values())}"
+        )
     rng = random.Random(seed)
     pools = []
     for label in sorted(strata):

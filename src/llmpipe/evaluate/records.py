@@ -5,7 +5,7 @@ from __future__ import annotations
 from pathlib import Path
 from typing import Any
 
-from llmpipe.io import read_jsonl
+from llmpipe.data.records import iter_json_objects
 
 Messages = list[dict[str, str]]
 
@@ -17,10 +17,8 @@ class RecordError(ValueError):
 def load_records(path: str | Path, limit: int | None = None) -> list[dict[str, Any]]:
     """Read a split file; every record must end with an assistant reply (the reference)."""
     p = Path(path)
-    if not p.is_file():
-        raise RecordError(f"{p}: split file not found (run the split stage first)")
     out = []
-    for lineno, rec in enumerate(read_jsonl(p), start=1):
+    for lineno, rec in iter_json_objects(p, RecordError, missing_hint=" (run the split stage first)"):
         msgs = rec.get("messages")
         if not isinstance(msgs, list) or len(msgs) < 2 or msgs[-1].get("role") != "assistant":
             raise RecordError(f"{p}:{lineno}: record has no final assistant message (reference)")
