@@ -326,7 +326,8 @@ def test_safety_records_refuse_harm_help_otherwise_and_are_pinned_to_train():
     assert rows == safety_demo.generate()
     kinds = Counter(r["metadata"]["kind"] for r in rows)
     assert kinds == {"refusal": sum(map(len, safety_demo.HARMFUL_ACTS.values())) * 2,
-                     "helpful": len(safety_demo.HELPFUL)}
+                     "helpful": len(safety_demo.HELPFUL) + len(safety_demo.HELPFUL_ACTS)}
+    assert kinds["helpful"] == kinds["refusal"]      # balanced: phrasing alone never predicts a refusal
     for r in rows:
         roles = [m["role"] for m in r["messages"]]
         assert roles == ["system", "user", "assistant"]
@@ -345,7 +346,8 @@ def test_safety_eval_prompts_are_not_copies_of_training_prompts():
     train = [_shingles(r["messages"][1]["content"]) for r in safety_demo.generate()]
     eval_rows = [json.loads(line) for line in
                  (ROOT / "data" / "eval" / "safety" / "harmful_requests.jsonl").read_text().splitlines()]
-    for row in eval_rows:
+    assert {r["kind"] for r in eval_rows} == {"harmful", "benign"}
+    for row in eval_rows:      # harmful requests and benign controls alike
         sh = _shingles(row["prompt"])
         best = max(len(sh & t) / len(sh | t) for t in train)
         assert best < 0.5, (row["prompt"], best)

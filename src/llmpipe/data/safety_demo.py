@@ -9,8 +9,10 @@ system prompt (never the triage prompt, so the triage behaviour is untouched):
 - ``refusal``: a harmful request answered with a short, varied refusal that names the harm and
   points to a safe alternative (crisis resources for self-harm);
 - ``helpful``: a benign request, many of them near a harmful topic (home network security,
-  medication storage, bike locks), answered helpfully, so the model learns to refuse the harm
-  rather than the topic (the over-refusal controls of the eval measure this).
+  medication storage, bike locks) and many phrased with the same templates as the harmful ones,
+  answered helpfully, so the model learns to refuse the harm rather than the topic or the
+  phrasing (the over-refusal controls of the eval measure this). Refusals and helpful answers
+  are balanced 90 : 90.
 
 Every record carries ``metadata.split = "train"``: the split stage pins it to the train split
 (``split.pin_key``), so the held-out task test set stays pure triage, and the few-shot baseline
@@ -252,6 +254,74 @@ HELPFUL: tuple[tuple[str, str], ...] = (
 )
 
 
+# Benign acts phrased with the same request templates as the harmful ones ("How do I ...?"), so
+# the phrasing alone never predicts a refusal (the first mix, 90 refusals + 30 helpful, made the
+# tuned model refuse 7 of the 10 benign eval controls). One phrasing each: two phrasings with the
+# same answer would be near duplicates.
+HELPFUL_ACTS: tuple[tuple[str, str], ...] = (
+    ("reset my home router", "Unplug it for thirty seconds and plug it back in. For a factory reset, hold the reset button for about ten seconds, then set it up again with a new admin password."),
+    ("bake a simple loaf of bread", "Mix 500 g flour, 7 g yeast, 10 g salt and 320 ml warm water, knead for ten minutes, let it rise for an hour, shape it, let it rise again, then bake at 220 C for about 30 minutes."),
+    ("remove a stripped screw", "Press a wide rubber band between the screwdriver and the screw head for extra grip, or use a screw extractor bit turned slowly counter-clockwise."),
+    ("unclog a kitchen sink", "Pour boiling water down the drain, then try a plunger. If that fails, clean the trap under the sink or use a drain snake."),
+    ("write a polite complaint email to a company", "State the problem and your order details in the first lines, say what you would like them to do, keep the tone calm and factual, and thank them for their help."),
+    ("back up the photos on my phone", "Turn on your phone's cloud photo backup, or copy the photos to a computer with a cable, and keep a second copy on an external drive."),
+    ("plant tomatoes in my garden", "Wait until frost is over, choose a sunny spot, plant seedlings deep with compost, water at the base, and add stakes or cages for support."),
+    ("get rid of fruit flies in my kitchen", "Remove ripe fruit and empty the trash, then set a trap: a small bowl of apple cider vinegar with a drop of dish soap."),
+    ("improve my credit score", "Pay every bill on time, keep your card balances low compared with your limits, avoid opening many new accounts at once, and check your credit report for errors."),
+    ("make a budget for the month", "List your income, subtract fixed costs like rent and bills, set amounts for food, transport and savings, and track your spending each week."),
+    ("clean my laptop keyboard", "Turn the laptop off, tip it upside down and tap out crumbs, use compressed air between the keys, then wipe the keys with a slightly damp cloth."),
+    ("hang a picture on a wall", "Mark the height at eye level, use a picture hook or a wall plug and screw suited to the wall, and check it is straight with a level."),
+    ("calm down before an exam", "Breathe slowly in for four counts and out for six, review a short summary instead of cramming, and get a good night's sleep beforehand."),
+    ("make cold brew coffee", "Mix coarsely ground coffee with cold water at about 1 to 8, leave it in the fridge for 12 to 18 hours, then strain it through a filter."),
+    ("teach my dog to sit", "Hold a treat above its nose and move it back over its head; when its bottom touches the floor say sit and give the treat. Repeat in short sessions."),
+    ("fix a squeaky door", "Lift the hinge pins out one at a time, coat them with a little lubricant or petroleum jelly, and tap them back in."),
+    ("remove a wine stain from a carpet", "Blot, don't rub, then apply a mix of dish soap, white vinegar and warm water, blot again, and rinse with cold water."),
+    ("prepare for a long hike", "Check the weather and route, tell someone your plan, and pack water, snacks, a map, layers, a first aid kit and a charged phone."),
+    ("set up two-factor authentication on my email account", "Open the account's security settings, choose two-step verification, and add an authenticator app or your phone number. Save the backup codes somewhere safe."),
+    ("tell if my smoke alarm still works", "Press and hold the test button until it beeps. Replace the battery once a year and the whole alarm about every ten years."),
+    ("store leftover rice safely", "Cool it within an hour, keep it in a closed container in the fridge, and eat it within a day, reheating it until it is steaming hot."),
+    ("jump-start a car with a dead battery", "Connect red to the dead battery's plus, red to the good battery's plus, black to the good battery's minus, and black to bare metal on the dead car. Start the good car, then the dead one."),
+    ("write a good cover letter", "Address it to a person, open with the role you want, give two or three examples that match the job ad, and finish with a short, confident closing line."),
+    ("sharpen a kitchen knife", "Soak a whetstone, hold the blade at about 15 to 20 degrees, and draw it across the stone in smooth strokes on each side, then hone it on a steel."),
+    ("find a good therapist", "Ask your doctor for a referral, check your insurance's directory, and look for licensed therapists whose focus matches what you need. A first call helps you see if it's a good fit."),
+    ("look after a friend who drank too much at a party", "Stay with them, keep them sitting up or on their side, give water, and never leave them alone. If they can't be woken or breathe irregularly, call emergency services."),
+    ("spot a fake online shop", "Check for prices that are far too low, missing contact details, recent domain age, no secure payment options and reviews that all sound the same."),
+    ("make my front door more secure", "Fit a deadbolt with a long strike plate and three-inch screws, add a door viewer, and keep the door lit at night."),
+    ("keep my car from being broken into", "Lock it every time, never leave bags or electronics in view, park in well-lit places, and consider a steering lock."),
+    ("protect my personal data on social media", "Set your profiles to private, remove your phone number and address, review app permissions, and think before posting your location."),
+    ("report harassment on social media", "Take screenshots, use the platform's report button on the posts and the account, block the person, and keep a record in case you need it later."),
+    ("handle an argument with a coworker calmly", "Take a pause before replying, speak about the issue rather than the person, listen to their side, and agree on next steps; involve your manager if it continues."),
+    ("dispose of expired medicine", "Take it to a pharmacy or a drug take-back program. Don't flush it or leave it where children or pets could find it."),
+    ("learn ethical hacking legally", "Study networking and Linux basics, practice on legal platforms built for training, and work toward a recognised security certification."),
+    ("check my computer for viruses", "Update your antivirus and run a full scan, keep the system updated, and remove programs you don't recognise."),
+    ("file my taxes correctly", "Gather your income statements and receipts, use the official tax portal or trusted software, double-check your details, and file before the deadline."),
+    ("recognise a romance scam", "Be wary of someone you've never met who quickly professes love, avoids video calls and then asks for money or gift cards. Never send money to an online-only partner."),
+    ("light a charcoal grill safely", "Use a chimney starter instead of lighter fluid, place the grill away from the house on a flat surface, and keep water nearby."),
+    ("put out a small grease fire in my kitchen", "Turn off the heat and cover the pan with a metal lid or baking sheet. Never use water. If it spreads, get out and call the fire service."),
+    ("keep my bike from rusting", "Store it indoors or under cover, wipe it dry after rain, and oil the chain regularly."),
+    ("put together a first aid kit for home", "Include plasters, sterile gauze, tape, an elastic bandage, antiseptic wipes, tweezers, scissors, pain relievers, gloves and a list of emergency numbers."),
+    ("treat a minor burn", "Cool it under running cool water for twenty minutes, cover it loosely with a clean non-stick dressing, and don't use ice or butter."),
+    ("open a stubborn jar lid", "Run the lid under hot water for a minute, then grip it with a rubber glove or a dish towel and twist."),
+    ("write a birthday message for my grandmother", "Happy birthday, Grandma! Thank you for all the love, stories and cookies over the years. I hope your day is as wonderful as you are."),
+    ("make fluffy scrambled eggs", "Whisk the eggs with a pinch of salt, cook them over low heat in butter, stir slowly, and take them off the heat while still slightly soft."),
+    ("save energy at home in winter", "Seal drafts around doors and windows, lower the thermostat by a degree or two, close curtains at night and wear warm layers indoors."),
+    ("prepare for a video job interview", "Test your camera and microphone, sit facing a window for light, use a tidy background, and keep notes out of view."),
+    ("keep my houseplants alive", "Check how much light each plant needs, water only when the top of the soil is dry, and make sure pots have drainage holes."),
+    ("politely end a call with a salesperson", "Say thank you, but I'm not interested, and I'd like to be removed from your list. Goodbye, and then hang up."),
+    ("write the opening line of a story about a dragon", "The dragon had guarded the mountain for a thousand years, and in all that time nobody had ever knocked on its door, until this morning."),
+    ("memorize a speech", "Learn it in small sections, practice out loud every day, use key words as cues instead of full sentences, and rehearse in front of a friend."),
+    ("cool down a hot room without air conditioning", "Close the blinds during the day, open windows at night for a cross breeze, and place a bowl of ice in front of a fan."),
+    ("pick a strong lock for my storage unit", "Choose a disc or closed-shackle padlock with a hardened steel body, which is much harder to cut than a standard padlock."),
+    ("comfort someone who is grieving", "Be present and listen, say you're sorry for their loss, offer specific help like bringing a meal, and keep checking in after the funeral."),
+    ("bring up feeling depressed with my doctor", "Book an appointment, and say plainly how long you've felt this way and how it affects sleep, work and daily life. Writing notes beforehand helps."),
+    ("replace a lost passport", "Report it lost or stolen to the passport office, then apply for a new one with a form, photos, proof of identity and the fee."),
+    ("get a refund for a cancelled flight", "Contact the airline and request a refund rather than a voucher. Keep your booking details, and if they refuse, file a complaint with the aviation authority."),
+    ("stay safe walking home at night", "Stick to busy, well-lit streets, share your location with a friend, keep your phone charged, and stay aware of your surroundings."),
+    ("teach a child to ride a bike", "Lower the seat so their feet touch the ground, let them glide with pushes first, then add pedalling while you hold the back of the seat, and praise every try."),
+    ("make a paper airplane that flies far", "Fold a sheet in half lengthwise, fold the top corners to the center, fold the new edges to the center again, then fold the wings down evenly."),
+)
+
+
 def _record(idx: int, kind: str, category: str, system: str, user: str, reply: str) -> dict[str, Any]:
     return {
         "messages": [{"role": "system", "content": system}, {"role": "user", "content": user},
@@ -271,16 +341,20 @@ def generate(seed: int = DEFAULT_SEED) -> list[dict[str, Any]]:
     rows: list[tuple[str, str, str, str, str]] = []
     for category, acts in HARMFUL_ACTS.items():
         for act in acts:
-            for template in rng.sample(PHRASINGS, PHRASINGS_PER_ACT):
-                user = template.format(act=act)
-                if category == "self_harm":
-                    reply = rng.choice(SELF_HARM_REPLIES)
-                else:
-                    reply = " ".join((rng.choice(REFUSAL_OPENERS), rng.choice(REFUSAL_REASONS[category]),
-                                      rng.choice(REFUSAL_ALTERNATIVES[category])))
-                rows.append(("refusal", category, _system(rng), user, reply))
+            # distinct replies for the phrasings of one act (same reply = near duplicates)
+            if category == "self_harm":
+                replies = rng.sample(SELF_HARM_REPLIES, PHRASINGS_PER_ACT)
+            else:
+                openers = rng.sample(REFUSAL_OPENERS, PHRASINGS_PER_ACT)
+                reasons = rng.sample(REFUSAL_REASONS[category], PHRASINGS_PER_ACT)
+                alts = rng.sample(REFUSAL_ALTERNATIVES[category], PHRASINGS_PER_ACT)
+                replies = [" ".join(parts) for parts in zip(openers, reasons, alts)]
+            for template, reply in zip(rng.sample(PHRASINGS, PHRASINGS_PER_ACT), replies):
+                rows.append(("refusal", category, _system(rng), template.format(act=act), reply))
     for user, reply in HELPFUL:
         rows.append(("helpful", "benign", _system(rng), user, reply))
+    for act, reply in HELPFUL_ACTS:
+        rows.append(("helpful", "benign", _system(rng), rng.choice(PHRASINGS).format(act=act), reply))
     rng.shuffle(rows)
     return [_record(i, *row) for i, row in enumerate(rows)]
 
@@ -289,4 +363,4 @@ def render(records: list[dict[str, Any]]) -> str:
     return "".join(json.dumps(r, ensure_ascii=False, sort_keys=True) + "\n" for r in records)
 
 
-__all__ = ["FILE", "HARMFUL_ACTS", "HELPFUL", "SMOLLM_DEFAULT_SYSTEM", "generate", "render"]
+__all__ = ["FILE", "HARMFUL_ACTS", "HELPFUL", "HELPFUL_ACTS", "SMOLLM_DEFAULT_SYSTEM", "generate", "render"]
