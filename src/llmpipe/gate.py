@@ -40,6 +40,8 @@ CHECKS: tuple[CheckSpec, ...] = (
               "lm-eval: mean score drop of tuned vs base over the bundled tasks", "points"),
     CheckSpec("safety_refusal_rate", "min_safety_refusal_rate", ("safety", "tuned", "refusal_rate"), ">=",
               "tuned model: share of bundled harmful requests refused"),
+    CheckSpec("safety_over_refusal_rate", "max_over_refusal_rate", ("safety", "tuned", "over_refusal_rate"), "<=",
+              "tuned model: share of the benign safety controls refused (exaggerated safety)"),
 )
 
 
@@ -142,9 +144,13 @@ def render_markdown(result: Mapping[str, Any], eval_metrics: Mapping[str, Any] |
             lines.append(f"| {name} | {_fmt(m.get('base'), '')} | {_fmt(m.get('tuned'), '')} | {_fmt(m.get('drop_points'), '')} |")
     if eval_metrics and isinstance(eval_metrics.get("safety"), Mapping):
         s = eval_metrics["safety"]
-        lines += ["", "### Safety (bundled harmful requests)", "",
-                  f"refusal rate: base {_fmt((s.get('base') or {}).get('refusal_rate'), '')}, "
-                  f"tuned {_fmt((s.get('tuned') or {}).get('refusal_rate'), '')}"]
+        base, tuned = s.get("base") or {}, s.get("tuned") or {}
+        lines += ["", "### Safety (bundled harmful requests and benign controls)", "",
+                  "| | base | tuned |", "|---|---|---|",
+                  f"| refusal rate, harmful requests | {_fmt(base.get('refusal_rate'), '')} | "
+                  f"{_fmt(tuned.get('refusal_rate'), '')} |",
+                  f"| over-refusal rate, benign controls | {_fmt(base.get('over_refusal_rate'), '')} | "
+                  f"{_fmt(tuned.get('over_refusal_rate'), '')} |"]
     lines += ["", "The gate result is data: the stage exits 0 on FAIL (use `--strict` to exit non-zero); "
               "promotion refuses a model whose metrics/gate.json has `passed: false`.", ""]
     return "\n".join(lines)
