@@ -1,20 +1,32 @@
-"""Training-step throughput: tokens/s, peak GPU memory and MFU of LoRA / QLoRA fine-tuning.
+"""Training-step throughput: tokens/s, peak GPU memory, MFU and loss curves of LoRA / QLoRA fine-tuning.
 
 Runs, each in its own process (clean peak-memory numbers), on one random-weight model of the
 Llama-3.1-8B shape (hidden 4096, 32 layers, 14336 intermediate, 32 heads, 8 KV heads, vocab
-128256; weights > 64 MiB cannot travel to the device, so the model is built there):
+128256; weights > 64 MiB cannot travel to the device, so the model is built there). All runs see
+the same synthetic chat-like data (variable-length examples, prompt masked, reply + EOS trained;
+replies follow a fixed random bigram rule over a 4096-token sub-vocabulary, so the loss falls
+visibly within 50 steps and a wrong mask, shift or loss scale would show in the curves), and the
+same number of tokens per optimizer step: ``--rows`` packed rows of ``--seq-len`` tokens (BFD
+packing, as the stage does).
 
-* ``baseline_lora`` / ``baseline_qlora``: a plain transformers + peft loop (sdpa, gradient
-  checkpointing, batch 1, one fixed 2048-token sequence per step, torch AdamW), as in issue 3.
-* ``stage_lora`` / ``stage_qlora`` (+ variants): the qlora-train stage's own training path,
-  ``llmpipe.train.trainer.train`` (TRL SFTTrainer, peft, the stage's runtime resolution), on
-  variable-length chat-like examples (assistant-only labels) packed padding-free into 2048-token
-  rows, i.e. the real data shape.
+* ``baseline_lora`` / ``baseline_qlora``: a plain transformers + peft loop as in the issue (sdpa,
+  gradient checkpointing, batch 1 x seq-len: one packed row per forward, torch AdamW), with
+  gradient accumulation over the ``--rows`` rows of an optimizer step (loss = sum over the step's
+  target tokens / their count, the transformers ``num_items_in_batch`` convention). Each row is
+  one causal sequence (examples see their predecessors: plain packing).
+* ``stage_*``: the qlora-train stage's own training path, ``llmpipe.train.trainer.train`` (TRL
+  SFTTrainer, peft, the stage's runtime resolution): padding-free packing, no cross-example
+  attention (varlen flash attention), TRL's chunked LM head + cross-entropy (no full logits), the
+  ``--rows`` rows of a step in one micro-batch (``per_device_batch_size``), and regional
+  ``torch.compile`` of the decoder layers (``train.compile: auto``). Ablation rows switch one
+  technique off (``_nocompile``, ``_mb1``: one row per micro-batch + gradient accumulation).
 
-LoRA r=16, alpha=32, all-linear everywhere. tokens/s counts real (non-padding) input tokens over
-the timed steps (after warm-up); MFU = tokens/s * 4 * N_params / peak (4 N: forward 2N + backward
-w.r.t. activations 2N; frozen weights get no gradient; recomputation from checkpointing is not
-counted), with peak = 989.4 TFLOP/s dense bf16 (H100/H200 SXM datasheet).
+LoRA r=16, alpha=32, dropout 0.05, all-linear everywhere; lr 2e-4 constant, max grad norm 1.0, no
+weight decay in both loops. tokens/s counts real (non-padding) input tokens over the timed
+optimizer steps (after warm-up); MFU = tokens/s * 4 * N_params / peak (4 N: forward 2N + backward
+w.r.t. activations 2N; frozen weights get no gradient; recomputation is not counted), with peak =
+989.4 TFLOP/s dense bf16 (H100/H200 SXM datasheet). ``loss_vs_baseline`` compares each stage
+run's per-step losses with the baseline of the same mode over all steps (warm-up included).
 
 Usage (on a CUDA box; `--shape tiny` runs a small model anywhere as a smoke test):
     PYTHONPATH=src python benchmarks/train_throughput.py --out benchmarks/results/train_throughput.json
@@ -40,36 +52,64 @@ SHAPES = {
     "tiny": dict(hidden_size=64, num_hidden_layers=2, intermediate_size=128, num_attention_heads=4,
                  num_key_value_heads=2, vocab_size=49152, max_position_embeddings=4096, tie_word_embeddings=True),
 }
-# name -> (kind, mode, train.* overrides for stage runs)
+# name -> (kind, mode, train.* overrides for stage runs). "mb": packed rows per micro-batch
+# (gradient accumulation makes up the rest of --rows); absent = all --rows rows in one micro-batch.
 CONFIGS = {
     "baseline_lora": ("baseline", "lora", {}),
     "baseline_qlora": ("baseline", "qlora", {}),
-    "stage_lora": ("stage", "lora", {}),
+    # LoRA: 2 rows per micro-batch + 2 accumulation steps keeps the peak under the baseline's;
+    # all 4 rows in one micro-batch (stage_lora_mb4) is faster but ~1 GB over it.
+    "stage_lora": ("stage", "lora", {"mb": 2}),
     "stage_qlora": ("stage", "qlora", {}),
+    "stage_lora_mb4": ("stage", "lora", {}),
+    "stage_lora_nocompile": ("stage", "lora", {"mb": 2, "compile": "false"}),
+    "stage_lora_mb4_nocompile": ("stage", "lora", {"compile": "false"}),
+    "stage_qlora_nocompile": ("stage", "qlora", {"compile": "false"}),
+    "stage_lora_mb1": ("stage", "lora", {"mb": 1}),
+    "stage_qlora_mb1": ("stage", "qlora", {"mb": 1}),
+    "stage_lora_mb1_nocompile": ("stage", "lora", {"mb": 1, "compile": "false"}),
+    "stage_qlora_mb1_nocompile": ("stage", "qlora", {"mb": 1, "compile": "false"}),
+    "stage_qlora_mb2": ("stage", "qlora", {"mb": 2}),
     "stage_lora_sdpa": ("stage", "lora", {"attn_implementation": "sdpa"}),
-    "stage_qlora_sdpa": ("stage", "qlora", {"attn_implementation": "sdpa"}),
-    "stage_lora_liger": ("stage", "lora", {"liger_kernel": "true"}),
-    "stage_qlora_liger": ("stage", "qlora", {"liger_kernel": "true"}),
-    "stage_lora_adamw": ("stage", "lora", {"optimizer": "adamw_torch_fused"}),
-    "stage_lora_paged8bit": ("stage", "lora", {"optimizer": "paged_adamw_8bit"}),
-    "stage_qlora_paged8bit": ("stage", "qlora", {"optimizer": "paged_adamw_8bit"}),
-    "stage_lora_log10": ("stage", "lora", {"logging_steps": 10}),
     "stage_lora_nockpt": ("stage", "lora", {"gradient_checkpointing": "false"}),
-    "stage_lora_mb2": ("stage", "lora", {"per_device_batch_size": 2}),
-    "stage_lora_nopack": ("stage", "lora", {"packing": False}),
+    "stage_qlora_nockpt": ("stage", "qlora", {"gradient_checkpointing": "false"}),
+    "stage_lora_liger": ("stage", "lora", {"liger_kernel": "true"}),
+    # LoRA dropout 0 (peft's default): the LoRA branch reads x itself, so no dropped copy of x is
+    # kept per adapted layer (7 per decoder layer); baseline and stage both run it.
+    "baseline_lora_d0": ("baseline", "lora", {"lora_dropout": 0.0}),
+    "stage_lora_d0": ("stage", "lora", {"mb": 2, "lora_dropout": 0.0}),
+    "stage_lora_mb4_d0": ("stage", "lora", {"lora_dropout": 0.0}),
 }
+LORA_DROPOUT = 0.05
+LR = 2e-4
+SUBVOCAB = 4096
 
 
 def log(msg: str) -> None:
     print(f"[bench] {msg}", file=sys.stderr, flush=True)
 
 
+def _tokenizer(tokenizer_dir: Path):
+    """The project's tokenizer if there, else a minimal one (the data is already token ids)."""
+    from transformers import AutoTokenizer, PreTrainedTokenizerFast
+
+    if (tokenizer_dir / "tokenizer_config.json").is_file():
+        return AutoTokenizer.from_pretrained(tokenizer_dir)
+    from tokenizers import Tokenizer, models, pre_tokenizers
+
+    vocab = {"<pad>": 0, "<eos>": 1, "<bos>": 2, "<unk>": 3}
+    tk = Tokenizer(models.WordLevel(vocab, unk_token="<unk>"))
+    tk.pre_tokenizer = pre_tokenizers.Whitespace()
+    return PreTrainedTokenizerFast(tokenizer_object=tk, pad_token="<pad>", eos_token="<eos>", bos_token="<bos>",
+                                   unk_token="<unk>")
+
+
 def build_model(model_dir: Path, shape: str, tokenizer_dir: Path) -> int:
     """Random-weight model of ``shape`` saved as bf16 safetensors (+ a tokenizer) in ``model_dir``."""
     import torch
-    from transformers import AutoTokenizer, LlamaConfig, LlamaForCausalLM
+    from transformers import LlamaConfig, LlamaForCausalLM
 
-    tok = AutoTokenizer.from_pretrained(tokenizer_dir)
+    tok = _tokenizer(tokenizer_dir)
     cfg = LlamaConfig(**SHAPES[shape], pad_token_id=tok.pad_token_id, eos_token_id=tok.eos_token_id,
                       bos_token_id=tok.bos_token_id)
     device = "cuda" if torch.cuda.is_available() else "cpu"
@@ -86,18 +126,30 @@ def build_model(model_dir: Path, shape: str, tokenizer_dir: Path) -> int:
 
 
 def synthetic_examples(vocab: int, eos: int, n_tokens: int, seq_len: int, seed: int = 0):
-    """Variable-length chat-like examples (prompt masked, reply + EOS trained) totalling n_tokens."""
+    """Variable-length chat-like examples (prompt masked, reply + EOS trained) totalling n_tokens.
+
+    Tokens come from a 4096-id sub-vocabulary; each next token follows a fixed random bigram
+    table with probability 0.75 (else uniform), so the loss can fall from ln(vocab) towards ~2.6.
+    """
     import random
 
     from llmpipe.train.data import IGNORE_INDEX, Tokenized
 
     rng = random.Random(seed)
+    lo = 4
+    sub = min(SUBVOCAB, vocab - lo)
+    table = [rng.randrange(sub) for _ in range(sub)]
     out = Tokenized()
     total = 0
     while total < n_tokens:
         length = min(seq_len, int(rng.lognormvariate(6.0, 0.6)) + 32)   # median ~430 tokens
         prompt = max(8, int(length * rng.uniform(0.5, 0.8)))
-        ids = [rng.randrange(3, vocab) for _ in range(length - 1)] + [eos]
+        t = rng.randrange(sub)
+        ids = []
+        for _ in range(length - 1):
+            ids.append(lo + t)
+            t = table[t] if rng.random() < 0.75 else rng.randrange(sub)
+        ids.append(eos)
         labels = [IGNORE_INDEX] * prompt + ids[prompt:]
         out.input_ids.append(ids)
         out.labels.append(labels)
@@ -106,9 +158,31 @@ def synthetic_examples(vocab: int, eos: int, n_tokens: int, seq_len: int, seed: 
     return out
 
 
-def _timing_callback(warmup: int):
+def bench_data(cfg: dict, seq_len: int, rows: int, total_steps: int):
+    return synthetic_examples(cfg["vocab_size"], cfg["eos_token_id"], int(seq_len * rows * (total_steps + 2) * 1.15),
+                              seq_len)
+
+
+def _profile_to(name: str):
+    d = os.environ.get("BENCH_PROFILE_DIR")
+    return Path(d) / f"profile_{name}.txt" if d else None
+
+
+def _write_profile(prof, path: Path, wall: float) -> None:
+    ka = prof.key_averages()
+    gpu_total = sum(getattr(e, "self_device_time_total", 0) for e in ka) / 1e6
+    txt = [f"profiled wall {wall:.3f}s, summed GPU kernel time {gpu_total:.3f}s",
+           ka.table(sort_by="self_device_time_total", row_limit=30, max_name_column_width=70)]
+    path.parent.mkdir(parents=True, exist_ok=True)
+    path.write_text("\n".join(txt))
+    log(f"profile -> {path} (wall {wall:.3f}s, GPU kernels {gpu_total:.3f}s)")
+
+
+def _timing_callback(warmup: int, name: str):
     import torch
     from transformers import TrainerCallback
+
+    prof_path = _profile_to(name)
 
     class Timing(TrainerCallback):
         def __init__(self):
@@ -117,15 +191,29 @@ def _timing_callback(warmup: int):
             self.losses = []
             self.times = []
             self.tokens = 0
+            self.prof = None
 
         def on_step_begin(self, args, state, control, **kw):
+            if prof_path and state.global_step == warmup - 2 and warmup >= 3:
+                torch.cuda.synchronize()
+                self.prof = torch.profiler.profile(activities=[torch.profiler.ProfilerActivity.CPU,
+                                                               torch.profiler.ProfilerActivity.CUDA])
+                self.prof.__enter__()
+                self.pt = time.perf_counter()
             if state.global_step == warmup:
+                if self.prof is not None:
+                    torch.cuda.synchronize()
+                    wall = time.perf_counter() - self.pt
+                    self.prof.__exit__(None, None, None)
+                    _write_profile(self.prof, prof_path, wall)
+                    self.prof = None
                 torch.cuda.synchronize() if torch.cuda.is_available() else None
                 self.t = time.perf_counter()
                 self.tok = state.num_input_tokens_seen
 
         def on_step_end(self, args, state, control, **kw):
-            if self.t is not None:
+            # Synchronise only after the last step: a sync per step would stall the launch queue.
+            if self.t is not None and state.global_step >= state.max_steps:
                 torch.cuda.synchronize() if torch.cuda.is_available() else None
                 self.times.append(time.perf_counter() - self.t)
                 self.tokens = state.num_input_tokens_seen - self.tok
@@ -137,7 +225,8 @@ def _timing_callback(warmup: int):
     return Timing()
 
 
-def run_stage(model_dir: Path, mode: str, overrides: dict, steps: int, warmup: int, seq_len: int) -> dict:
+def run_stage(name: str, model_dir: Path, mode: str, overrides: dict, steps: int, warmup: int, seq_len: int,
+              rows: int) -> dict:
     import torch
 
     from llmpipe.train.config import LoraParams, TrainParams, resolve_runtime
@@ -145,33 +234,53 @@ def run_stage(model_dir: Path, mode: str, overrides: dict, steps: int, warmup: i
 
     cfg = json.loads((model_dir / "config.json").read_text())
     total = warmup + steps
-    tp_kw = dict(quantization="nf4" if mode == "qlora" else "none", max_steps=total, learning_rate=1e-4,
-                 warmup_ratio=0.0, per_device_batch_size=1, packing=True, logging_steps=1, save_steps=10**6,
-                 eval_steps=10**6, seed=0)
+    overrides = dict(overrides)
+    os.environ.update(overrides.pop("env", {}))
+    mb = int(overrides.pop("mb", rows))
+    dropout = float(overrides.pop("lora_dropout", LORA_DROPOUT))
+    tp_kw = dict(quantization="nf4" if mode == "qlora" else "none", max_steps=total, learning_rate=LR,
+                 lr_scheduler="constant", warmup_ratio=0.0, weight_decay=0.0, max_grad_norm=1.0,
+                 per_device_batch_size=mb, gradient_accumulation_steps=max(1, rows // mb), packing=True,
+                 logging_steps=1, save_steps=10**6, eval_steps=10**6, seed=0)
     tp_kw.update(overrides)
     tp = TrainParams(**tp_kw)
-    lora = LoraParams(r=16, alpha=32, dropout=0.05, target_modules="all-linear")
+    lora = LoraParams(r=16, alpha=32, dropout=dropout, target_modules="all-linear")
     runtime = resolve_runtime(tp, lora)
-    bs = tp.per_device_batch_size
-    data = synthetic_examples(cfg["vocab_size"], cfg["eos_token_id"], int(seq_len * bs * (total + 2) * 1.3), seq_len)
-    timing = _timing_callback(warmup)
+    data = bench_data(cfg, seq_len, rows, total)
+    timing = _timing_callback(warmup, name)
     work = Path(os.environ.get("BENCH_WORK", "/tmp/bench_work")) / f"run{os.getpid()}"
     out = train(model_dir, data, None, lora, tp, seq_len, work / "ckpt", work / "adapter", callbacks=[timing],
                 resume=False, runtime=runtime)
     elapsed = timing.times[-1] if timing.times else float("nan")
-    return {"tokens_per_s": timing.tokens / elapsed, "timed_steps": len(timing.times),
+    return {"tokens_per_s": timing.tokens / elapsed, "timed_steps": steps,
             "timed_tokens": timing.tokens, "peak_mem_gb": out.metrics["peak_memory_gb"],
-            "losses": timing.losses, "runtime": runtime.to_dict(),
+            "losses": timing.losses, "runtime": runtime.to_dict(), "rows_per_micro_batch": mb,
+            "gradient_accumulation_steps": tp.gradient_accumulation_steps, "step_s": round(elapsed / steps, 4),
             "device": torch.cuda.get_device_name() if torch.cuda.is_available() else "cpu"}
 
 
-def run_baseline(model_dir: Path, mode: str, steps: int, warmup: int, seq_len: int) -> dict:
-    """Plain transformers + peft loop: sdpa, gradient checkpointing, batch 1, fixed-length sequence."""
+def packed_rows(data, seq_len: int, seed: int = 0) -> list[tuple[list[int], list[int]]]:
+    """The examples packed into rows exactly as the stage packs them (TRL BFD), in a seeded order."""
+    import random
+
+    from trl.data_utils import pack_dataset
+
+    packed = pack_dataset(data.to_dataset(), seq_len, strategy="bfd")
+    rows = list(zip(packed["input_ids"], packed["labels"]))
+    random.Random(seed).shuffle(rows)
+    return rows
+
+
+def run_baseline(name: str, model_dir: Path, mode: str, steps: int, warmup: int, seq_len: int, rows: int,
+                 dropout: float = 0.05) -> dict:
+    """Plain transformers + peft loop: sdpa, gradient checkpointing, batch 1 (one packed row per forward),
+    gradient accumulation over ``rows`` rows per optimizer step."""
     import torch
     from peft import LoraConfig, get_peft_model, prepare_model_for_kbit_training
     from transformers import AutoModelForCausalLM, BitsAndBytesConfig
 
     cuda = torch.cuda.is_available()
+    torch.manual_seed(0)
     kw = {"dtype": torch.bfloat16, "attn_implementation": "sdpa"}
     if cuda:
         kw["device_map"] = {"": 0}
@@ -187,34 +296,76 @@ def run_baseline(model_dir: Path, mode: str, steps: int, warmup: int, seq_len: i
     else:
         model.gradient_checkpointing_enable(gradient_checkpointing_kwargs={"use_reentrant": False})
         model.enable_input_require_grads()
-    model = get_peft_model(model, LoraConfig(r=16, lora_alpha=32, lora_dropout=0.05, target_modules="all-linear",
+    model = get_peft_model(model, LoraConfig(r=16, lora_alpha=32, lora_dropout=dropout, target_modules="all-linear",
                                              task_type="CAUSAL_LM"))
     model.train()
-    opt = torch.optim.AdamW([p for p in model.parameters() if p.requires_grad], lr=1e-4)
-    vocab = model.config.vocab_size
-    g = torch.Generator().manual_seed(0)
+    params = [p for p in model.parameters() if p.requires_grad]
+    opt = torch.optim.AdamW(params, lr=LR, weight_decay=0.0)
+    cfg = json.loads((model_dir / "config.json").read_text())
+    data = packed_rows(bench_data(cfg, seq_len, rows, warmup + steps), seq_len)
     dev = "cuda" if cuda else "cpu"
     if cuda:
         torch.cuda.reset_peak_memory_stats()
-    losses, t0 = [], None
+    losses, t0, tokens = [], None, 0
+    prof_path, prof = _profile_to(name), None
     for step in range(warmup + steps):
+        if prof_path and cuda and step == warmup - 2 and warmup >= 3:
+            torch.cuda.synchronize()
+            prof = torch.profiler.profile(activities=[torch.profiler.ProfilerActivity.CPU,
+                                                      torch.profiler.ProfilerActivity.CUDA])
+            prof.__enter__()
+            pt = time.perf_counter()
         if step == warmup:
             if cuda:
                 torch.cuda.synchronize()
+            if prof is not None:
+                wall = time.perf_counter() - pt
+                prof.__exit__(None, None, None)
+                _write_profile(prof, prof_path, wall)
+                prof = None
             t0 = time.perf_counter()
-        x = torch.randint(3, vocab, (1, seq_len), generator=g).to(dev)
-        with torch.autocast(dev, dtype=torch.bfloat16, enabled=cuda):
-            loss = model(input_ids=x, labels=x).loss
-        loss.backward()
+        batch = [data[(step * rows + i) % len(data)] for i in range(rows)]
+        n_items = sum(sum(1 for t in lab[1:] if t != -100) for _, lab in batch)
+        step_loss = torch.zeros((), device=dev)
+        for ids, lab in batch:
+            x = torch.tensor([ids], device=dev)
+            y = torch.tensor([lab], device=dev)
+            with torch.autocast(dev, dtype=torch.bfloat16, enabled=cuda):
+                loss = model(input_ids=x, labels=y, num_items_in_batch=n_items).loss
+            loss.backward()
+            step_loss += loss.detach()
+            if step >= warmup:
+                tokens += len(ids)
+        torch.nn.utils.clip_grad_norm_(params, 1.0)
         opt.step()
         opt.zero_grad(set_to_none=True)
-        losses.append(float(loss.detach()))
+        losses.append(float(step_loss))
     if cuda:
         torch.cuda.synchronize()
     elapsed = time.perf_counter() - t0
-    return {"tokens_per_s": steps * seq_len / elapsed, "timed_steps": steps, "timed_tokens": steps * seq_len,
+    return {"tokens_per_s": tokens / elapsed, "timed_steps": steps, "timed_tokens": tokens,
             "peak_mem_gb": round(torch.cuda.max_memory_allocated() / 1e9, 3) if cuda else None,
-            "losses": losses, "device": torch.cuda.get_device_name() if cuda else "cpu"}
+            "losses": losses, "rows_per_micro_batch": 1, "gradient_accumulation_steps": rows,
+            "step_s": round(elapsed / steps, 4), "device": torch.cuda.get_device_name() if cuda else "cpu"}
+
+
+def compare_losses(rows: list[dict]) -> None:
+    """Add ``loss_vs_baseline`` (per-step loss differences) to every stage row with a baseline of its mode."""
+    base = {r["mode"]: r for r in rows if r.get("baseline") and r.get("losses")}
+    for r in rows:
+        b = base.get(r.get("mode"))
+        if r.get("baseline") or not r.get("losses") or b is None:
+            continue
+        a, c = r["losses"], b["losses"]
+        n = min(len(a), len(c))
+        d = [abs(x - y) for x, y in zip(a[:n], c[:n])]
+        rel = [abs(x - y) / abs(y) for x, y in zip(a[:n], c[:n]) if y]
+        r["loss_vs_baseline"] = {
+            "steps": n, "max_abs_diff": round(max(d), 4), "mean_abs_diff": round(sum(d) / n, 4),
+            "max_rel_diff": round(max(rel), 4), "mean_rel_diff": round(sum(rel) / len(rel), 4),
+            "first": [round(a[0], 4), round(c[0], 4)], "last": [round(a[n - 1], 4), round(c[n - 1], 4)],
+            "last10_mean": [round(sum(a[n - 10:n]) / min(10, n), 4), round(sum(c[n - 10:n]) / min(10, n), 4)],
+        }
 
 
 def check_attention() -> dict:
@@ -276,16 +427,37 @@ def check_attention() -> dict:
     return res
 
 
+def _robust_dataset_hashing() -> None:
+    """datasets fingerprints transforms by pickling them; on some interpreter/pyarrow combinations
+    (seen: Python 3.12 + pyarrow 26 on the device image) that pickling raises instead of falling
+    back. Fingerprints only name cache files, so a random one is harmless here."""
+    try:
+        from datasets import fingerprint as fp
+    except ImportError:
+        return
+    orig = fp.Hasher.hash.__func__
+
+    def hash_(cls, value):
+        try:
+            return orig(cls, value)
+        except Exception:
+            return fp.generate_random_fingerprint()
+
+    fp.Hasher.hash = classmethod(hash_)
+
+
 def one(args) -> int:
+    _robust_dataset_hashing()
     kind, mode, overrides = CONFIGS[args.one]
     model_dir = Path(args.model_dir)
     if kind == "baseline":
-        res = run_baseline(model_dir, mode, args.steps, args.warmup, args.seq_len)
+        res = run_baseline(args.one, model_dir, mode, args.steps, args.warmup, args.seq_len, args.rows,
+                           dropout=float(overrides.get("lora_dropout", LORA_DROPOUT)))
     else:
-        res = run_stage(model_dir, mode, overrides, args.steps, args.warmup, args.seq_len)
+        res = run_stage(args.one, model_dir, mode, overrides, args.steps, args.warmup, args.seq_len, args.rows)
     n = json.loads((model_dir / "bench_meta.json").read_text())["num_parameters"]
     res.update(name=args.one, mode=mode, baseline=kind == "baseline", overrides=overrides, seq_len=args.seq_len,
-               num_parameters=n, mfu=round(res["tokens_per_s"] * 4 * n / PEAK_BF16_FLOPS, 4),
+               rows_per_step=args.rows, num_parameters=n, mfu=round(res["tokens_per_s"] * 4 * n / PEAK_BF16_FLOPS, 4),
                tokens_per_s=round(res["tokens_per_s"], 1))
     print("RESULT " + json.dumps(res), flush=True)
     return 0
@@ -295,13 +467,14 @@ def main(argv=None) -> int:
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     ap.add_argument("--shape", default="llama3-8b", choices=sorted(SHAPES))
     ap.add_argument("--configs", default="baseline_lora,stage_lora,baseline_qlora,stage_qlora")
-    ap.add_argument("--steps", type=int, default=10)
-    ap.add_argument("--warmup", type=int, default=3)
+    ap.add_argument("--steps", type=int, default=46, help="timed optimizer steps (after --warmup)")
+    ap.add_argument("--warmup", type=int, default=4)
+    ap.add_argument("--rows", type=int, default=4, help="packed rows of --seq-len tokens per optimizer step")
     ap.add_argument("--seq-len", type=int, default=2048)
     ap.add_argument("--model-dir", default="/tmp/bench_model")
     ap.add_argument("--tokenizer-dir", default="models/base")
     ap.add_argument("--out", default="benchmarks/results/train_throughput.json")
-    ap.add_argument("--timeout", type=int, default=240, help="seconds per configuration")
+    ap.add_argument("--timeout", type=int, default=300, help="seconds per configuration")
     ap.add_argument("--check-attention", action="store_true", help="compare varlen attention with sdpa first")
     ap.add_argument("--check-only", action="store_true", help="only run the attention check")
     ap.add_argument("--one", default=None, help=argparse.SUPPRESS)
@@ -333,7 +506,8 @@ def main(argv=None) -> int:
         if name not in CONFIGS:
             raise SystemExit(f"unknown config {name!r}; known: {', '.join(CONFIGS)}")
         cmd = [sys.executable, os.path.abspath(__file__), "--one", name, "--model-dir", str(model_dir),
-               "--steps", str(args.steps), "--warmup", str(args.warmup), "--seq-len", str(args.seq_len)]
+               "--steps", str(args.steps), "--warmup", str(args.warmup), "--seq-len", str(args.seq_len),
+               "--rows", str(args.rows)]
         log(f"running {name}")
         t0 = time.perf_counter()
         try:
@@ -351,16 +525,20 @@ def main(argv=None) -> int:
         except subprocess.TimeoutExpired:
             log(f"{name} timed out after {args.timeout}s")
             runs.append({"name": name, "error": f"timeout {args.timeout}s", "baseline": CONFIGS[name][0] == "baseline"})
+        compare_losses(runs)
         out.parent.mkdir(parents=True, exist_ok=True)
         write_json(out, runs)   # after every run: partial results survive
-    print(f"{'name':24} {'mode':6} {'tok/s':>9} {'peak GB':>8} {'MFU':>6}")
+    print(f"{'name':26} {'mode':6} {'tok/s':>9} {'peak GB':>8} {'MFU':>6} {'loss diff max/mean rel':>24}")
     for r in runs:
         if r["name"].startswith("check_"):
             continue
         if "error" in r:
-            print(f"{r['name']:24} ERROR {r['error'][:80]!r}")
+            print(f"{r['name']:26} ERROR {r['error'][:80]!r}")
         else:
-            print(f"{r['name']:24} {r['mode']:6} {r['tokens_per_s']:9.1f} {r['peak_mem_gb'] or 0:8.2f} {r['mfu']:6.3f}")
+            lv = r.get("loss_vs_baseline") or {}
+            diff = f"{lv['max_rel_diff']:.4f}/{lv['mean_rel_diff']:.4f}" if lv else "-"
+            print(f"{r['name']:26} {r['mode']:6} {r['tokens_per_s']:9.1f} {r['peak_mem_gb'] or 0:8.2f} "
+                  f"{r['mfu']:6.3f} {diff:>24}")
     return 0
 
 

@@ -161,6 +161,49 @@ def test_cpu_falls_back_from_nf4_and_says_so():
     assert any("falling back to LoRA" in n for n in rt.notes)
 
 
+def test_compile_path_is_resolved_and_reported(monkeypatch):
+    """train.compile: off on CPU (auto: silently, true: with a note), on for CUDA when triton is there."""
+    from llmpipe.params import ParamsError
+    from llmpipe.train import config as cfg
+    from llmpipe.train.config import LoraParams, TrainParams, resolve_runtime
+
+    assert TrainParams.from_params({"compile": False}).compile == "false"
+    with pytest.raises(ParamsError, match="train.compile"):
+        TrainParams.from_params({"compile": "sometimes"})
+    rt = resolve_runtime(TrainParams(), LoraParams(), cuda=False)
+    assert rt.compile is False and rt.to_dict()["compile"] is False and not rt.notes
+    rt = resolve_runtime(TrainParams(compile="true"), LoraParams(), cuda=False)
+    assert rt.compile is False and any("train.compile=true needs CUDA" in n for n in rt.notes)
+
+    gpu = dict(precision="bf16", attn_implementation="sdpa")
+    monkeypatch.setattr(cfg, "_compile_available", lambda: None)
+    assert resolve_runtime(TrainParams(**gpu), LoraParams(), cuda=True).compile is True
+    assert resolve_runtime(TrainParams(compile="false", **gpu), LoraParams(), cuda=True).compile is False
+    rt = resolve_runtime(TrainParams(num_processes=2, distributed="fsdp", **gpu), LoraParams(), cuda=True)
+    assert rt.compile is False and any("FSDP" in n for n in rt.notes)
+    monkeypatch.setattr(cfg, "_compile_available", lambda: "triton is not installed")
+    rt = resolve_runtime(TrainParams(**gpu), LoraParams(), cuda=True)
+    assert rt.compile is False and any("triton is not installed; running eager" in n for n in rt.notes)
+
+
+def test_regional_compile_wraps_every_decoder_layer():
+    """compile_decoder_layers compiles each decoder layer in place (lazily: nothing runs here)."""
+    import torch
+    from transformers import LlamaConfig, LlamaForCausalLM
+
+    from llmpipe.train.trainer import compile_decoder_layers
+
+    cfg = LlamaConfig(hidden_size=32, num_hidden_layers=3, intermediate_size=64, num_attention_heads=4,
+                      num_key_value_heads=2, vocab_size=128)
+    model = LlamaForCausalLM(cfg)
+    try:
+        assert compile_decoder_layers(model) == 3
+        assert all(layer._compiled_call_impl is not None for layer in model.model.layers)
+        assert model._compiled_call_impl is None          # regional: the model itself stays eager
+    finally:
+        torch._dynamo.reset()
+
+
 # ---------------------------------------------------------------- training through the stage
 
 
@@ -171,6 +214,7 @@ def test_stage_trains_tiny_llama_and_writes_adapter_metrics_and_plots(workdir, t
 
     m = json.loads((workdir / "train.json").read_text())
     assert m["mode"] == "lora" and m["device"] == "cpu"          # nf4 requested, CPU fallback recorded
+    assert m["compile"] is False                                 # CPU: eager, as before
     assert any("falling back" in n for n in m["fallback_notes"])
     assert m["steps"] == 6 and m["tokens_seen"] > 0 and m["tokens_per_s"] > 0
     assert m["val_loss"] is not None and m["train_loss"] is not None and m["peak_memory_gb"] > 0

@@ -16,6 +16,10 @@ from __future__ import annotations
 
 NAME = "llmpipe_varlen"
 _registered = False
+# Resolved once by register(): imports and signature inspection stay out of the traced code when
+# the decoder layers run under torch.compile (train.compile).
+_varlen_attn = None
+_sdpa_forward = None
 
 
 def available() -> bool:
@@ -34,9 +38,11 @@ def varlen_attention_forward(module, query, key, value, attention_mask, dropout:
                              scaling: float | None = None, is_causal: bool | None = None, **kwargs):
     """transformers attention function: q/k/v are (B, H, S, D); returns (B, S, H, D), None."""
     import torch
-    from torch.nn.attention.varlen import varlen_attn
-    from transformers.integrations.sdpa_attention import sdpa_attention_forward
 
+    varlen_attn, sdpa_attention_forward = _varlen_attn, _sdpa_forward
+    if varlen_attn is None:
+        _resolve()
+        varlen_attn, sdpa_attention_forward = _varlen_attn, _sdpa_forward
     cu = kwargs.get("cu_seq_lens_q")
     if attention_mask is not None and cu is None:
         return sdpa_attention_forward(module, query, key, value, attention_mask, dropout=dropout,
@@ -85,6 +91,16 @@ def _causal_kwargs(gqa: bool) -> dict:
     return _KW_CACHE[gqa]
 
 
+def _resolve() -> None:
+    global _varlen_attn, _sdpa_forward
+    from torch.nn.attention.varlen import varlen_attn
+    from transformers.integrations.sdpa_attention import sdpa_attention_forward
+
+    _causal_kwargs(True)
+    _causal_kwargs(False)
+    _varlen_attn, _sdpa_forward = varlen_attn, sdpa_attention_forward
+
+
 def register() -> str:
     """Register ``llmpipe_varlen`` with transformers (idempotent); return its name."""
     global _registered
@@ -92,6 +108,7 @@ def register() -> str:
         from transformers import AttentionInterface
         from transformers.masking_utils import ALL_MASK_ATTENTION_FUNCTIONS, flash_attention_mask
 
+        _resolve()
         AttentionInterface.register(NAME, varlen_attention_forward)
         ALL_MASK_ATTENTION_FUNCTIONS.register(NAME, flash_attention_mask)
         _registered = True

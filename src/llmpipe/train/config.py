@@ -77,6 +77,7 @@ class TrainParams:
     optimizer: str = "auto"             # auto: adamw_torch_fused on CUDA, adamw_torch on CPU; or paged_adamw_8bit...
     attn_implementation: str = "auto"   # auto: sdpa | eager | flash_attention_2 ...
     liger_kernel: str = "auto"          # auto: off (measured slower) | true (CUDA + liger-kernel) | false
+    compile: str = "auto"               # auto: torch.compile each decoder layer on CUDA | true | false
     eval_steps: int = 50
     save_steps: int = 50
     save_total_limit: int = 2
@@ -125,7 +126,7 @@ class TrainParams:
             raise bad("lr_scheduler", self.lr_scheduler, SCHEDULERS)
         if self.distributed not in DISTRIBUTED:
             raise bad("distributed", self.distributed, DISTRIBUTED)
-        for key in ("gradient_checkpointing", "liger_kernel"):
+        for key in ("gradient_checkpointing", "liger_kernel", "compile"):
             if getattr(self, key) not in ("auto", "true", "false"):
                 raise bad(key, getattr(self, key), ("auto", "true", "false"))
         if self.max_steps <= 0 and self.epochs <= 0:
@@ -150,6 +151,7 @@ class Runtime:
     liger_kernel: bool
     attn_implementation: str
     notes: tuple[str, ...] = ()
+    compile: bool = False       # regional torch.compile of the decoder layers (CUDA + triton)
 
     def to_dict(self) -> dict[str, Any]:
         d = asdict(self)
@@ -211,6 +213,10 @@ def resolve_runtime(tp: TrainParams, lp: LoraParams, cuda: bool | None = None) -
         if liger and not (cuda and _has("liger_kernel")):
             notes.append("train.liger_kernel=true but Liger (or CUDA) is missing: using plain kernels")
             liger = False
+    compile_ = _resolve_compile(tp.compile, cuda, notes)
+    if compile_ and tp.compile == "auto" and tp.num_processes > 1 and tp.distributed == "fsdp":
+        notes.append("train.compile=auto: off under FSDP (not measured there); set train.compile: true to force")
+        compile_ = False
     attn = tp.attn_implementation
     if attn == "auto":
         if cuda and _has("flash_attn"):
@@ -219,7 +225,34 @@ def resolve_runtime(tp: TrainParams, lp: LoraParams, cuda: bool | None = None) -
             attn = "llmpipe_varlen"     # torch's FlashAttention varlen kernel, see train/attention.py
         else:
             attn = "sdpa"
-    return Runtime("cuda" if cuda else "cpu", mode, precision, optimizer, gc, liger, attn, tuple(notes))
+    return Runtime("cuda" if cuda else "cpu", mode, precision, optimizer, gc, liger, attn, tuple(notes),
+                   compile=compile_)
+
+
+def _compile_available() -> str | None:
+    """None if regional torch.compile can run here, else why not."""
+    import torch
+
+    if not hasattr(torch, "compile"):
+        return "this torch has no torch.compile"
+    if not _has("triton"):
+        return "triton is not installed"
+    return None
+
+
+def _resolve_compile(setting: str, cuda: bool, notes: list[str]) -> bool:
+    """train.compile: auto = on for CUDA when triton is there (off on CPU: the demo path stays eager)."""
+    if setting == "false":
+        return False
+    if not cuda:
+        if setting == "true":
+            notes.append("train.compile=true needs CUDA: running eager")
+        return False
+    why = _compile_available()
+    if why:
+        notes.append(f"train.compile={setting}: {why}; running eager")
+        return False
+    return True
 
 
 def fingerprint(*parts: Any) -> str:

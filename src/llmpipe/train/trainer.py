@@ -154,6 +154,32 @@ def prepare_checkpoints(checkpoint_dir: Path, fp: str, resume: bool) -> str | No
     return last
 
 
+def compile_decoder_layers(model) -> int:
+    """Regional compilation: ``torch.compile`` each decoder layer (in place), not the whole model.
+
+    The layers share one code path, so the compiled graph (forward + backward, LoRA and dropout
+    fused into the surrounding kernels) is built once and reused by every layer; shapes are
+    dynamic because packed micro-batches vary in length. Gradient checkpointing stays outside the
+    compiled region (transformers' checkpointing wrapper calls the compiled layer). Compilation
+    errors fall back to eager for that frame (``suppress_errors``). Returns the number of layers.
+    """
+    import torch
+    import torch._dynamo
+
+    try:
+        from transformers.modeling_layers import GradientCheckpointingLayer
+    except ImportError:  # pragma: no cover - older transformers
+        return 0
+    torch._dynamo.config.suppress_errors = True
+    for key in ("recompile_limit", "cache_size_limit"):
+        if hasattr(torch._dynamo.config, key):
+            setattr(torch._dynamo.config, key, max(64, getattr(torch._dynamo.config, key)))
+    layers = [m for m in model.modules() if isinstance(m, GradientCheckpointingLayer)]
+    for layer in layers:
+        layer.compile(dynamic=True)
+    return len(layers)
+
+
 def build_sft_config(tp: TrainParams, runtime: Runtime, checkpoint_dir: Path, max_seq_len: int,
                      has_eval: bool):
     from trl import SFTConfig
@@ -231,11 +257,12 @@ def train(
         log(f"NOTE: {note}")
     log(f"path: device={runtime.device} mode={runtime.mode} precision={runtime.precision} "
         f"optimizer={runtime.optimizer} grad_ckpt={runtime.gradient_checkpointing} "
-        f"liger={runtime.liger_kernel} attn={runtime.attn_implementation} packing={tp.packing}")
+        f"liger={runtime.liger_kernel} attn={runtime.attn_implementation} compile={runtime.compile} "
+        f"packing={tp.packing}")
     checkpoint_dir, adapter_dir = Path(checkpoint_dir), Path(adapter_dir)
     fp = fingerprint(lora, {k: v for k, v in tp.__dict__.items()
                             if k not in ("eval_steps", "save_steps", "save_total_limit", "logging_steps",
-                                         "dataloader_workers", "cpu_threads")},
+                                         "dataloader_workers", "cpu_threads", "compile")},
                      runtime.mode, runtime.precision, max_seq_len, model_fingerprint,
                      data_hash(train_data), data_hash(val_data) if val_data else None)
     last = prepare_checkpoints(checkpoint_dir, fp, resume)
@@ -256,6 +283,9 @@ def train(
         peft_config=lora.peft_config(),
         callbacks=[progress, *callbacks],
     )
+    if runtime.compile:
+        n_layers = compile_decoder_layers(trainer.model)
+        log(f"torch.compile: {n_layers} decoder layers compiled regionally (first steps include compile time)")
     if trainer.is_world_process_zero():
         n_train = sum(p.numel() for p in trainer.model.parameters() if p.requires_grad)
         n_all = sum(p.numel() for p in trainer.model.parameters())
@@ -287,6 +317,7 @@ def train(
         "gradient_checkpointing": runtime.gradient_checkpointing,
         "liger_kernel": runtime.liger_kernel,
         "attn_implementation": runtime.attn_implementation,
+        "compile": runtime.compile,
         "packing": tp.packing,
         "fallback_notes": list(runtime.notes),
         "train_loss": progress.last_train_loss,
