@@ -121,3 +121,16 @@ def test_lora_rank_experiment_reruns_only_training_and_after(project):
     assert ran(proc.stdout) == TRAINING_AND_AFTER
     diff = sh([sys.executable, "-m", "dvc", "metrics", "diff", "--json"], repo, env)
     assert "metrics/train.json" in diff.stdout
+    # the PR-review flow of the README: eval and gate numbers side by side with the baseline run
+    diff_all = json.loads(sh([sys.executable, "-m", "dvc", "metrics", "diff", "--all", "--json"],
+                             repo, env).stdout)
+    for name in ("metrics/eval.json", "metrics/gate.json"):
+        assert name in diff_all, sorted(diff_all)
+    assert "task.tuned.task_accuracy" in diff_all["metrics/eval.json"]
+    assert "summary.safety_refusal_rate.passed" in diff_all["metrics/gate.json"]
+    show = sh([sys.executable, "-m", "dvc", "exp", "show", "--json"], repo, env).stdout
+    assert "metrics/gate.json" in show and "metrics/eval.json" in show and '"r": 8' in show
+    out = repo / "plots_diff"
+    sh([sys.executable, "-m", "dvc", "plots", "diff", "-o", str(out)], repo, env)
+    html = (out / "index.html").read_text()
+    assert "dvclive/train/plots/metrics" in html
