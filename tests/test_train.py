@@ -144,6 +144,24 @@ def test_too_long_examples_are_skipped_with_a_reason(tokenizer):
     assert tok.skipped[0]["id"] == recs[1]["id"] and "max_seq_len" in tok.skipped[0]["reason"]
 
 
+def test_checkpoint_of_a_finished_run_is_not_resumed(tmp_path):
+    from llmpipe.train.trainer import prepare_checkpoints
+
+    ck = tmp_path / "ckpt"
+    for step, max_steps in ((10, 20), (20, 20)):
+        d = ck / f"checkpoint-{step}"
+        d.mkdir(parents=True)
+        (d / "trainer_state.json").write_text(json.dumps({"global_step": step, "max_steps": max_steps}))
+    assert prepare_checkpoints(ck, "fp1", resume=True) is None       # last = step 20 of 20: finished
+    assert not list(ck.glob("checkpoint-*"))
+    d = ck / "checkpoint-10"
+    d.mkdir()
+    (d / "trainer_state.json").write_text(json.dumps({"global_step": 10, "max_steps": 20}))
+    assert prepare_checkpoints(ck, "fp1", resume=True) == str(d)     # interrupted: resumed
+    assert prepare_checkpoints(ck, "fp2", resume=True) is None       # other params/data: discarded
+    assert not list(ck.glob("checkpoint-*"))
+
+
 def test_bad_record_error_names_file_and_line(tmp_path):
     from llmpipe.train.data import DataError, load_records
 
@@ -151,6 +169,12 @@ def test_bad_record_error_names_file_and_line(tmp_path):
     p.write_text(json.dumps(make_records(1, 5)[0]) + "\n{not json\n")
     with pytest.raises(DataError, match=r"train.jsonl:2: invalid JSON"):
         load_records(p)
+    # blank lines are skipped but counted: the error names the physical line
+    p.write_text(json.dumps(make_records(1, 5)[0]) + "\n\n" + json.dumps({"messages": []}) + "\n")
+    with pytest.raises(DataError, match=r"train.jsonl:3: record has no valid 'messages' list"):
+        load_records(p)
+    with pytest.raises(DataError, match=r"not found.*run the split stage"):
+        load_records(tmp_path / "missing.jsonl")
 
 
 def test_cpu_falls_back_from_nf4_and_says_so():

@@ -19,6 +19,8 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, Iterable
 
+from llmpipe.data.records import iter_json_objects
+
 IGNORE_INDEX = -100
 
 
@@ -49,30 +51,19 @@ class Tokenized:
 
 def load_records(path: str | Path) -> list[dict[str, Any]]:
     """Read a split JSONL file; a broken line raises :class:`DataError` naming file and line."""
-    import json
-
     path = Path(path)
-    if not path.is_file():
-        raise DataError(f"{path}: training data not found (run the split stage first)")
     out = []
-    with open(path, encoding="utf-8") as fh:
-        for lineno, line in enumerate(fh, 1):
-            if not line.strip():
-                continue
-            try:
-                rec = json.loads(line)
-            except json.JSONDecodeError as exc:
-                raise DataError(f"{path}:{lineno}: invalid JSON: {exc}") from exc
-            msgs = rec.get("messages") if isinstance(rec, dict) else None
-            if not isinstance(msgs, list) or not msgs or not all(
-                isinstance(m, dict) and isinstance(m.get("role"), str) and isinstance(m.get("content"), str)
-                for m in msgs
-            ):
-                raise DataError(f"{path}:{lineno}: record has no valid 'messages' list")
-            if msgs[-1]["role"] != "assistant":
-                raise DataError(f"{path}:{lineno}: last message must be from the assistant")
-            rec.setdefault("id", f"{path.name}:{lineno}")
-            out.append(rec)
+    for lineno, rec in iter_json_objects(path, DataError, missing_hint=" (training data; run the split stage first)"):
+        msgs = rec.get("messages")
+        if not isinstance(msgs, list) or not msgs or not all(
+            isinstance(m, dict) and isinstance(m.get("role"), str) and isinstance(m.get("content"), str)
+            for m in msgs
+        ):
+            raise DataError(f"{path}:{lineno}: record has no valid 'messages' list")
+        if msgs[-1]["role"] != "assistant":
+            raise DataError(f"{path}:{lineno}: last message must be from the assistant")
+        rec.setdefault("id", f"{path.name}:{lineno}")
+        out.append(rec)
     if not out:
         raise DataError(f"{path}: no records")
     return out

@@ -149,9 +149,27 @@ def prepare_checkpoints(checkpoint_dir: Path, fp: str, resume: bool) -> str | No
             shutil.rmtree(p)
     fp_file.write_text(json.dumps({"fingerprint": fp}) + "\n")
     last = get_last_checkpoint(str(checkpoint_dir)) if resume else None
+    if last and _finished(Path(last)):
+        # Checkpoints resume *interrupted* runs. The last one of a finished run holds nothing to
+        # resume: "resuming" it would skip training and report the metrics of an empty run, and
+        # a re-run (DVC re-runs the stage when its code changes) must exercise the code.
+        log(f"{last} is the end of a finished run: training from scratch (checkpoints resume interrupted runs)")
+        for p in checkpoint_dir.glob("checkpoint-*"):
+            if p.is_dir():
+                shutil.rmtree(p)
+        last = None
     if last:
         log(f"resuming from {last}")
     return last
+
+
+def _finished(checkpoint: Path) -> bool:
+    """True when the checkpoint's trainer state says its run reached max_steps."""
+    try:
+        state = json.loads((checkpoint / "trainer_state.json").read_text())
+        return int(state["global_step"]) >= int(state["max_steps"]) > 0
+    except (OSError, ValueError, KeyError, TypeError):
+        return False
 
 
 def compile_decoder_layers(model) -> int:
