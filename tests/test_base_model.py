@@ -2,7 +2,6 @@
 
 from __future__ import annotations
 
-import importlib.util
 import json
 from pathlib import Path
 
@@ -11,14 +10,7 @@ import yaml
 
 from llmpipe.io import sha256_file
 
-ROOT = Path(__file__).resolve().parents[1]
-
-
-def _load_stage(name: str):
-    spec = importlib.util.spec_from_file_location(f"stage_{name}", ROOT / "stages" / f"{name}.py")
-    mod = importlib.util.module_from_spec(spec)
-    spec.loader.exec_module(mod)
-    return mod
+from stage_loader import load_stage
 
 
 def _params(tmp_path: Path, **model) -> Path:
@@ -35,7 +27,7 @@ def test_embedded_gguf_materialises_to_an_equivalent_safetensors_model(tmp_path)
     from llmpipe.model.source import resolve
 
     out, metrics = tmp_path / "base", tmp_path / "base_model.json"
-    rc = _load_stage("base_model").main([
+    rc = load_stage("base_model").main([
         "--params", str(_params(tmp_path, name_or_path="embedded:smollm2-135m-instruct", dtype="float32")),
         "--out", str(out), "--metrics", str(metrics)])
     assert rc == 0
@@ -81,7 +73,7 @@ def test_local_hf_dir_is_copied_with_a_distinct_pad_token(tmp_path):
     tok.save_pretrained(src)
 
     out = tmp_path / "base"
-    rc = _load_stage("base_model").main([
+    rc = load_stage("base_model").main([
         "--params", str(_params(tmp_path, name_or_path=str(src), dtype="bfloat16")), "--out", str(out),
         "--metrics", str(tmp_path / "m.json"), "--no-smoke"])
     assert rc == 0
@@ -92,7 +84,7 @@ def test_local_hf_dir_is_copied_with_a_distinct_pad_token(tmp_path):
 
 def test_missing_model_fails_clearly_and_writes_nothing(tmp_path, capsys):
     out = tmp_path / "base"
-    rc = _load_stage("base_model").main([
+    rc = load_stage("base_model").main([
         "--params", str(_params(tmp_path, name_or_path=str(tmp_path / "nope"))), "--out", str(out),
         "--metrics", str(tmp_path / "m.json")])
     assert rc == 2
@@ -101,7 +93,7 @@ def test_missing_model_fails_clearly_and_writes_nothing(tmp_path, capsys):
 
 
 def test_unknown_dtype_is_rejected(tmp_path, capsys):
-    rc = _load_stage("base_model").main([
+    rc = load_stage("base_model").main([
         "--params", str(_params(tmp_path, name_or_path="embedded:smollm2-135m-instruct", dtype="int3")),
         "--out", str(tmp_path / "b"), "--metrics", str(tmp_path / "m.json")])
     assert rc == 2 and "model.dtype" in capsys.readouterr().err

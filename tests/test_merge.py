@@ -2,7 +2,6 @@
 
 from __future__ import annotations
 
-import importlib.util
 import json
 from pathlib import Path
 
@@ -11,14 +10,7 @@ import yaml
 
 from llmpipe.io import write_jsonl
 
-ROOT = Path(__file__).resolve().parents[1]
-
-
-def _load_stage(name: str):
-    spec = importlib.util.spec_from_file_location(f"stage_{name}", ROOT / "stages" / f"{name}.py")
-    mod = importlib.util.module_from_spec(spec)
-    spec.loader.exec_module(mod)
-    return mod
+from stage_loader import load_stage
 
 
 @pytest.fixture(scope="module")
@@ -60,7 +52,7 @@ def _run(root: Path, dtype: str, tolerance: float = 1e-3):
     (root / f"params_{dtype}.yaml").write_text(yaml.safe_dump({
         "model": {"max_seq_len": 256},
         "merge": {"dtype": dtype, "verify_examples": 2, "tolerance": tolerance}}))
-    return _load_stage("merge").main([
+    return load_stage("merge").main([
         "--params", str(root / f"params_{dtype}.yaml"), "--base", str(root / "base"),
         "--adapter", str(root / "adapter"), "--val", str(root / "val.jsonl"),
         "--out", str(root / f"merged_{dtype}"), "--metrics", str(root / f"merge_{dtype}.json")])
@@ -108,7 +100,7 @@ def test_bf16_merge_saves_bf16_and_reports_cast_error(base_and_adapter):
 def test_merge_fails_clearly_without_adapter(base_and_adapter, tmp_path, capsys):
     root, _ = base_and_adapter
     (tmp_path / "p.yaml").write_text(yaml.safe_dump({"model": {"max_seq_len": 256}, "merge": {}}))
-    rc = _load_stage("merge").main(["--params", str(tmp_path / "p.yaml"), "--base", str(root / "base"),
+    rc = load_stage("merge").main(["--params", str(tmp_path / "p.yaml"), "--base", str(root / "base"),
                                     "--adapter", str(tmp_path / "nope"), "--val", str(root / "val.jsonl"),
                                     "--out", str(tmp_path / "out"), "--metrics", str(tmp_path / "m.json")])
     assert rc == 2 and "adapter_config.json" in capsys.readouterr().err

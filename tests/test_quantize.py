@@ -12,7 +12,6 @@ when oversubscribed (measured: 2 threads 2-19 tok/s vs 1 thread ~900 tok/s under
 
 from __future__ import annotations
 
-import importlib.util
 import json
 import math
 from pathlib import Path
@@ -25,7 +24,8 @@ import llama_cpp  # noqa: E402,F401
 
 from llmpipe.export import gguf as G  # noqa: E402
 
-ROOT = Path(__file__).resolve().parents[1]
+from stage_loader import load_stage
+
 TRAIN_STEPS = 12
 SYSTEM = ("You are a support triage assistant. Read the customer's message and answer with only a "
           "JSON object with the keys \"intent\", \"product\", \"urgency\" and \"order_id\".")
@@ -48,13 +48,6 @@ def _records():
             "metadata": {"intent": json.loads(reply)["intent"]},
             "source": {"file": "tests/test_quantize.py", "line": i + 1, "format": "messages"},
         }
-
-
-def _load_stage():
-    spec = importlib.util.spec_from_file_location("quantize_stage", ROOT / "stages" / "quantize.py")
-    mod = importlib.util.module_from_spec(spec)
-    spec.loader.exec_module(mod)
-    return mod
 
 
 @pytest.fixture(scope="module")
@@ -109,7 +102,7 @@ def stage_run(tiny_model, tmp_path_factory):
         "quantize:\n  name: tiny\n  types: [Q8_0, q4_k_m]\n  n_threads: 1\n  n_ctx: 256\n"
         "  ppl_max_examples: 6\n  reply_max_tokens: 8\n  bench_tokens: 16\n", encoding="utf-8")
     out, metrics = work / "gguf", work / "quantize.json"
-    rc = _load_stage().main(["--params", str(params), "--model", str(tiny_model), "--test", str(test),
+    rc = load_stage("quantize").main(["--params", str(params), "--model", str(tiny_model), "--test", str(test),
                              "--out", str(out), "--metrics", str(metrics)])
     assert rc == 0
     return {"out": out, "metrics": json.loads(metrics.read_text()), "params": params, "test": test, "work": work}
@@ -272,7 +265,7 @@ def test_clear_errors(tmp_path, tiny_model, stage_run):
     assert not (tmp_path / "z.gguf").exists() and not list(tmp_path.glob(".z.gguf*"))
 
     # stage: bad params and missing inputs fail with exit 2 and leave no output behind
-    stage = _load_stage()
+    stage = load_stage("quantize")
     bad = tmp_path / "params.yaml"
     bad.write_text("quantize:\n  types: [Q8_0, NOPE]\n", encoding="utf-8")
     out = tmp_path / "gguf"

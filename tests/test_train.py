@@ -7,7 +7,6 @@ masking are the production ones; only the weights are small.
 
 from __future__ import annotations
 
-import importlib.util
 import json
 import random
 from pathlib import Path
@@ -17,18 +16,13 @@ import yaml
 
 from llmpipe.io import write_jsonl
 
-ROOT = Path(__file__).resolve().parents[1]
+from stage_loader import load_stage
+
 SYSTEM = ("You are a support triage assistant. Read the customer's message and answer with only a "
           "JSON object with the keys \"intent\", \"product\", \"urgency\" and \"order_id\".")
 INTENTS = ["order_status", "refund_request", "cancel_order", "technical_issue"]
 PRODUCTS = ["smart_thermostat", "wireless_earbuds", "robot_vacuum", "coffee_maker"]
 
-
-def _load_stage(name: str):
-    spec = importlib.util.spec_from_file_location(f"stage_{name}", ROOT / "stages" / f"{name}.py")
-    mod = importlib.util.module_from_spec(spec)
-    spec.loader.exec_module(mod)
-    return mod
 
 
 def make_records(n: int, seed: int) -> list[dict]:
@@ -232,7 +226,7 @@ def test_regional_compile_wraps_every_decoder_layer():
 
 
 def test_stage_trains_tiny_llama_and_writes_adapter_metrics_and_plots(workdir, tiny_base):
-    stage = _load_stage("train")
+    stage = load_stage("train")
     params = write_params(workdir / "params.yaml")
     assert stage.main(stage_args(workdir, tiny_base, params)) == 0
 
@@ -279,7 +273,7 @@ def _interrupt_after(step: int):
 @pytest.mark.slow
 def test_interrupted_run_resumes_to_the_same_adapter(workdir, tiny_base):
     """Tolerance: max |delta| <= 1e-5 over all adapter tensors (same seed, fp32, CPU)."""
-    stage = _load_stage("train")
+    stage = load_stage("train")
     params = write_params(workdir / "params.yaml")
     assert stage.main(stage_args(workdir, tiny_base, params, "_full")) == 0
 
@@ -303,7 +297,7 @@ def test_interrupted_run_resumes_to_the_same_adapter(workdir, tiny_base):
 
 
 def test_changed_params_discard_stale_checkpoints(workdir, tiny_base):
-    stage = _load_stage("train")
+    stage = load_stage("train")
     args = stage_args(workdir, tiny_base, write_params(workdir / "params.yaml", max_steps=2))
     assert stage.main(args) == 0
     assert (workdir / "ckpt" / "checkpoint-2").is_dir()
