@@ -171,13 +171,21 @@ class SplitResult:
 # --------------------------------------------------------------------------- assignment
 
 
+_ABSENT = object()
+
+
+def _metadata_value(record: Mapping[str, Any], key: str) -> Any:
+    """``record["metadata"][key]``, or ``_ABSENT`` when the record has no such metadata."""
+    meta = record.get("metadata")
+    return meta[key] if isinstance(meta, Mapping) and key in meta else _ABSENT
+
+
 def stratum_of(record: Mapping[str, Any], key: str | None) -> str:
     if key is None:
         return ALL_STRATUM
-    meta = record.get("metadata")
-    if not isinstance(meta, Mapping) or key not in meta:
+    value = _metadata_value(record, key)
+    if value is _ABSENT:
         return MISSING_STRATUM
-    value = meta[key]
     if isinstance(value, str):
         return value
     return json.dumps(value, sort_keys=True, ensure_ascii=False)
@@ -216,12 +224,9 @@ def allocate(n: int, ratios: Mapping[str, float]) -> dict[str, int]:
 
 def pinned_split(record: Mapping[str, Any], pin_key: str | None) -> str | None:
     """The split ``record`` is pinned to by ``metadata[pin_key]`` (None: not pinned)."""
-    if pin_key is None:
+    value = _ABSENT if pin_key is None else _metadata_value(record, pin_key)
+    if value is _ABSENT:
         return None
-    meta = record.get("metadata")
-    if not isinstance(meta, Mapping) or pin_key not in meta:
-        return None
-    value = meta[pin_key]
     if value not in SPLITS:
         raise ValueError(
             f"record {record.get('id')!r}: metadata.{pin_key} pins it to a split, so it must be "

@@ -24,8 +24,6 @@ def select_examples(
         raise ValueError(f"eval.fewshot.k must be >= 0, got {k}")
     if k == 0:
         return []
-    if len(train) < k:
-        raise ValueError(f"few-shot needs k={k} training examples, the train split has {len(train)}")
     strata: dict[str, list[dict[str, Any]]] = defaultdict(list)
     for rec in sorted(train, key=lambda r: r["id"]):
         meta = rec.get("metadata") or {}
@@ -33,11 +31,10 @@ def select_examples(
             continue      # not a task example (e.g. the safety records pinned to train)
         label = str(meta[stratify_key]) if stratify_key else ""
         strata[label].append(rec)
-    if sum(len(v) for v in strata.values()) < k:
-        raise ValueError(
-            f"few-shot needs k={k} training examples with metadata.{stratify_key}, "
-            f"the train split has {sum(len(v) for v in strata.values())}"
-        )
+    n = sum(len(v) for v in strata.values())
+    if n < k:
+        which = f" with metadata.{stratify_key}" if stratify_key else ""
+        raise ValueError(f"few-shot needs k={k} training examples{which}, the train split has {n}")
     rng = random.Random(seed)
     pools = []
     for label in sorted(strata):
