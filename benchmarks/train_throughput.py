@@ -51,6 +51,9 @@ SHAPES = {
                       rope_theta=500000.0, tie_word_embeddings=False),
     "tiny": dict(hidden_size=64, num_hidden_layers=2, intermediate_size=128, num_attention_heads=4,
                  num_key_value_heads=2, vocab_size=49152, max_position_embeddings=4096, tie_word_embeddings=True),
+    # A 512-token vocabulary: the bigram data is learnable in a few steps (tests compare loss curves).
+    "micro": dict(hidden_size=128, num_hidden_layers=2, intermediate_size=256, num_attention_heads=4,
+                  num_key_value_heads=2, vocab_size=512, max_position_embeddings=4096, tie_word_embeddings=True),
 }
 # name -> (kind, mode, train.* overrides for stage runs). "mb": packed rows per micro-batch
 # (gradient accumulation makes up the rest of --rows); absent = all --rows rows in one micro-batch.
@@ -79,6 +82,22 @@ CONFIGS = {
     "baseline_lora_d0": ("baseline", "lora", {"lora_dropout": 0.0}),
     "stage_lora_d0": ("stage", "lora", {"mb": 2, "lora_dropout": 0.0}),
     "stage_lora_mb4_d0": ("stage", "lora", {"lora_dropout": 0.0}),
+    # Activation offloading (TRL, train.activation_offloading): the checkpointed layer inputs go to
+    # pinned CPU memory on a side stream and come back for the backward.
+    "stage_lora_mb4_d0_offload": ("stage", "lora", {"lora_dropout": 0.0, "activation_offloading": "true"}),
+    "stage_lora_mb4_offload": ("stage", "lora", {"activation_offloading": "true"}),
+    "stage_qlora_offload": ("stage", "qlora", {"activation_offloading": "true"}),
+    # Run-to-run noise of the loss curve: the baseline again with another LoRA-init seed (same data).
+    "baseline_lora_d0_seed1": ("baseline", "lora", {"lora_dropout": 0.0, "seed": 1}),
+    "baseline_lora_seed1": ("baseline", "lora", {"seed": 1}),
+    # Correctness reference: the plain loop replaying the exact micro-batches a stage run recorded
+    # (same tokens, same order, same steps), split into <= --seq-len rows at example boundaries and
+    # given the examples' position ids, so sdpa attends within each example only, as the stage does.
+    # Run it after the stage config it names; the _seed1 twin gives the run-to-run noise band.
+    "baseline_lora_d0_replay": ("baseline", "lora", {"lora_dropout": 0.0, "replay": "stage_lora_mb4_d0_offload"}),
+    "baseline_lora_d0_replay_seed1": ("baseline", "lora", {"lora_dropout": 0.0, "seed": 1,
+                                                           "replay": "stage_lora_mb4_d0_offload"}),
+    "baseline_qlora_replay": ("baseline", "qlora", {"replay": "stage_qlora"}),
 }
 LORA_DROPOUT = 0.05
 LR = 2e-4
@@ -225,6 +244,34 @@ def _timing_callback(warmup: int, name: str):
     return Timing()
 
 
+def _recording_callback(path: Path, grad_accum: int):
+    """Records every training micro-batch the stage's model sees (input_ids, position_ids, labels),
+    kept on the GPU (asynchronous copies, no host sync) and saved once at the end: the replay
+    baseline (``baseline_*_replay``) then trains on exactly these tokens in exactly this order."""
+    import torch
+    from transformers import TrainerCallback
+
+    class Recorder(TrainerCallback):
+        def __init__(self):
+            self.batches = []
+            self.handle = None
+
+        def on_train_begin(self, args, state, control, model=None, **kw):
+            def hook(module, a, kwargs):
+                if module.training and kwargs.get("input_ids") is not None:
+                    self.batches.append({k: kwargs[k].detach().clone() for k in ("input_ids", "position_ids", "labels")
+                                         if kwargs.get(k) is not None})
+            self.handle = model.register_forward_pre_hook(hook, with_kwargs=True)
+
+        def on_train_end(self, args, state, control, **kw):
+            self.handle.remove()
+            torch.save({"grad_accum": grad_accum,
+                        "batches": [{k: v.cpu() for k, v in b.items()} for b in self.batches]}, path)
+            log(f"recorded {len(self.batches)} micro-batches -> {path}")
+
+    return Recorder()
+
+
 def run_stage(name: str, model_dir: Path, mode: str, overrides: dict, steps: int, warmup: int, seq_len: int,
               rows: int) -> dict:
     import torch
@@ -248,8 +295,9 @@ def run_stage(name: str, model_dir: Path, mode: str, overrides: dict, steps: int
     runtime = resolve_runtime(tp, lora)
     data = bench_data(cfg, seq_len, rows, total)
     timing = _timing_callback(warmup, name)
+    recorder = _recording_callback(model_dir / f"batches_{name}.pt", tp.gradient_accumulation_steps)
     work = Path(os.environ.get("BENCH_WORK", "/tmp/bench_work")) / f"run{os.getpid()}"
-    out = train(model_dir, data, None, lora, tp, seq_len, work / "ckpt", work / "adapter", callbacks=[timing],
+    out = train(model_dir, data, None, lora, tp, seq_len, work / "ckpt", work / "adapter", callbacks=[timing, recorder],
                 resume=False, runtime=runtime)
     elapsed = timing.times[-1] if timing.times else float("nan")
     return {"tokens_per_s": timing.tokens / elapsed, "timed_steps": steps,
@@ -271,17 +319,46 @@ def packed_rows(data, seq_len: int, seed: int = 0) -> list[tuple[list[int], list
     return rows
 
 
+def replayed_steps(path: Path, seq_len: int, n_steps: int) -> list[list[tuple[list[int], list[int], list[int]]]]:
+    """The micro-batches a stage run recorded, regrouped per optimizer step and cut into rows of at most
+    ``seq_len`` tokens at example boundaries (``position_ids == 0``): [(input_ids, labels, position_ids)]."""
+    import torch
+
+    if not path.is_file():
+        raise SystemExit(f"{path}: no recorded stage batches (run the stage config it replays first)")
+    rec = torch.load(path)
+    ga, batches = int(rec["grad_accum"]), rec["batches"]
+    if len(batches) < n_steps * ga:
+        raise SystemExit(f"{path}: {len(batches)} micro-batches recorded, {n_steps * ga} needed")
+    steps = []
+    for s in range(n_steps):
+        rows: list[tuple[list[int], list[int], list[int]]] = []
+        for b in batches[s * ga:(s + 1) * ga]:
+            ids, lab, pos = (b[k][0].tolist() for k in ("input_ids", "labels", "position_ids"))
+            starts = [i for i, p in enumerate(pos) if p == 0] + [len(ids)]
+            cur = 0     # start of the row being filled
+            for a, e in zip(starts, starts[1:]):
+                if e - cur > seq_len:
+                    rows.append((ids[cur:a], lab[cur:a], pos[cur:a]))
+                    cur = a
+            rows.append((ids[cur:], lab[cur:], pos[cur:]))
+        steps.append(rows)
+    return steps
+
+
 def run_baseline(name: str, model_dir: Path, mode: str, steps: int, warmup: int, seq_len: int, rows: int,
-                 dropout: float = 0.05) -> dict:
+                 dropout: float = 0.05, seed: int = 0, replay: str | None = None) -> dict:
     """Plain transformers + peft loop: sdpa, gradient checkpointing, batch 1 (one packed row per forward),
-    gradient accumulation over ``rows`` rows per optimizer step."""
+    gradient accumulation over ``rows`` rows per optimizer step. With ``replay``: the rows are the
+    recorded micro-batches of that stage config (see ``replayed_steps``), with their position ids."""
     import torch
     from peft import LoraConfig, get_peft_model, prepare_model_for_kbit_training
     from transformers import AutoModelForCausalLM, BitsAndBytesConfig
 
     cuda = torch.cuda.is_available()
     torch.manual_seed(0)
-    kw = {"dtype": torch.bfloat16, "attn_implementation": "sdpa"}
+    # bf16 weights + autocast on CUDA (as in the issue); fp32 on CPU, where the stage trains in fp32 too
+    kw = {"dtype": torch.bfloat16 if cuda else torch.float32, "attn_implementation": "sdpa"}
     if cuda:
         kw["device_map"] = {"": 0}
     if mode == "qlora":
@@ -296,13 +373,18 @@ def run_baseline(name: str, model_dir: Path, mode: str, steps: int, warmup: int,
     else:
         model.gradient_checkpointing_enable(gradient_checkpointing_kwargs={"use_reentrant": False})
         model.enable_input_require_grads()
+    torch.manual_seed(seed)     # LoRA init (and dropout masks); the data and its order never change
     model = get_peft_model(model, LoraConfig(r=16, lora_alpha=32, lora_dropout=dropout, target_modules="all-linear",
                                              task_type="CAUSAL_LM"))
     model.train()
     params = [p for p in model.parameters() if p.requires_grad]
     opt = torch.optim.AdamW(params, lr=LR, weight_decay=0.0)
     cfg = json.loads((model_dir / "config.json").read_text())
-    data = packed_rows(bench_data(cfg, seq_len, rows, warmup + steps), seq_len)
+    if replay:
+        plan = replayed_steps(model_dir / f"batches_{replay}.pt", seq_len, warmup + steps)
+    else:
+        data = packed_rows(bench_data(cfg, seq_len, rows, warmup + steps), seq_len)
+        plan = [[(*data[(step * rows + i) % len(data)], None) for i in range(rows)] for step in range(warmup + steps)]
     dev = "cuda" if cuda else "cpu"
     if cuda:
         torch.cuda.reset_peak_memory_stats()
@@ -324,14 +406,15 @@ def run_baseline(name: str, model_dir: Path, mode: str, steps: int, warmup: int,
                 _write_profile(prof, prof_path, wall)
                 prof = None
             t0 = time.perf_counter()
-        batch = [data[(step * rows + i) % len(data)] for i in range(rows)]
-        n_items = sum(sum(1 for t in lab[1:] if t != -100) for _, lab in batch)
+        batch = plan[step]
+        n_items = sum(sum(1 for t in lab[1:] if t != -100) for _, lab, _ in batch)
         step_loss = torch.zeros((), device=dev)
-        for ids, lab in batch:
+        for ids, lab, pos in batch:
             x = torch.tensor([ids], device=dev)
             y = torch.tensor([lab], device=dev)
+            extra = {"position_ids": torch.tensor([pos], device=dev)} if pos is not None else {}
             with torch.autocast(dev, dtype=torch.bfloat16, enabled=cuda):
-                loss = model(input_ids=x, labels=y, num_items_in_batch=n_items).loss
+                loss = model(input_ids=x, labels=y, num_items_in_batch=n_items, **extra).loss
             loss.backward()
             step_loss += loss.detach()
             if step >= warmup:
@@ -345,27 +428,57 @@ def run_baseline(name: str, model_dir: Path, mode: str, steps: int, warmup: int,
     elapsed = time.perf_counter() - t0
     return {"tokens_per_s": tokens / elapsed, "timed_steps": steps, "timed_tokens": tokens,
             "peak_mem_gb": round(torch.cuda.max_memory_allocated() / 1e9, 3) if cuda else None,
-            "losses": losses, "rows_per_micro_batch": 1, "gradient_accumulation_steps": rows,
+            "losses": losses, "rows_per_micro_batch": 1,
+            "gradient_accumulation_steps": round(sum(len(b) for b in plan) / len(plan), 2),
             "step_s": round(elapsed / steps, 4), "device": torch.cuda.get_device_name() if cuda else "cpu"}
 
 
+def _loss_key(r: dict) -> tuple:
+    o = r.get("overrides") or {}
+    return r.get("mode"), float(o.get("lora_dropout", LORA_DROPOUT)), o.get("replay")
+
+
+def _loss_diff(a: list[float], c: list[float]) -> dict:
+    n = min(len(a), len(c))
+    d = [abs(x - y) for x, y in zip(a[:n], c[:n])]
+    rel = [abs(x - y) / abs(y) for x, y in zip(a[:n], c[:n]) if y]
+    return {
+        "steps": n, "max_abs_diff": round(max(d), 4), "mean_abs_diff": round(sum(d) / n, 4),
+        "max_rel_diff": round(max(rel), 4), "mean_rel_diff": round(sum(rel) / len(rel), 4),
+        "first": [round(a[0], 4), round(c[0], 4)], "last": [round(a[n - 1], 4), round(c[n - 1], 4)],
+        "last10_mean": [round(sum(a[n - 10:n]) / min(10, n), 4), round(sum(c[n - 10:n]) / min(10, n), 4)],
+    }
+
+
 def compare_losses(rows: list[dict]) -> None:
-    """Add ``loss_vs_baseline`` (per-step loss differences) to every stage row with a baseline of its mode."""
-    base = {r["mode"]: r for r in rows if r.get("baseline") and r.get("losses")}
-    for r in rows:
-        b = base.get(r.get("mode"))
-        if r.get("baseline") or not r.get("losses") or b is None:
+    """Per-step loss comparisons, added to the rows (pairs are [this row, reference]):
+
+    * ``loss_vs_baseline``: a stage row against the plain baseline of its mode and LoRA dropout (same
+      examples, but the baseline's own row order and plain packing);
+    * ``loss_vs_replay``: a stage row against the baseline that replayed its recorded micro-batches
+      (same tokens, order and attention segments: this one should agree within noise);
+    * ``loss_vs_seed0``: a baseline with another LoRA-init seed against its seed-0 twin: the noise band.
+    """
+    ok = [r for r in rows if r.get("losses")]
+    seed0 = {}
+    for r in ok:
+        if r.get("baseline") and "seed" not in (r.get("overrides") or {}):
+            seed0.setdefault(_loss_key(r), r)
+    replays = {(r.get("overrides") or {}).get("replay"): r for r in ok
+               if r.get("baseline") and "seed" not in (r.get("overrides") or {})}
+    for r in ok:
+        if r.get("baseline"):
+            ref = seed0.get(_loss_key(r))
+            if ref is not None and ref is not r:
+                r["loss_vs_seed0"] = _loss_diff(r["losses"], ref["losses"])
             continue
-        a, c = r["losses"], b["losses"]
-        n = min(len(a), len(c))
-        d = [abs(x - y) for x, y in zip(a[:n], c[:n])]
-        rel = [abs(x - y) / abs(y) for x, y in zip(a[:n], c[:n]) if y]
-        r["loss_vs_baseline"] = {
-            "steps": n, "max_abs_diff": round(max(d), 4), "mean_abs_diff": round(sum(d) / n, 4),
-            "max_rel_diff": round(max(rel), 4), "mean_rel_diff": round(sum(rel) / len(rel), 4),
-            "first": [round(a[0], 4), round(c[0], 4)], "last": [round(a[n - 1], 4), round(c[n - 1], 4)],
-            "last10_mean": [round(sum(a[n - 10:n]) / min(10, n), 4), round(sum(c[n - 10:n]) / min(10, n), 4)],
-        }
+        mode, dropout, _ = _loss_key(r)
+        ref = seed0.get((mode, dropout, None))
+        if ref is not None:
+            r["loss_vs_baseline"] = _loss_diff(r["losses"], ref["losses"])
+        rep = replays.get(r["name"])
+        if rep is not None:
+            r["loss_vs_replay"] = _loss_diff(r["losses"], rep["losses"])
 
 
 def check_attention() -> dict:
@@ -447,16 +560,19 @@ def _robust_dataset_hashing() -> None:
 
 
 def one(args) -> int:
+    global LR
+    LR = args.lr
     _robust_dataset_hashing()
     kind, mode, overrides = CONFIGS[args.one]
     model_dir = Path(args.model_dir)
     if kind == "baseline":
         res = run_baseline(args.one, model_dir, mode, args.steps, args.warmup, args.seq_len, args.rows,
-                           dropout=float(overrides.get("lora_dropout", LORA_DROPOUT)))
+                           dropout=float(overrides.get("lora_dropout", LORA_DROPOUT)),
+                           seed=int(overrides.get("seed", 0)), replay=overrides.get("replay"))
     else:
         res = run_stage(args.one, model_dir, mode, overrides, args.steps, args.warmup, args.seq_len, args.rows)
     n = json.loads((model_dir / "bench_meta.json").read_text())["num_parameters"]
-    res.update(name=args.one, mode=mode, baseline=kind == "baseline", overrides=overrides, seq_len=args.seq_len,
+    res.update(name=args.one, mode=mode, baseline=kind == "baseline", overrides=overrides, seq_len=args.seq_len, lr=args.lr,
                rows_per_step=args.rows, num_parameters=n, mfu=round(res["tokens_per_s"] * 4 * n / PEAK_BF16_FLOPS, 4),
                tokens_per_s=round(res["tokens_per_s"], 1))
     print("RESULT " + json.dumps(res), flush=True)
@@ -471,6 +587,7 @@ def main(argv=None) -> int:
     ap.add_argument("--warmup", type=int, default=4)
     ap.add_argument("--rows", type=int, default=4, help="packed rows of --seq-len tokens per optimizer step")
     ap.add_argument("--seq-len", type=int, default=2048)
+    ap.add_argument("--lr", type=float, default=LR, help="constant learning rate of every run")
     ap.add_argument("--model-dir", default="/tmp/bench_model")
     ap.add_argument("--tokenizer-dir", default="models/base")
     ap.add_argument("--out", default="benchmarks/results/train_throughput.json")
@@ -507,7 +624,7 @@ def main(argv=None) -> int:
             raise SystemExit(f"unknown config {name!r}; known: {', '.join(CONFIGS)}")
         cmd = [sys.executable, os.path.abspath(__file__), "--one", name, "--model-dir", str(model_dir),
                "--steps", str(args.steps), "--warmup", str(args.warmup), "--seq-len", str(args.seq_len),
-               "--rows", str(args.rows)]
+               "--rows", str(args.rows), "--lr", repr(args.lr)]
         log(f"running {name}")
         t0 = time.perf_counter()
         try:
@@ -528,17 +645,17 @@ def main(argv=None) -> int:
         compare_losses(runs)
         out.parent.mkdir(parents=True, exist_ok=True)
         write_json(out, runs)   # after every run: partial results survive
-    print(f"{'name':26} {'mode':6} {'tok/s':>9} {'peak GB':>8} {'MFU':>6} {'loss diff max/mean rel':>24}")
+    print(f"{'name':30} {'mode':6} {'tok/s':>9} {'peak GB':>8} {'MFU':>6}  loss diff, max/mean relative")
     for r in runs:
         if r["name"].startswith("check_"):
             continue
         if "error" in r:
             print(f"{r['name']:26} ERROR {r['error'][:80]!r}")
         else:
-            lv = r.get("loss_vs_baseline") or {}
-            diff = f"{lv['max_rel_diff']:.4f}/{lv['mean_rel_diff']:.4f}" if lv else "-"
-            print(f"{r['name']:26} {r['mode']:6} {r['tokens_per_s']:9.1f} {r['peak_mem_gb'] or 0:8.2f} "
-                  f"{r['mfu']:6.3f} {diff:>24}")
+            diffs = [f"{k[8:]} {lv['max_rel_diff']:.4f}/{lv['mean_rel_diff']:.4f}"
+                     for k in ("loss_vs_baseline", "loss_vs_replay", "loss_vs_seed0") if (lv := r.get(k))]
+            print(f"{r['name']:30} {r['mode']:6} {r['tokens_per_s']:9.1f} {r['peak_mem_gb'] or 0:8.2f} "
+                  f"{r['mfu']:6.3f}  {', '.join(diffs) or '-'}")
     return 0
 
 

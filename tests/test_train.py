@@ -204,6 +204,31 @@ def test_compile_path_is_resolved_and_reported(monkeypatch):
     assert rt.compile is False and any("triton is not installed; running eager" in n for n in rt.notes)
 
 
+def test_activation_offloading_is_resolved_and_reaches_trl(tmp_path):
+    """train.activation_offloading: off unless asked; asked for on CPU it stays off with a note; on
+    CUDA it becomes TRL's SFTConfig.activation_offloading. It changes no numbers, so it is left out
+    of the checkpoint fingerprint."""
+    from llmpipe.params import ParamsError
+    from llmpipe.train.config import LoraParams, TrainParams, resolve_runtime
+    from llmpipe.train.trainer import build_sft_config
+
+    assert TrainParams.from_params({"activation_offloading": True}).activation_offloading == "true"
+    with pytest.raises(ParamsError, match="train.activation_offloading"):
+        TrainParams.from_params({"activation_offloading": "maybe"})
+    gpu = dict(precision="bf16", attn_implementation="sdpa", compile="false")
+    assert resolve_runtime(TrainParams(**gpu), LoraParams(), cuda=True).activation_offloading is False
+    rt = resolve_runtime(TrainParams(activation_offloading="true", **gpu), LoraParams(), cuda=True)
+    assert rt.activation_offloading is True and rt.to_dict()["activation_offloading"] is True
+    rt_cpu = resolve_runtime(TrainParams(activation_offloading="true"), LoraParams(), cuda=False)
+    assert rt_cpu.activation_offloading is False
+    assert any("activation_offloading=true needs CUDA" in n for n in rt_cpu.notes)
+    assert build_sft_config(TrainParams(), rt_cpu, tmp_path, 256, has_eval=False).activation_offloading is False
+    import dataclasses
+
+    rt_on = dataclasses.replace(rt_cpu, activation_offloading=True)
+    assert build_sft_config(TrainParams(), rt_on, tmp_path, 256, has_eval=False).activation_offloading is True
+
+
 def test_regional_compile_wraps_every_decoder_layer():
     """compile_decoder_layers compiles each decoder layer in place (lazily: nothing runs here)."""
     import torch

@@ -39,10 +39,7 @@ def varlen_attention_forward(module, query, key, value, attention_mask, dropout:
     """transformers attention function: q/k/v are (B, H, S, D); returns (B, S, H, D), None."""
     import torch
 
-    varlen_attn, sdpa_attention_forward = _varlen_attn, _sdpa_forward
-    if varlen_attn is None:
-        _resolve()
-        varlen_attn, sdpa_attention_forward = _varlen_attn, _sdpa_forward
+    varlen_attn, sdpa_attention_forward = _varlen_attn, _sdpa_forward   # set by register()
     cu = kwargs.get("cu_seq_lens_q")
     if attention_mask is not None and cu is None:
         return sdpa_attention_forward(module, query, key, value, attention_mask, dropout=dropout,

@@ -78,6 +78,7 @@ class TrainParams:
     attn_implementation: str = "auto"   # auto: sdpa | eager | flash_attention_2 ...
     liger_kernel: str = "auto"          # auto: off (measured slower) | true (CUDA + liger-kernel) | false
     compile: str = "auto"               # auto: torch.compile each decoder layer on CUDA | true | false
+    activation_offloading: str = "auto"  # auto: off | true: checkpointed activations to pinned CPU memory (CUDA)
     eval_steps: int = 50
     save_steps: int = 50
     save_total_limit: int = 2
@@ -126,7 +127,7 @@ class TrainParams:
             raise bad("lr_scheduler", self.lr_scheduler, SCHEDULERS)
         if self.distributed not in DISTRIBUTED:
             raise bad("distributed", self.distributed, DISTRIBUTED)
-        for key in ("gradient_checkpointing", "liger_kernel", "compile"):
+        for key in ("gradient_checkpointing", "liger_kernel", "compile", "activation_offloading"):
             if getattr(self, key) not in ("auto", "true", "false"):
                 raise bad(key, getattr(self, key), ("auto", "true", "false"))
         if self.max_steps <= 0 and self.epochs <= 0:
@@ -152,6 +153,7 @@ class Runtime:
     attn_implementation: str
     notes: tuple[str, ...] = ()
     compile: bool = False       # regional torch.compile of the decoder layers (CUDA + triton)
+    activation_offloading: bool = False  # TRL: saved activations to pinned CPU memory, overlapped (CUDA)
 
     def to_dict(self) -> dict[str, Any]:
         d = asdict(self)
@@ -217,6 +219,7 @@ def resolve_runtime(tp: TrainParams, lp: LoraParams, cuda: bool | None = None) -
     if compile_ and tp.compile == "auto" and tp.num_processes > 1 and tp.distributed == "fsdp":
         notes.append("train.compile=auto: off under FSDP (not measured there); set train.compile: true to force")
         compile_ = False
+    offload = _resolve_offloading(tp.activation_offloading, cuda, notes)
     attn = tp.attn_implementation
     if attn == "auto":
         if cuda and _has("flash_attn"):
@@ -226,7 +229,7 @@ def resolve_runtime(tp: TrainParams, lp: LoraParams, cuda: bool | None = None) -
         else:
             attn = "sdpa"
     return Runtime("cuda" if cuda else "cpu", mode, precision, optimizer, gc, liger, attn, tuple(notes),
-                   compile=compile_)
+                   compile=compile_, activation_offloading=offload)
 
 
 def _compile_available() -> str | None:
@@ -251,6 +254,16 @@ def _resolve_compile(setting: str, cuda: bool, notes: list[str]) -> bool:
     why = _compile_available()
     if why:
         notes.append(f"train.compile={setting}: {why}; running eager")
+        return False
+    return True
+
+
+def _resolve_offloading(setting: str, cuda: bool, notes: list[str]) -> bool:
+    """train.activation_offloading: auto = off (see README: it trades PCIe traffic for memory)."""
+    if setting != "true":
+        return False
+    if not cuda:
+        notes.append("train.activation_offloading=true needs CUDA: keeping activations in memory")
         return False
     return True
 

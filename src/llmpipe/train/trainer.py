@@ -142,22 +142,22 @@ def prepare_checkpoints(checkpoint_dir: Path, fp: str, resume: bool) -> str | No
     fp_file = checkpoint_dir / FINGERPRINT_FILE
     old = json.loads(fp_file.read_text())["fingerprint"] if fp_file.is_file() else None
     stale = [p for p in checkpoint_dir.glob("checkpoint-*") if p.is_dir()]
-    if stale and (old != fp or not resume):
-        why = "resume disabled" if not resume else f"fingerprint {old} != {fp} (params or data changed)"
+    why = None
+    if stale and not resume:
+        why = "resume disabled"
+    elif stale and old != fp:
+        why = f"fingerprint {old} != {fp} (params or data changed)"
+    elif stale and (done := get_last_checkpoint(str(checkpoint_dir))) and _finished(Path(done)):
+        # Checkpoints resume *interrupted* runs. The last one of a finished run holds nothing to
+        # resume: "resuming" it would skip training and report the metrics of an empty run, and
+        # a re-run (DVC re-runs the stage when its code changes) must exercise the code.
+        why = f"{Path(done).name} is the end of a finished run: training from scratch (checkpoints resume interrupted runs)"
+    if why:
         log(f"discarding {len(stale)} checkpoint(s) in {checkpoint_dir}: {why}")
         for p in stale:
             shutil.rmtree(p)
     fp_file.write_text(json.dumps({"fingerprint": fp}) + "\n")
     last = get_last_checkpoint(str(checkpoint_dir)) if resume else None
-    if last and _finished(Path(last)):
-        # Checkpoints resume *interrupted* runs. The last one of a finished run holds nothing to
-        # resume: "resuming" it would skip training and report the metrics of an empty run, and
-        # a re-run (DVC re-runs the stage when its code changes) must exercise the code.
-        log(f"{last} is the end of a finished run: training from scratch (checkpoints resume interrupted runs)")
-        for p in checkpoint_dir.glob("checkpoint-*"):
-            if p.is_dir():
-                shutil.rmtree(p)
-        last = None
     if last:
         log(f"resuming from {last}")
     return last
@@ -232,6 +232,7 @@ def build_sft_config(tp: TrainParams, runtime: Runtime, checkpoint_dir: Path, ma
         fp16=runtime.precision == "fp16",
         use_cpu=runtime.device == "cpu",
         use_liger_kernel=runtime.liger_kernel,
+        activation_offloading=runtime.activation_offloading,
         eval_strategy="steps" if has_eval else "no",
         eval_steps=tp.eval_steps,
         save_strategy="steps",
@@ -276,11 +277,12 @@ def train(
     log(f"path: device={runtime.device} mode={runtime.mode} precision={runtime.precision} "
         f"optimizer={runtime.optimizer} grad_ckpt={runtime.gradient_checkpointing} "
         f"liger={runtime.liger_kernel} attn={runtime.attn_implementation} compile={runtime.compile} "
-        f"packing={tp.packing}")
+        f"offload={runtime.activation_offloading} packing={tp.packing}")
     checkpoint_dir, adapter_dir = Path(checkpoint_dir), Path(adapter_dir)
     fp = fingerprint(lora, {k: v for k, v in tp.__dict__.items()
                             if k not in ("eval_steps", "save_steps", "save_total_limit", "logging_steps",
-                                         "dataloader_workers", "cpu_threads", "compile")},
+                                         "dataloader_workers", "cpu_threads", "compile",
+                                         "activation_offloading")},
                      runtime.mode, runtime.precision, max_seq_len, model_fingerprint,
                      data_hash(train_data), data_hash(val_data) if val_data else None)
     last = prepare_checkpoints(checkpoint_dir, fp, resume)
@@ -336,6 +338,7 @@ def train(
         "liger_kernel": runtime.liger_kernel,
         "attn_implementation": runtime.attn_implementation,
         "compile": runtime.compile,
+        "activation_offloading": runtime.activation_offloading,
         "packing": tp.packing,
         "fallback_notes": list(runtime.notes),
         "train_loss": progress.last_train_loss,
