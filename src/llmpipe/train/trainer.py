@@ -172,6 +172,19 @@ def _finished(checkpoint: Path) -> bool:
         return False
 
 
+def sort_target_modules(adapter_dir: Path) -> None:
+    """peft writes ``target_modules`` from a set, so its order follows Python's per-process string
+    hashing and the adapter dir's hash changed on every re-run with bit-identical weights (and DVC
+    then re-ran merge). Sorting it makes the saved adapter byte-reproducible."""
+    path = adapter_dir / "adapter_config.json"
+    if not path.is_file():
+        return
+    cfg = json.loads(path.read_text())
+    if isinstance(cfg.get("target_modules"), list):
+        cfg["target_modules"] = sorted(cfg["target_modules"])
+        path.write_text(json.dumps(cfg, indent=2, sort_keys=True))   # peft's own layout
+
+
 def compile_decoder_layers(model) -> int:
     """Regional compilation: ``torch.compile`` each decoder layer (in place), not the whole model.
 
@@ -361,4 +374,5 @@ def train(
         adapter_dir.mkdir(parents=True, exist_ok=True)
         trainer.model.save_pretrained(str(adapter_dir))
         tokenizer.save_pretrained(str(adapter_dir))
+        sort_target_modules(adapter_dir)
     return TrainOutput(metrics=metrics, runtime=runtime, adapter_dir=adapter_dir, history=progress.history)
