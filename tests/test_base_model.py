@@ -81,6 +81,15 @@ def test_local_hf_dir_is_copied_with_a_distinct_pad_token(tmp_path):
     assert saved.pad_token == "<|endoftext|>" and saved.pad_token_id != saved.eos_token_id
     assert {t.dtype for t in load_file(str(out / "model.safetensors")).values()} == {torch.bfloat16}
 
+    # What train and merge save from it must not depend on the environment: transformers records
+    # HF_HUB_OFFLINE as local_files_only, which made `make repro` and `dvc repro` outputs differ.
+    from llmpipe.model.base import load_base_tokenizer
+
+    tok = load_base_tokenizer(out)
+    assert "local_files_only" not in tok.init_kwargs
+    tok.save_pretrained(tmp_path / "resaved")
+    assert "local_files_only" not in json.loads((tmp_path / "resaved" / "tokenizer_config.json").read_text())
+
 
 def test_missing_model_fails_clearly_and_writes_nothing(tmp_path, capsys):
     out = tmp_path / "base"

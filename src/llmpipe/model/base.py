@@ -225,6 +225,10 @@ def load_base_tokenizer(model_dir: str | Path):
     tok = AutoTokenizer.from_pretrained(model_dir)
     if tok.pad_token is None or tok.pad_token_id == tok.eos_token_id:
         fix_pad_token(tok)
+    # transformers records HF_HUB_OFFLINE as local_files_only in the tokenizer's init kwargs, and
+    # save_pretrained writes it out: the adapter and merged dirs then hashed differently under
+    # `make repro` (offline) and a plain `dvc repro`. It is a loading option, not tokenizer state.
+    tok.init_kwargs.pop("local_files_only", None)
     return tok
 
 
