@@ -472,8 +472,7 @@ def compare_losses(rows: list[dict]) -> None:
     for r in ok:
         if r.get("baseline") and "seed" not in (r.get("overrides") or {}):
             seed0.setdefault(_loss_key(r), r)
-    replays = {(r.get("overrides") or {}).get("replay"): r for r in ok
-               if r.get("baseline") and "seed" not in (r.get("overrides") or {})}
+    replays = {key[2]: r for key, r in seed0.items() if key[2]}      # replayed stage config -> baseline
     for r in ok:
         if r.get("baseline"):
             ref = seed0.get(_loss_key(r))
