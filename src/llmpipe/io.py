@@ -99,3 +99,19 @@ def sha256_file(path: str | os.PathLike[str], chunk: int = 1 << 20) -> str:
 
 def sha256_text(text: str) -> str:
     return hashlib.sha256(text.encode("utf-8")).hexdigest()
+
+
+TIMINGS_DIR = "timings"
+
+
+def write_timings(stage: str, timings: dict[str, Any], root: str | os.PathLike[str] = ".") -> Path:
+    """Write a stage's wall-clock numbers to ``timings/<stage>.json``.
+
+    Timings are not results: they differ on every run, so they stay out of metrics/ (which
+    reviewers diff) and out of every DVC-tracked output (so a moved timing never changes
+    dvc.lock or re-runs a downstream stage). The folder is git-ignored; benchmarks and the
+    README quote them.
+    """
+    path = Path(root) / TIMINGS_DIR / f"{stage}.json"
+    write_json(path, timings)
+    return path
