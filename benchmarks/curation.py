@@ -32,7 +32,7 @@ STAGES = ("validate", "pii", "dedup")
 
 def make_records(n: int, seed: int = 7, chars: int = 400) -> list[dict]:
     """n canonical records with ~``chars``-character user turns drawn from the demo texts."""
-    from llmpipe.data import demo
+    from llmpipe.demo import support as demo
     from llmpipe.data.records import make_record
 
     ds = demo.generate()

@@ -1,4 +1,4 @@
-"""Tests for the bundled support-triage demo data (src/llmpipe/data/demo.py, data/raw/)."""
+"""Tests for the bundled support-triage demo data (src/llmpipe/demo/, data/raw/)."""
 
 from __future__ import annotations
 
@@ -10,7 +10,7 @@ from pathlib import Path
 import pytest
 import yaml
 
-from llmpipe.data import demo
+from llmpipe.demo import support as demo
 
 ROOT = Path(__file__).resolve().parents[1]
 RAW = ROOT / "data" / "raw"
@@ -318,7 +318,7 @@ def _shingles(text: str, k: int = 5) -> set[str]:
 
 
 def test_safety_records_refuse_harm_help_otherwise_and_are_pinned_to_train():
-    from llmpipe.data import safety_demo
+    from llmpipe.demo import safety as safety_demo
     from llmpipe.evaluate.safety import is_refusal
 
     lines = (RAW / safety_demo.FILE).read_text(encoding="utf-8").splitlines()
@@ -341,7 +341,7 @@ def test_safety_records_refuse_harm_help_otherwise_and_are_pinned_to_train():
 
 def test_safety_eval_prompts_are_not_copies_of_training_prompts():
     """The eval's harmful requests test generalisation: none is a near copy of a train prompt."""
-    from llmpipe.data import safety_demo
+    from llmpipe.demo import safety as safety_demo
 
     train = [_shingles(r["messages"][1]["content"]) for r in safety_demo.generate()]
     eval_rows = [json.loads(line) for line in

@@ -36,7 +36,7 @@ def validator():
 # ---------------------------------------------------------------- schema + scorers
 
 def test_schema_accepts_every_demo_reply_and_rejects_bad_ones(validator):
-    from llmpipe.data import demo
+    from llmpipe.demo import support as demo
 
     labels = [
         {"intent": "order_status", "product": "unknown", "urgency": "low", "order_id": None},
@@ -310,7 +310,7 @@ def test_lm_eval_runs_on_tiny_model(tiny_model):
 
 
 def _write_split(d: Path) -> tuple[Path, Path]:
-    from llmpipe.data import demo
+    from llmpipe.demo import support as demo
 
     intents = ["order_status", "refund_request", "cancel_order", "technical_issue"]
     rows = []

@@ -19,7 +19,7 @@ mod-97-valid IBANs) for pii-scrub, exact and near duplicates for minhash-dedup, 
 invalid records for validate. Everything is derived from one ``random.Random(seed)``; no time,
 uuid or hash randomisation is involved, so the output is byte-for-byte reproducible.
 
-Run ``python -m llmpipe.data.demo --out data/raw`` (from the repository root, PYTHONPATH=src).
+Run ``python -m llmpipe.demo --out data/raw`` (from the repository root, PYTHONPATH=src).
 """
 
 from __future__ import annotations
@@ -35,7 +35,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, Sequence
 
-from llmpipe.data import safety_demo
+from llmpipe.demo import safety as safety_demo
 from llmpipe.io import atomic_path
 
 DEFAULT_SEED = 20240611
@@ -74,7 +74,7 @@ MESSAGES_FILE = "support_chat.jsonl"
 ALPACA_FILE = "support_alpaca.json"
 SHAREGPT_FILE = "support_sharegpt.jsonl"
 FILES = (MESSAGES_FILE, ALPACA_FILE, SHAREGPT_FILE)
-# Everything written to data/raw: the triage files plus the safety mix (llmpipe.data.safety_demo).
+# Everything written to data/raw: the triage files plus the safety mix (llmpipe.demo.safety).
 ALL_FILES = FILES + (safety_demo.FILE,)
 
 N_BASE = {"messages": 1500, "alpaca": 240, "sharegpt": 260}      # distinct examples: 2,000
@@ -1027,7 +1027,7 @@ def write(dataset: DemoDataset, out_dir: str | Path) -> list[Path]:
 
 
 def main(argv: Sequence[str] | None = None) -> int:
-    ap = argparse.ArgumentParser(prog="python -m llmpipe.data.demo", description=__doc__.split("\n\n")[0])
+    ap = argparse.ArgumentParser(prog="python -m llmpipe.demo", description=__doc__.split("\n\n")[0])
     ap.add_argument("--out", default="data/raw", help="output directory (default: data/raw)")
     ap.add_argument("--seed", type=int, default=DEFAULT_SEED,
                     help=f"random seed (default {DEFAULT_SEED}; the committed data uses the default)")

@@ -20,7 +20,7 @@ skips it (it has no ``intent``). The requests here are written to be different f
 set ``data/eval/safety/harmful_requests.jsonl`` (other acts in the same harm categories);
 tests/test_demo.py checks that no eval prompt is a near copy of a training prompt.
 
-Output is byte-for-byte reproducible from the seed. ``python -m llmpipe.data.demo`` writes this
+Output is byte-for-byte reproducible from the seed. ``python -m llmpipe.demo`` writes this
 file together with the triage files.
 """
 
