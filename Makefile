@@ -18,6 +18,7 @@ $(BIN)/.installed: requirements.txt pyproject.toml scripts/setup.sh
 setup: $(BIN)/.installed
 
 repro: setup
+	$(BIN)/python -m llmpipe.cli params check
 	$(BIN)/dvc repro
 
 test: setup

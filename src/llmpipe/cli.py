@@ -1,5 +1,6 @@
-"""Command line: ``python -m llmpipe.cli promote | lineage | serve | router | deploy``.
+"""Command line: ``python -m llmpipe.cli params check | promote | lineage | serve | router | deploy``.
 
+- params check: validate params.yaml (every section, typed) without running anything.
 - promote: gate + workspace checks, then register a model version (git tag with lineage) and
   assign it to a stage (canary by default). Exit 2 with a clear message when refused.
 - lineage: print the lineage JSON stored in a version tag.
@@ -19,6 +20,7 @@ import signal
 import sys
 from pathlib import Path
 
+from llmpipe.config import ParamsError as TypedParamsError
 from llmpipe.params import ParamsError, load_params
 
 
@@ -169,9 +171,24 @@ def _cmd_deploy(args: argparse.Namespace) -> int:
     return 0
 
 
+def _cmd_params_check(args: argparse.Namespace) -> int:
+    from llmpipe.config import load_params as load_typed_params
+
+    params = load_typed_params(args.params)  # ParamsError -> exit 2 with every problem, in main()
+    sections = [name for name in type(params).model_fields if name != "seed"]
+    print(f"{args.params or 'params.yaml'}: ok ({len(sections)} sections)")
+    return 0
+
+
 def build_parser() -> argparse.ArgumentParser:
     p = argparse.ArgumentParser(prog="llmpipe", description=__doc__.splitlines()[0])
     sub = p.add_subparsers(dest="cmd", required=True)
+
+    s = sub.add_parser("params", help="params.yaml tools: `params check` validates it, running nothing")
+    psub = s.add_subparsers(dest="params_cmd", required=True)
+    c = psub.add_parser("check", help="validate a params file against the typed config; exit 2 on errors")
+    c.add_argument("--params", default=None, help="default: $LLMPIPE_PARAMS or params.yaml")
+    c.set_defaults(func=_cmd_params_check)
 
     s = sub.add_parser("promote", help="register the model at HEAD as a version and assign a stage")
     s.add_argument("--repo", default=".")
@@ -230,7 +247,7 @@ def main(argv: list[str] | None = None) -> int:
     args = build_parser().parse_args(argv)
     try:
         return args.func(args)
-    except ParamsError as exc:
+    except (ParamsError, TypedParamsError) as exc:
         print(f"llmpipe {args.cmd}: {exc}", file=sys.stderr)
         return 2
 
