@@ -113,6 +113,32 @@ def test_second_repro_is_a_noop(project):
     assert ran(proc.stdout) == []
 
 
+def _lock_without_deploy_log(repo: Path) -> dict:
+    lock = yaml.safe_load((repo / "dvc.lock").read_text())
+    # deploy/ is the deployment's own log (state, decisions with their timestamps): a forced
+    # re-run appends to it by design; every other output must be byte-identical
+    lock["stages"]["deploy"]["outs"] = [o for o in lock["stages"]["deploy"]["outs"] if o["path"] != "deploy"]
+    return lock
+
+
+def test_forced_rerun_gives_empty_metrics_diff_and_same_outputs(project):
+    """Metrics hold results only (timings live in timings/): `dvc repro -f` changes nothing."""
+    repo, env, _ = project
+    sh(["git", "add", "-A"], repo, env)
+    sh(["git", "commit", "-qm", "first run"], repo, env)
+    before = _lock_without_deploy_log(repo)
+    proc = sh([sys.executable, "-m", "dvc", "repro", "-f"], repo, env)
+    assert "qlora-train" in ran(proc.stdout)
+    diff = sh([sys.executable, "-m", "dvc", "metrics", "diff", "--json"], repo, env)
+    assert json.loads(diff.stdout or "{}") == {}, diff.stdout
+    after = _lock_without_deploy_log(repo)
+    changed = [name for name in before["stages"] if before["stages"][name] != after["stages"].get(name)]
+    assert not changed, f"a forced re-run changed the outputs of {changed}"
+    assert (repo / "timings" / "qlora-train.json").is_file() or any((repo / "timings").glob("*.json"))
+    status = sh(["git", "status", "--porcelain", "--", "metrics", "reports", "dvclive"], repo, env).stdout
+    assert status.strip() == "", status
+
+
 def test_lora_rank_experiment_reruns_only_training_and_after(project):
     repo, env, _ = project
     sh(["git", "add", "-A"], repo, env)
