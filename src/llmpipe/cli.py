@@ -8,6 +8,7 @@
 - router: run the OpenAI-compatible canary router in front of running engines (optionally with
   the canary controller and a persistent state file).
 - deploy: one bounded canary rollout of the pipeline's model (what ``stages/deploy.py`` runs).
+- report: the pull-request report (Markdown): metrics, params and gate vs a base revision, plots.
 """
 
 from __future__ import annotations
@@ -171,6 +172,21 @@ def _cmd_deploy(args: argparse.Namespace) -> int:
     return 0
 
 
+def _cmd_report(args: argparse.Namespace) -> int:
+    from llmpipe.report import ReportError, build_report
+
+    try:
+        text = build_report(args.repo, args.base, args.head, links=args.link)
+    except ReportError as exc:
+        print(f"report: {exc}", file=sys.stderr)
+        return 1
+    if args.out:
+        Path(args.out).write_text(text, encoding="utf-8")
+    else:
+        sys.stdout.write(text)
+    return 0
+
+
 def _cmd_params_check(args: argparse.Namespace) -> int:
     from llmpipe.config import load_params as load_typed_params
 
@@ -240,6 +256,14 @@ def build_parser() -> argparse.ArgumentParser:
     s = sub.add_parser("deploy", help="one bounded canary rollout (same as stages/deploy.py)")
     s.add_argument("--params", default="params.yaml")
     s.set_defaults(func=_cmd_deploy)
+
+    s = sub.add_parser("report", help="pull-request report (Markdown) of HEAD or the workspace vs a base revision")
+    s.add_argument("--base", default="main", help="git revision to compare against (default: main)")
+    s.add_argument("--head", help="git revision to report on (default: the workspace files)")
+    s.add_argument("--repo", default=".")
+    s.add_argument("--out", help="write the Markdown here (default: stdout)")
+    s.add_argument("--link", action="append", default=[], help="extra Markdown line (e.g. a link to the plots HTML)")
+    s.set_defaults(func=_cmd_report)
     return p
 
 
