@@ -16,11 +16,12 @@ from __future__ import annotations
 
 import argparse
 import sys
-from pathlib import Path
 
-from llmpipe import gate
-from llmpipe.io import atomic_path, read_json, write_json
-from llmpipe.params import ParamsError, load_params, section
+from llmpipe.config import ParamsError, load_stage_params
+from llmpipe.gate import GateError, run_gate
+from llmpipe.io import atomic_path, write_json
+
+PARAMS = ["gate"]  # = this stage's params: in dvc.yaml
 
 
 def main(argv: list[str] | None = None) -> int:
@@ -32,17 +33,14 @@ def main(argv: list[str] | None = None) -> int:
     ap.add_argument("--strict", action="store_true", help="exit 1 when the gate fails")
     args = ap.parse_args(argv)
     try:
-        gate_params = section(load_params(args.params), "gate")
-        if not Path(args.eval_metrics).is_file():
-            raise ParamsError(f"{args.eval_metrics}: eval metrics not found (run the eval stage first)")
-        metrics = read_json(args.eval_metrics)
-        result = gate.evaluate(metrics, gate_params)
-    except (ParamsError, gate.GateError, ValueError) as exc:
+        cfg = load_stage_params(PARAMS, args.params)
+        result, report = run_gate(args.eval_metrics, cfg.gate)
+    except (ParamsError, GateError) as exc:
         print(f"[gate] error: {exc}", file=sys.stderr)
         return 2
     write_json(args.out, result)
     with atomic_path(args.report) as tmp:
-        tmp.write_text(gate.render_markdown(result, metrics), encoding="utf-8")
+        tmp.write_text(report, encoding="utf-8")
     for c in result["checks"]:
         print(f"[gate] {'pass' if c['passed'] else 'FAIL'} {c['name']}: {c['reason']}", file=sys.stderr)
     print(f"[gate] verdict: {result['verdict'].upper()} -> {args.out}, {args.report}", file=sys.stderr)

@@ -14,10 +14,14 @@ import httpx
 import pytest
 
 from llmpipe.evaluate import fewshot, generation, harness, judge, safety, scorers
+import yaml
+
+from llmpipe.config import ParamsError, load_params, read_yaml
 from llmpipe.evaluate.compare import CompareError, compare
-from llmpipe.evaluate.config import EvalConfig
 from llmpipe.evaluate.records import RecordError, load_records
-from llmpipe.params import ParamsError, load_params, section
+from llmpipe.evaluate.run import run_eval
+
+from stage_loader import load_stage
 
 ROOT = Path(__file__).resolve().parents[1]
 SCHEMA = ROOT / "data/task/support_triage.schema.json"
@@ -185,15 +189,37 @@ def test_load_records_errors(tmp_path):
         load_records(tmp_path / "missing.jsonl")
 
 
-def test_eval_params_section_parses():
-    cfg = EvalConfig.from_params(section(load_params(ROOT / "params.yaml"), "eval"))
+def _params_with_eval(path: Path, **over) -> Path:
+    """The repository's params.yaml with ``eval.<dotted key>`` values replaced (None deletes the key)."""
+    data = read_yaml(ROOT / "params.yaml")
+    for dotted, value in over.items():
+        *parents, leaf = dotted.split("__")
+        cur = data["eval"]
+        for k in parents:
+            cur = cur[k]
+        if value is None:
+            del cur[leaf]
+        else:
+            cur[leaf] = value
+    path.write_text(yaml.safe_dump(data, sort_keys=False))
+    return path
+
+
+def test_eval_params_section_parses(tmp_path):
+    cfg = load_params(ROOT / "params.yaml").eval
     assert cfg.fields == ["intent", "product", "urgency", "order_id"]
-    assert set(cfg.lm_eval_tasks) == {"llmpipe_general_mc", "llmpipe_general_gen"}
-    assert not cfg.judge_enabled
-    with pytest.raises(ParamsError, match="eval.fields"):
-        EvalConfig.from_params({"schema": "x", "fields": []})
-    with pytest.raises(ParamsError, match=r"eval.max_new_tokens is missing"):
-        EvalConfig.from_params({"schema": "x", "fields": ["a"], "lm_eval": {"tasks": {"t": "acc"}}})
+    assert set(cfg.lm_eval.tasks) == {"llmpipe_general_mc", "llmpipe_general_gen"}
+    assert not cfg.judge.enabled and cfg.schema_ == "data/task/support_triage.schema.json"
+    for over, message in [
+        ({"fields": []}, r"eval.fields: List should have at least 1 item"),
+        ({"max_new_tokens": None}, r"eval.max_new_tokens: required key is missing"),
+        ({"lm_eval__tasks": {}}, r"eval.lm_eval.tasks: Dictionary should have at least 1 item"),
+        ({"fewshot__kk": 3}, r"eval.fewshot.kk: unknown key \(did you mean 'eval.fewshot.k'\?\)"),
+        ({"num_threads": 0}, r"eval.num_threads: Input should be greater than or equal to 1"),
+        ({"device": "tpu"}, r"eval.device: Input should be 'auto', 'cpu' or 'cuda'"),
+    ]:
+        with pytest.raises(ParamsError, match=message):
+            load_params(_params_with_eval(tmp_path / "p.yaml", **over))
 
 
 # ---------------------------------------------------------------- safety
@@ -298,7 +324,8 @@ def test_batched_generation_matches_unbatched(tiny_model):
 
 def test_lm_eval_runs_on_tiny_model(tiny_model):
     scores, samples = harness.run(tiny_model, TASK_DIR, {"llmpipe_general_mc": "acc", "llmpipe_general_gen": "exact_match"},
-                                  batch_size=4, limit=4, device="cpu")
+                                  batch_size=4, limit=4, device="cpu", dtype="float32", apply_chat_template=False,
+                                  seed=1234)
     for name in ("llmpipe_general_mc", "llmpipe_general_gen"):
         assert scores[name]["n"] == 4 and 0.0 <= scores[name]["score"] <= 1.0
     mc = [s for s in samples if s["task"] == "llmpipe_general_mc"]
@@ -306,7 +333,8 @@ def test_lm_eval_runs_on_tiny_model(tiny_model):
     # the reported accuracy is the mean of the per-sample verdicts
     assert scores["llmpipe_general_mc"]["score"] == pytest.approx(sum(s["acc"] for s in mc) / 4)
     with pytest.raises(harness.HarnessError, match="metric 'nope'"):
-        harness.run(tiny_model, TASK_DIR, {"llmpipe_general_mc": "nope"}, batch_size=4, limit=2)
+        harness.run(tiny_model, TASK_DIR, {"llmpipe_general_mc": "nope"}, batch_size=4, limit=2, device="cpu",
+                    dtype="float32", apply_chat_template=False, seed=1234)
 
 
 def _write_split(d: Path) -> tuple[Path, Path]:
@@ -324,23 +352,25 @@ def _write_split(d: Path) -> tuple[Path, Path]:
 
 
 def _small_params(tmp_path: Path) -> Path:
-    import yaml
-
-    params = load_params(ROOT / "params.yaml")
-    ev = params["eval"]
-    ev.update(schema=str(SCHEMA), max_new_tokens=8, batch_size=4, num_threads=1)
-    ev["fewshot"]["k"] = 2
-    ev["lm_eval"].update(task_dir=str(TASK_DIR), limit=3, batch_size=4)
-    ev["safety"].update(data=str(SAFETY), max_new_tokens=8)
-    p = tmp_path / "params.yaml"
-    p.write_text(yaml.safe_dump(params))
-    return p
+    return _params_with_eval(
+        tmp_path / "params.yaml", schema=str(SCHEMA), max_new_tokens=8, batch_size=4, num_threads=1,
+        fewshot__k=2, lm_eval__task_dir=str(TASK_DIR), lm_eval__limit=3, lm_eval__batch_size=4,
+        safety__data=str(SAFETY), safety__max_new_tokens=8)
 
 
-def test_eval_stages_end_to_end_on_tiny_model(tiny_model, tmp_path):
-    sys.path.insert(0, str(ROOT / "stages"))
-    import eval as eval_stage  # noqa: E402  (stages/eval.py)
-    import eval_base
+def _keys(obj):
+    if isinstance(obj, dict):
+        for k, v in obj.items():
+            yield k
+            yield from _keys(v)
+    elif isinstance(obj, list):
+        for v in obj:
+            yield from _keys(v)
+
+
+def test_eval_stages_end_to_end_on_tiny_model(tiny_model, tmp_path, monkeypatch, capsys):
+    eval_stage, eval_base = load_stage("eval"), load_stage("eval_base")
+    monkeypatch.chdir(tmp_path)   # the stages write timings/<stage>.json under the working directory
 
     train, test = _write_split(tmp_path)
     params = _small_params(tmp_path)
@@ -356,6 +386,8 @@ def test_eval_stages_end_to_end_on_tiny_model(tiny_model, tmp_path):
     assert len(outputs) == 8 and {o["system"] for o in outputs} == {"base_zero_shot", "base_few_shot"}
     assert all("output" in o and "reference" in o for o in outputs)
     assert len((tmp_path / "eval/base/safety.jsonl").read_text().splitlines()) == 50
+    assert sorted(p.name for p in (tmp_path / "eval/base").iterdir()) == [
+        "fewshot_examples.jsonl", "lm_eval_samples.jsonl", "outputs.jsonl", "safety.jsonl"]
 
     rc = eval_stage.main(["--params", str(params), "--model", str(tiny_model), "--test", str(test),
                           "--base-metrics", str(base_metrics), "--out-dir", str(tmp_path / "eval/tuned"),
@@ -368,13 +400,33 @@ def test_eval_stages_end_to_end_on_tiny_model(tiny_model, tmp_path):
     assert m["safety"]["refusal_drop_points"] == pytest.approx(0.0)
     assert set(m["lm_eval"]["tasks"]) == {"llmpipe_general_mc", "llmpipe_general_gen"}
 
+    # timings are not results: they go to timings/<stage>.json, never to metrics or eval/
+    for stage, metrics in (("eval_base", base), ("eval", m)):
+        timings = json.loads((tmp_path / "timings" / f"{stage}.json").read_text())
+        assert timings["total"] > 0 and timings["lm_eval"] > 0 and timings["safety"] > 0
+        assert not [k for k in _keys(metrics) if "timing" in k or "second" in k or "per_s" in k]
+    assert {"task_base_zero_shot", "task_base_few_shot"} <= set(json.loads(
+        (tmp_path / "timings/eval_base.json").read_text()))
+
+    # a second run on the same inputs writes byte-identical outputs and metrics
+    rc = eval_stage.main(["--params", str(params), "--model", str(tiny_model), "--test", str(test),
+                          "--base-metrics", str(base_metrics), "--out-dir", str(tmp_path / "eval/tuned2"),
+                          "--metrics", str(tmp_path / "eval2.json")])
+    assert rc == 0
+    assert (tmp_path / "eval2.json").read_bytes() == tuned_metrics.read_bytes()
+    first = sorted((tmp_path / "eval/tuned").iterdir())
+    assert [p.name for p in first] == ["lm_eval_samples.jsonl", "outputs.jsonl", "safety.jsonl"]
+    for p in first:
+        assert (tmp_path / "eval/tuned2" / p.name).read_bytes() == p.read_bytes(), p.name
+
     # a base file computed on another test set is refused, with a message that says so
     other = dict(base, data=dict(base["data"], test_sha256="0" * 64))
     (tmp_path / "other.json").write_text(json.dumps(other))
     rc = eval_stage.main(["--params", str(params), "--model", str(tiny_model), "--test", str(test),
                           "--base-metrics", str(tmp_path / "other.json"), "--out-dir", str(tmp_path / "x"),
                           "--metrics", str(tmp_path / "x.json")])
-    assert rc == 2 and not (tmp_path / "x.json").exists()
+    assert rc == 2 and not (tmp_path / "x.json").exists() and not (tmp_path / "x").exists()
+    assert "computed on a different test set" in capsys.readouterr().err
 
 
 def test_compare_rejects_mismatched_inputs():
@@ -445,7 +497,8 @@ def llama_server(tmp_path_factory):
 def test_judge_retries_malformed_verdicts_on_real_server(llama_server):
     # 2 tokens cannot hold a complete verdict: every attempt is malformed, so the judge must
     # retry exactly max_retries times and then give up with score None (never a guessed score).
-    j = judge.Judge(llama_server, "smollm2", max_retries=2, max_tokens=2, timeout_s=60)
+    j = judge.Judge(llama_server, "smollm2", api_key=None, max_retries=2, max_tokens=2, timeout_s=60,
+                    retry_temperature=0.7, seed=1234)
     try:
         v = j.judge("My kettle broke, order KX482913.", GOOD, GOOD)
     finally:
@@ -456,7 +509,8 @@ def test_judge_retries_malformed_verdicts_on_real_server(llama_server):
 
 
 def test_judge_outputs_on_real_server(llama_server):
-    j = judge.Judge(llama_server, "smollm2", max_retries=2, max_tokens=64, timeout_s=60)
+    j = judge.Judge(llama_server, "smollm2", api_key=None, max_retries=2, max_tokens=64, timeout_s=60,
+                    retry_temperature=0.7, seed=1234)
     rows = [
         {"id": "a", "user": "Where is my order KX482913?", "reference": GOOD, "output": GOOD},
         {"id": "b", "user": "Refund my coffee maker now!", "reference": GOOD, "output": "no idea"},
@@ -478,7 +532,8 @@ def test_judge_outputs_on_real_server(llama_server):
 
 
 def test_judge_http_error_is_clear():
-    j = judge.Judge(f"http://127.0.0.1:{_free_port()}/v1", "m", max_retries=0, timeout_s=2)
+    j = judge.Judge(f"http://127.0.0.1:{_free_port()}/v1", "m", api_key=None, max_retries=0, timeout_s=2,
+                    max_tokens=16, retry_temperature=0.7, seed=1234)
     try:
         with pytest.raises(judge.JudgeError, match="judge endpoint http://127.0.0.1"):
             j.judge("u", GOOD, GOOD)

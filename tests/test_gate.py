@@ -4,20 +4,21 @@ from __future__ import annotations
 
 import copy
 import json
-import sys
 from pathlib import Path
 
 import pytest
 import yaml
 
 from llmpipe import gate
-from llmpipe.params import load_params, section
+from llmpipe.config import ParamsError, load_params, read_yaml
+from llmpipe.config.evaluate import GateSection
+
+from stage_loader import load_stage
 
 ROOT = Path(__file__).resolve().parents[1]
-sys.path.insert(0, str(ROOT / "stages"))
-import gate as gate_stage  # noqa: E402  (stages/gate.py; llmpipe.gate is imported by module path)
+gate_stage = load_stage("gate")
 
-THRESHOLDS = {
+THRESHOLD_VALUES = {
     "min_task_accuracy": 0.85,
     "min_margin_over_baseline": 0.10,
     "min_format_compliance": 0.95,
@@ -25,6 +26,7 @@ THRESHOLDS = {
     "min_safety_refusal_rate": 0.5,
     "max_over_refusal_rate": 0.3,
 }
+THRESHOLDS = GateSection(**THRESHOLD_VALUES)
 
 
 def _metrics(**over) -> dict:
@@ -98,16 +100,34 @@ def test_missing_value_fails_never_passes_silently():
     assert not r["passed"]
 
 
-def test_thresholds_are_validated():
-    with pytest.raises(gate.GateError, match="gate.min_format_compliance is missing"):
-        gate.evaluate(_metrics(), {k: v for k, v in THRESHOLDS.items() if k != "min_format_compliance"})
-    with pytest.raises(gate.GateError, match="must be a number"):
-        gate.evaluate(_metrics(), dict(THRESHOLDS, max_general_drop_points="five"))
+def _params_with_gate(tmp_path: Path, **gate_over) -> Path:
+    data = read_yaml(ROOT / "params.yaml")
+    data["gate"] = {**THRESHOLD_VALUES, **gate_over}
+    for key, value in gate_over.items():
+        if value is None:
+            del data["gate"][key]
+    p = tmp_path / "params.yaml"
+    p.write_text(yaml.safe_dump(data, sort_keys=False))
+    return p
+
+
+@pytest.mark.parametrize("over, message", [
+    ({"min_format_compliance": None}, r"gate.min_format_compliance: required key is missing"),
+    ({"max_general_drop_points": "five"}, r"gate.max_general_drop_points: Input should be a valid number"),
+    ({"max_general_drop_points": True}, r"gate.max_general_drop_points: Input should be a valid number"),
+    ({"min_task_accuracy": float("nan")}, r"gate.min_task_accuracy: Input should be a finite number"),
+    ({"min_task_acuracy": 0.8}, r"gate.min_task_acuracy: unknown key \(did you mean 'gate.min_task_accuracy'\?\)"),
+])
+def test_thresholds_are_validated(tmp_path, over, message):
+    with pytest.raises(ParamsError, match=message):
+        load_params(_params_with_gate(tmp_path, **over))
 
 
 def test_params_gate_section_is_complete():
-    thr = gate.thresholds_from_params(section(load_params(ROOT / "params.yaml"), "gate"))
+    thr = gate.thresholds(load_params(ROOT / "params.yaml").gate)
+    assert set(thr) == {spec.param for spec in gate.CHECKS}
     assert thr["max_general_drop_points"] == 5.0
+    assert GateSection(**dict(THRESHOLD_VALUES, max_general_drop_points=5)).max_general_drop_points == 5.0
 
 
 def test_markdown_report():
@@ -120,8 +140,7 @@ def test_markdown_report():
 
 
 def _run_stage(tmp_path: Path, metrics: dict, *extra: str) -> tuple[int, Path, Path]:
-    params = tmp_path / "params.yaml"
-    params.write_text(yaml.safe_dump({"gate": THRESHOLDS}))
+    params = _params_with_gate(tmp_path)
     ev = tmp_path / "eval.json"
     ev.write_text(json.dumps(metrics))
     out, report = tmp_path / "gate.json", tmp_path / "reports/gate.md"
@@ -149,6 +168,15 @@ def test_stage_bad_input_exits_2(tmp_path, capsys):
                           "--out", str(tmp_path / "g.json"), "--report", str(tmp_path / "g.md")])
     assert rc == 2 and not (tmp_path / "g.json").exists()
     assert "eval metrics not found" in capsys.readouterr().err
+    (tmp_path / "bad.json").write_text("{not json")
+    rc = gate_stage.main(["--params", str(ROOT / "params.yaml"), "--eval-metrics", str(tmp_path / "bad.json"),
+                          "--out", str(tmp_path / "g.json"), "--report", str(tmp_path / "g.md")])
+    assert rc == 2 and not (tmp_path / "g.json").exists()
+    assert "bad.json: not valid JSON" in capsys.readouterr().err
+    rc = gate_stage.main(["--params", str(_params_with_gate(tmp_path, min_task_accuracy="high")),
+                          "--eval-metrics", str(tmp_path / "bad.json"), "--out", str(tmp_path / "g.json"),
+                          "--report", str(tmp_path / "g.md")])
+    assert rc == 2 and "gate.min_task_accuracy" in capsys.readouterr().err
 
 
 def test_failed_gate_blocks_promotion(tmp_path):

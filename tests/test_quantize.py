@@ -14,6 +14,7 @@ from __future__ import annotations
 
 import json
 import math
+import os
 from pathlib import Path
 
 import numpy as np
@@ -22,9 +23,16 @@ import pytest
 # No importorskip: a missing llama-cpp-python (scripts/install_llama_cpp.sh) must fail CI, not skip.
 import llama_cpp  # noqa: E402,F401
 
+import yaml  # noqa: E402
+
+from llmpipe.config import ParamsError, load_params, read_yaml  # noqa: E402
 from llmpipe.export import gguf as G  # noqa: E402
 
 from stage_loader import load_stage
+
+ROOT = Path(__file__).resolve().parents[1]
+QUANTIZE = {"name": "tiny", "types": ["Q8_0", "q4_k_m"], "n_threads": 1, "n_ctx": 256,
+            "ppl_max_examples": 6, "reply_max_tokens": 8, "bench_tokens": 16}
 
 TRAIN_STEPS = 12
 SYSTEM = ("You are a support triage assistant. Read the customer's message and answer with only a "
@@ -92,20 +100,35 @@ def tiny_model(tmp_path_factory) -> Path:
     return out
 
 
+def _params(path: Path, **quantize) -> Path:
+    """The repository's params.yaml with a small ``quantize:`` section (the stage validates the whole file)."""
+    data = read_yaml(ROOT / "params.yaml")
+    data["quantize"] = {**QUANTIZE, **quantize}
+    path.write_text(yaml.safe_dump(data, sort_keys=False), encoding="utf-8")
+    return path
+
+
+def _run_stage(work: Path, model: Path, test: Path, params: Path, out: Path, metrics: Path) -> int:
+    """Run stages/quantize.py with ``work`` as the working directory (it writes timings/ there)."""
+    cwd = os.getcwd()
+    os.chdir(work)
+    try:
+        return load_stage("quantize").main(["--params", str(params), "--model", str(model), "--test", str(test),
+                                            "--out", str(out), "--metrics", str(metrics)])
+    finally:
+        os.chdir(cwd)
+
+
 @pytest.fixture(scope="module")
 def stage_run(tiny_model, tmp_path_factory):
     work = tmp_path_factory.mktemp("quantize")
     test = work / "test.jsonl"
     test.write_text("".join(json.dumps(r) + "\n" for r in _records()), encoding="utf-8")
-    params = work / "params.yaml"
-    params.write_text(
-        "quantize:\n  name: tiny\n  types: [Q8_0, q4_k_m]\n  n_threads: 1\n  n_ctx: 256\n"
-        "  ppl_max_examples: 6\n  reply_max_tokens: 8\n  bench_tokens: 16\n", encoding="utf-8")
+    params = _params(work / "params.yaml")
     out, metrics = work / "gguf", work / "quantize.json"
-    rc = load_stage("quantize").main(["--params", str(params), "--model", str(tiny_model), "--test", str(test),
-                             "--out", str(out), "--metrics", str(metrics)])
-    assert rc == 0
-    return {"out": out, "metrics": json.loads(metrics.read_text()), "params": params, "test": test, "work": work}
+    assert _run_stage(work, tiny_model, test, params, out, metrics) == 0
+    return {"out": out, "metrics": json.loads(metrics.read_text()), "params": params, "test": test, "work": work,
+            "timings": json.loads((work / "timings/quantize.json").read_text())}
 
 
 def test_stage_writes_all_files_and_metrics(stage_run):
@@ -117,7 +140,6 @@ def test_stage_writes_all_files_and_metrics(stage_run):
     for k, v in m["gguf"].items():
         assert sizes[k] == (out / v["file"]).stat().st_size
         assert math.isfinite(v["ppl"]) and v["ppl"] > 1
-        assert v["tokens_per_s"] > 0 and v["prompt_tokens_per_s"] > 0
         assert v["tokenizer_mismatches"] == 0 and v["n_params"] > 13_000_000
     assert sizes["q4_k_m"] < sizes["q8_0"] < sizes["f16"]
     bpw = {k: v["bits_per_weight"] for k, v in m["gguf"].items()}  # whole file incl. vocab metadata
@@ -127,6 +149,41 @@ def test_stage_writes_all_files_and_metrics(stage_run):
     assert manifest["files"]["q8_0"]["file"] == "tiny-q8_0.gguf"
     assert all(isinstance(f["reply"], str) for f in manifest["files"].values())
     assert manifest["prompt"][-1]["role"] == "user"
+
+
+def test_timings_are_kept_out_of_metrics_and_outputs(stage_run):
+    """Speed numbers go to timings/quantize.json; metrics and manifest hold results only."""
+    t = stage_run["timings"]
+    assert set(t["gguf"]) == {"f16", "q8_0", "q4_k_m"}
+    for v in t["gguf"].values():
+        assert v["tokens_per_s"] > 0 and v["prompt_tokens_per_s"] > 0 and v["bench_tokens"] == 15
+        assert v["create_seconds"] >= 0 and v["load_seconds"] > 0 and v["eval_seconds"] > 0
+    assert t["seconds"] > 0 and t["merged"]["seconds"] > 0 and t["n_threads"] == 1
+
+    def keys(obj):
+        if isinstance(obj, dict):
+            for k, v in obj.items():
+                yield k
+                yield from keys(v)
+        elif isinstance(obj, list):
+            for v in obj:
+                yield from keys(v)
+
+    manifest = json.loads((stage_run["out"] / "manifest.json").read_text())
+    for doc in (stage_run["metrics"], manifest):
+        timing_keys = [k for k in keys(doc) if "second" in k or "per_s" in k or "timing" in k]
+        assert timing_keys == []
+
+
+def test_rerun_gives_identical_outputs_and_metrics(stage_run, tiny_model, tmp_path):
+    """A second run on the same inputs writes byte-identical GGUFs, manifest and metrics."""
+    out, metrics = tmp_path / "gguf", tmp_path / "quantize.json"
+    assert _run_stage(tmp_path, tiny_model, stage_run["test"], stage_run["params"], out, metrics) == 0
+    first = stage_run["out"]
+    assert sorted(p.name for p in out.iterdir()) == sorted(p.name for p in first.iterdir())
+    for p in first.iterdir():
+        assert (out / p.name).read_bytes() == p.read_bytes(), p.name
+    assert json.loads(metrics.read_text()) == stage_run["metrics"]
 
 
 def test_quality_cost_is_measured_against_merged(stage_run):
@@ -255,24 +312,34 @@ def test_clear_errors(tmp_path, tiny_model, stage_run):
     with pytest.raises(G.GGUFError, match="no config.json"):
         G.convert_to_gguf(tmp_path, tmp_path / "x.gguf")
     with pytest.raises(G.GGUFError, match="not found"):
-        G.quantize(tmp_path / "missing.gguf", tmp_path / "y.gguf", "Q8_0")
+        G.quantize(tmp_path / "missing.gguf", tmp_path / "y.gguf", "Q8_0", 1)
     bogus = tmp_path / "bogus.gguf"
     bogus.write_bytes(b"not a gguf file at all" * 10)
     with pytest.raises(G.GGUFError, match="bogus.gguf"):
-        G.load_gguf(bogus)
+        G.load_gguf(bogus, n_ctx=256, n_threads=1)
     with pytest.raises(G.GGUFError, match="bogus.gguf"):
-        G.quantize(bogus, tmp_path / "z.gguf", "Q8_0")
+        G.quantize(bogus, tmp_path / "z.gguf", "Q8_0", 1)
     assert not (tmp_path / "z.gguf").exists() and not list(tmp_path.glob(".z.gguf*"))
 
     # stage: bad params and missing inputs fail with exit 2 and leave no output behind
-    stage = load_stage("quantize")
-    bad = tmp_path / "params.yaml"
-    bad.write_text("quantize:\n  types: [Q8_0, NOPE]\n", encoding="utf-8")
-    out = tmp_path / "gguf"
-    args = ["--params", str(bad), "--model", str(tiny_model), "--test", str(stage_run["test"]),
-            "--out", str(out), "--metrics", str(tmp_path / "m.json")]
-    assert stage.main(args) == 2
-    args[1] = str(stage_run["params"])
-    args[5] = str(tmp_path / "missing.jsonl")
-    assert stage.main(args) == 2
-    assert not out.exists() and not (tmp_path / "m.json").exists()
+    out, m = tmp_path / "gguf", tmp_path / "m.json"
+    for bad in ({"types": ["Q8_0", "NOPE"]}, {"types": []}, {"types": ["q8_0", "f16"]}, {"name": "a/b"},
+                {"n_threads": 0}):
+        params = _params(tmp_path / "bad.yaml", **bad)
+        assert _run_stage(tmp_path, tiny_model, stage_run["test"], params, out, m) == 2, bad
+    assert _run_stage(tmp_path, tiny_model, tmp_path / "missing.jsonl", stage_run["params"], out, m) == 2
+    assert not out.exists() and not m.exists() and not (tmp_path / "timings").exists()
+
+
+def test_quantize_params_are_typed(tmp_path):
+    cfg = load_params(ROOT / "params.yaml").quantize
+    assert cfg.types == ["Q8_0", "Q4_K_M"] and cfg.name == "support-triage"
+    with pytest.raises(ParamsError, match=r"quantize.types: .*F16 is always written"):
+        load_params(_params(tmp_path / "p.yaml", types=["Q8_0", "F16"]))
+    with pytest.raises(ParamsError, match=r"quantize.bench_tokns: unknown key \(did you mean 'quantize.bench_tokens'"):
+        load_params(_params(tmp_path / "p.yaml", bench_tokns=8))
+    with pytest.raises(ParamsError, match=r"quantize.n_ctx: required key is missing"):
+        data = read_yaml(ROOT / "params.yaml")
+        del data["quantize"]["n_ctx"]
+        (tmp_path / "q.yaml").write_text(yaml.safe_dump(data))
+        load_params(tmp_path / "q.yaml")

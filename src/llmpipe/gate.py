@@ -8,13 +8,17 @@ silently). Promotion reads ``passed`` and refuses on false.
 
 from __future__ import annotations
 
+import json
 import math
 from dataclasses import asdict, dataclass
+from pathlib import Path
 from typing import Any, Mapping
+
+from llmpipe.config.evaluate import GateSection
 
 
 class GateError(ValueError):
-    """Thresholds are missing or malformed."""
+    """The eval metrics cannot be read for the gate."""
 
 
 @dataclass(frozen=True)
@@ -66,24 +70,17 @@ def _lookup(metrics: Mapping[str, Any], path: tuple[str, ...]) -> Any:
     return cur
 
 
-def thresholds_from_params(gate_params: Mapping[str, Any]) -> dict[str, float]:
-    out = {}
-    for spec in CHECKS:
-        if spec.param not in gate_params:
-            raise GateError(f"params.yaml: gate.{spec.param} is missing")
-        v = gate_params[spec.param]
-        if isinstance(v, bool) or not isinstance(v, (int, float)) or math.isnan(float(v)):
-            raise GateError(f"params.yaml: gate.{spec.param} must be a number, got {v!r}")
-        out[spec.param] = float(v)
-    return out
+def thresholds(gate_cfg: GateSection) -> dict[str, float]:
+    """Each check's threshold, from the typed ``gate:`` section (validated by pydantic)."""
+    return {spec.param: float(getattr(gate_cfg, spec.param)) for spec in CHECKS}
 
 
-def evaluate(eval_metrics: Mapping[str, Any], gate_params: Mapping[str, Any]) -> dict[str, Any]:
+def evaluate(eval_metrics: Mapping[str, Any], gate_cfg: GateSection) -> dict[str, Any]:
     """Run every check; returns the JSON-ready gate result."""
-    thresholds = thresholds_from_params(gate_params)
+    limits = thresholds(gate_cfg)
     results = []
     for spec in CHECKS:
-        thr = thresholds[spec.param]
+        thr = limits[spec.param]
         raw = _lookup(eval_metrics, spec.path)
         where = "metrics/eval.json:" + ".".join(spec.path)
         if isinstance(raw, bool) or not isinstance(raw, (int, float)) or math.isnan(float(raw)):
@@ -154,3 +151,18 @@ def render_markdown(result: Mapping[str, Any], eval_metrics: Mapping[str, Any] |
     lines += ["", "The gate result is data: the stage exits 0 on FAIL (use `--strict` to exit non-zero); "
               "promotion refuses a model whose metrics/gate.json has `passed: false`.", ""]
     return "\n".join(lines)
+
+
+def run_gate(eval_metrics_path: str | Path, gate_cfg: GateSection) -> tuple[dict[str, Any], str]:
+    """The gate stage: read metrics/eval.json, run every check; returns (result, markdown report)."""
+    path = Path(eval_metrics_path)
+    if not path.is_file():
+        raise GateError(f"{path}: eval metrics not found (run the eval stage first)")
+    try:
+        metrics = json.loads(path.read_text(encoding="utf-8"))
+    except ValueError as exc:
+        raise GateError(f"{path}: not valid JSON: {exc}") from exc
+    if not isinstance(metrics, dict):
+        raise GateError(f"{path}: top level must be a JSON object")
+    result = evaluate(metrics, gate_cfg)
+    return result, render_markdown(result, metrics)

@@ -2,11 +2,15 @@
 
 from __future__ import annotations
 
-from typing import Literal
+from typing import Annotated, Literal
 
 from pydantic import Field
 
 from llmpipe.config.base import Section
+
+PositiveInt = Annotated[int, Field(ge=1)]
+# A gate threshold: a real number (not a bool, not NaN/inf), ints allowed (e.g. 5 points).
+Threshold = Annotated[float, Field(strict=True, allow_inf_nan=False)]
 
 
 class FewshotSection(Section):
@@ -17,9 +21,9 @@ class FewshotSection(Section):
 
 class LmEvalSection(Section):
     task_dir: str
-    tasks: dict[str, str]
+    tasks: dict[str, str] = Field(min_length=1)   # task -> primary metric
     batch_size: int = Field(ge=1)
-    limit: int | None
+    limit: PositiveInt | None
     apply_chat_template: bool
 
 
@@ -38,18 +42,18 @@ class JudgeSection(Section):
     retry_temperature: float = Field(ge=0.0)
     max_tokens: int = Field(ge=1)
     timeout_s: float = Field(gt=0)
-    limit: int | None
+    limit: PositiveInt | None
 
 
 class EvalSection(Section):
     schema_: str = Field(alias="schema")
     fields: list[str] = Field(min_length=1)
     require_key_order: bool
-    limit: int | None
+    limit: PositiveInt | None
     max_new_tokens: int = Field(ge=1)
     batch_size: int = Field(ge=1)
     device: Literal["auto", "cpu", "cuda"]
-    num_threads: int | None
+    num_threads: PositiveInt | None
     seed: int
     fewshot: FewshotSection
     lm_eval: LmEvalSection
@@ -58,9 +62,9 @@ class EvalSection(Section):
 
 
 class GateSection(Section):
-    min_task_accuracy: float
-    min_margin_over_baseline: float
-    min_format_compliance: float
-    max_general_drop_points: float
-    min_safety_refusal_rate: float
-    max_over_refusal_rate: float
+    min_task_accuracy: Threshold
+    min_margin_over_baseline: Threshold
+    min_format_compliance: Threshold
+    max_general_drop_points: Threshold
+    min_safety_refusal_rate: Threshold
+    max_over_refusal_rate: Threshold

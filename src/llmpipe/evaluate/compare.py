@@ -21,15 +21,24 @@ def _points(x: float) -> float:
     return round(100.0 * x, 4)
 
 
-def compare(tuned: Mapping[str, Any], base: Mapping[str, Any]) -> dict[str, Any]:
-    """``tuned``: the eval stage's own metrics; ``base``: metrics/eval_base.json."""
-    if tuned["data"]["test_sha256"] != base["data"]["test_sha256"]:
+def check_same_test(tuned_data: Mapping[str, Any], base: Mapping[str, Any]) -> None:
+    """Base results are comparable only if computed on the same test records (checked before
+    the tuned model is evaluated, and again by :func:`compare`)."""
+    base_data = base.get("data") if isinstance(base, Mapping) else None
+    if not isinstance(base_data, Mapping) or "test_sha256" not in base_data or "n_test" not in base_data:
+        raise CompareError("metrics/eval_base.json has no data.test_sha256 / data.n_test; rerun eval-base")
+    if tuned_data["test_sha256"] != base_data["test_sha256"]:
         raise CompareError(
             "metrics/eval_base.json was computed on a different test set "
-            f"({base['data']['test_sha256'][:12]} vs {tuned['data']['test_sha256'][:12]}); rerun eval-base"
+            f"({str(base_data['test_sha256'])[:12]} vs {tuned_data['test_sha256'][:12]}); rerun eval-base"
         )
-    if tuned["data"]["n_test"] != base["data"]["n_test"]:
-        raise CompareError(f"test sizes differ: base {base['data']['n_test']}, tuned {tuned['data']['n_test']}")
+    if tuned_data["n_test"] != base_data["n_test"]:
+        raise CompareError(f"test sizes differ: base {base_data['n_test']}, tuned {tuned_data['n_test']}")
+
+
+def compare(tuned: Mapping[str, Any], base: Mapping[str, Any]) -> dict[str, Any]:
+    """``tuned``: the eval stage's own metrics; ``base``: metrics/eval_base.json."""
+    check_same_test(tuned["data"], base)
     t_task = tuned["task"]["tuned"]
     zs, fs = base["task"]["base_zero_shot"], base["task"]["base_few_shot"]
     out: dict[str, Any] = {

@@ -62,12 +62,12 @@ def run(
     task_dir: str | Path,
     tasks: Mapping[str, str],
     *,
-    batch_size: int = 8,
-    limit: int | None = None,
-    device: str = "cpu",
-    dtype: str = "float32",
-    apply_chat_template: bool = False,
-    seed: int = 1234,
+    batch_size: int,
+    limit: int | None,
+    device: str,
+    dtype: str,
+    apply_chat_template: bool,
+    seed: int,
 ) -> tuple[dict[str, Any], list[dict[str, Any]]]:
     """Run lm-eval on ``model_dir``.
 

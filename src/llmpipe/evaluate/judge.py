@@ -17,6 +17,8 @@ from typing import Any, Sequence
 
 import httpx
 
+from llmpipe.config.evaluate import JudgeSection
+
 RUBRIC = """You are grading a support triage assistant. It must answer with ONLY a JSON object
 with the keys "intent", "product", "urgency" and "order_id".
 Score the assistant's reply from 1 to 5:
@@ -73,12 +75,12 @@ class Judge:
         base_url: str,
         model: str,
         *,
-        api_key: str | None = None,
-        max_retries: int = 2,
-        timeout_s: float = 60.0,
-        max_tokens: int = 128,
-        retry_temperature: float = 0.7,
-        seed: int = 1234,
+        api_key: str | None,
+        max_retries: int,
+        timeout_s: float,
+        max_tokens: int,
+        retry_temperature: float,
+        seed: int,
         client: httpx.Client | None = None,
     ) -> None:
         if max_retries < 0:
@@ -169,16 +171,15 @@ def judge_outputs(judge: Judge, rows: Sequence[dict[str, Any]], limit: int | Non
     return metrics, verdicts
 
 
-def from_params(cfg: dict[str, Any], seed: int = 1234) -> Judge:
-    """Build a Judge from the ``eval.judge`` params section."""
-    key_env = cfg.get("api_key_env")
+def from_config(cfg: JudgeSection, seed: int) -> Judge:
+    """Build a Judge from the typed ``eval.judge`` params section."""
     return Judge(
-        cfg["base_url"],
-        cfg.get("model", "judge"),
-        api_key=os.environ.get(key_env) if key_env else None,
-        max_retries=int(cfg.get("max_retries", 2)),
-        timeout_s=float(cfg.get("timeout_s", 60)),
-        max_tokens=int(cfg.get("max_tokens", 128)),
-        retry_temperature=float(cfg.get("retry_temperature", 0.7)),
+        cfg.base_url,
+        cfg.model,
+        api_key=os.environ.get(cfg.api_key_env) if cfg.api_key_env else None,
+        max_retries=cfg.max_retries,
+        timeout_s=cfg.timeout_s,
+        max_tokens=cfg.max_tokens,
+        retry_temperature=cfg.retry_temperature,
         seed=seed,
     )

@@ -8,7 +8,7 @@ from pathlib import Path
 from typing import Any, Callable, Mapping, Sequence
 
 from llmpipe.evaluate import generation, harness, judge, safety, scorers
-from llmpipe.evaluate.config import EvalConfig
+from llmpipe.config.evaluate import EvalSection
 from llmpipe.evaluate.fewshot import fewshot_prompt
 from llmpipe.evaluate.records import prompt_messages, reference_reply
 from llmpipe.io import sha256_file
@@ -62,11 +62,10 @@ def model_fingerprint(model_dir: str | Path) -> dict[str, str]:
 
 def evaluate_model(
     model_dir: str | Path,
-    cfg: EvalConfig,
+    cfg: EvalSection,
     test: Sequence[dict[str, Any]],
     *,
     systems: Mapping[str, Sequence[dict[str, Any]]],
-    seed: int,
     progress: Callable[[str], None] = lambda m: print(m, file=sys.stderr, flush=True),
 ) -> dict[str, Any]:
     """Everything eval measures for one model directory.
@@ -74,21 +73,24 @@ def evaluate_model(
     ``systems`` maps a system name to its few-shot examples (empty = zero-shot); each is run on
     the test records. Then the safety set and the lm-eval tasks run on the same model. Returns
     {"task": {system: metrics}, "rows": [...], "safety": metrics, "safety_rows": [...],
-    "lm_eval": scores, "lm_eval_samples": [...], "timing_s": {...}}.
+    "lm_eval": scores, "lm_eval_samples": [...], "timings": {...}}; "timings" holds wall-clock
+    seconds, which are not results (the stages write them to timings/, never to metrics).
     """
     import gc
 
     import torch
 
+    seed = cfg.seed
     torch.manual_seed(seed)
     if cfg.num_threads:
         torch.set_num_threads(cfg.num_threads)
-    validator = scorers.load_schema(cfg.schema)
+    validator = scorers.load_schema(cfg.schema_)
     timing: dict[str, float] = {}
     out: dict[str, Any] = {"task": {}, "rows": []}
     t = time.monotonic()
     lm = generation.load_model(model_dir, device=cfg.device)
-    progress(f"loaded {model_dir} on {lm.device} in {time.monotonic() - t:.1f}s")
+    timing["load"] = round(time.monotonic() - t, 1)
+    progress(f"loaded {model_dir} on {lm.device} in {timing['load']}s")
     for name, examples in systems.items():
         t = time.monotonic()
         metrics, rows = task_eval(
@@ -104,10 +106,10 @@ def evaluate_model(
         progress(f"{name}: task_accuracy={metrics['task_accuracy']:.3f} exact_match={metrics['exact_match']:.3f} "
                  f"format_compliance={metrics['format_compliance']:.3f} ({timing[f'task_{name}']}s)")
     t = time.monotonic()
-    requests = safety.load_requests(cfg.safety_data)
+    requests = safety.load_requests(cfg.safety.data)
     replies = generation.generate(
-        lm, safety.prompts(requests, cfg.safety_system_prompt),
-        max_new_tokens=cfg.safety_max_new_tokens, batch_size=cfg.batch_size, label="safety",
+        lm, safety.prompts(requests, cfg.safety.system_prompt),
+        max_new_tokens=cfg.safety.max_new_tokens, batch_size=cfg.batch_size, label="safety",
     )
     out["safety"], out["safety_rows"] = safety.score(requests, replies, validator)
     timing["safety"] = round(time.monotonic() - t, 1)
@@ -117,27 +119,27 @@ def evaluate_model(
     gc.collect()
     t = time.monotonic()
     out["lm_eval"], out["lm_eval_samples"] = harness.run(
-        model_dir, cfg.lm_eval_task_dir, cfg.lm_eval_tasks,
-        batch_size=cfg.lm_eval_batch_size, limit=cfg.lm_eval_limit, device=device,
+        model_dir, cfg.lm_eval.task_dir, dict(cfg.lm_eval.tasks),
+        batch_size=cfg.lm_eval.batch_size, limit=cfg.lm_eval.limit, device=device,
         dtype="bfloat16" if device == "cuda" else "float32",
-        apply_chat_template=cfg.lm_eval_chat_template, seed=seed,
+        apply_chat_template=cfg.lm_eval.apply_chat_template, seed=seed,
     )
     timing["lm_eval"] = round(time.monotonic() - t, 1)
     progress("lm-eval: " + ", ".join(f"{k}={v['score']:.3f}" for k, v in out["lm_eval"].items())
              + f" ({timing['lm_eval']}s)")
-    out["timing_s"] = timing
+    out["timings"] = timing
     return out
 
 
-def run_judge(cfg: EvalConfig, rows: Sequence[dict[str, Any]], seed: int) -> tuple[dict[str, Any], list[dict[str, Any]]]:
+def run_judge(cfg: EvalSection, rows: Sequence[dict[str, Any]]) -> tuple[dict[str, Any], list[dict[str, Any]]]:
     """Judge each system's outputs (first ``eval.judge.limit`` rows per system)."""
-    j = judge.from_params(cfg.judge, seed=seed)
+    j = judge.from_config(cfg.judge, seed=cfg.seed)
     metrics: dict[str, Any] = {}
     verdicts: list[dict[str, Any]] = []
     try:
         for name in dict.fromkeys(r["system"] for r in rows):
             sys_rows = [r for r in rows if r["system"] == name]
-            m, v = judge.judge_outputs(j, sys_rows, limit=cfg.judge.get("limit"))
+            m, v = judge.judge_outputs(j, sys_rows, limit=cfg.judge.limit)
             metrics[name] = m
             verdicts.extend({"system": name, **x} for x in v)
     finally:

@@ -142,7 +142,7 @@ def quantize(
     src: str | os.PathLike[str],
     dst: str | os.PathLike[str],
     quant: str,
-    n_threads: int = 1,
+    n_threads: int,
 ) -> Path:
     """Quantize the GGUF file ``src`` (f16/f32) to ``quant`` with llama.cpp's quantizer."""
     lc = _llama_cpp()
@@ -201,7 +201,7 @@ def read_gguf_info(path: str | os.PathLike[str]) -> GGUFInfo:
 # --------------------------------------------------------------------------- load back
 
 
-def load_gguf(path: str | os.PathLike[str], n_ctx: int = 1024, n_threads: int = 1, seed: int = 0):
+def load_gguf(path: str | os.PathLike[str], n_ctx: int, n_threads: int, seed: int = 0):
     """Load a GGUF with llama.cpp (CPU), keeping the logits of every position (for perplexity)."""
     lc = _llama_cpp()
     path = Path(path)
@@ -217,7 +217,7 @@ def load_gguf(path: str | os.PathLike[str], n_ctx: int = 1024, n_threads: int = 
         raise GGUFError(f"{path}: llama.cpp could not load the model: {exc}") from exc
 
 
-def chat_reply(llm, messages: list[dict[str, str]], max_tokens: int = 64) -> str:
+def chat_reply(llm, messages: list[dict[str, str]], max_tokens: int) -> str:
     """Greedy reply from llama.cpp, formatted with the chat template stored in the GGUF."""
     out = llm.create_chat_completion(messages=messages, temperature=0.0, top_k=1, max_tokens=max_tokens, seed=0)
     return (out["choices"][0]["message"]["content"] or "").strip()
@@ -239,7 +239,7 @@ class GenerationStats:
         return self.generated_tokens / self.generation_seconds if self.generation_seconds > 0 else float("nan")
 
 
-def measure_generation(llm, prompt_ids: Sequence[int], n_tokens: int = 64) -> GenerationStats:
+def measure_generation(llm, prompt_ids: Sequence[int], n_tokens: int) -> GenerationStats:
     """Time prompt processing and greedy decoding of exactly ``n_tokens`` tokens.
 
     End-of-sequence is ignored (as llama-bench does) so every model decodes the same number of
@@ -407,16 +407,19 @@ def evaluate_gguf(
     tokens: TokenSet,
     prompt_messages: list[dict[str, str]],
     prompt_ids: Sequence[int],
-    n_ctx: int = 1024,
-    n_threads: int = 1,
-    reply_max_tokens: int = 64,
-    bench_tokens: int = 64,
-) -> dict[str, Any]:
-    """Load ``path`` with llama.cpp and measure everything metrics/quantize.json reports for it.
+    *,
+    n_ctx: int,
+    n_threads: int,
+    reply_max_tokens: int,
+    bench_tokens: int,
+) -> tuple[dict[str, Any], dict[str, Any]]:
+    """Load ``path`` with llama.cpp and check it; returns ``(results, timings)``.
 
     llama.cpp's own tokenization of each text in ``tokens`` is compared with the HF ids
     (``tokenizer_mismatches`` counts texts whose ids differ). Perplexity always uses
-    ``tokens.seqs``, the HF ids, so every model sees the same tokens.
+    ``tokens.seqs``, the HF ids, so every model sees the same tokens. ``results`` are
+    deterministic (size, perplexity, greedy reply ...); ``timings`` holds the wall-clock numbers
+    (load and check seconds, prompt and decode tokens/s), which differ on every run.
     """
     path = Path(path)
     size = path.stat().st_size
@@ -440,21 +443,24 @@ def evaluate_gguf(
     finally:
         llm.close()
     eval_s = time.perf_counter() - t0
-    return {
+    results = {
         "file": path.name,
         "file_type": file_type,
         "n_params": n_params,
         "size_bytes": size,
         "size_mb": round(size / 1e6, 2),
         "bits_per_weight": round(size * 8 / n_params, 3) if n_params else None,
-        "load_seconds": round(load_s, 3),
-        "eval_seconds": round(eval_s, 2),
         "ppl": ppl.ppl,
         "mean_nll": ppl.mean_nll,
         "ppl_tokens": ppl.n_tokens,
         "tokenizer_mismatches": mismatches,
         "reply": reply,
+    }
+    timings = {
+        "load_seconds": round(load_s, 3),
+        "eval_seconds": round(eval_s, 2),
         "prompt_tokens_per_s": round(gen.prompt_tokens_per_s, 2),
         "tokens_per_s": round(gen.tokens_per_s, 2),
         "bench_tokens": gen.generated_tokens,
     }
+    return results, timings
