@@ -1,40 +1,57 @@
-"""DVC stage ``deploy``: one bounded canary rollout of the pipeline's GGUF on loopback (CPU).
+"""DVC stage ``deploy``: one canary rollout of the pipeline's model, decided on measured requests.
+
+``deploy.target: local`` rehearses on loopback (own llama.cpp engines, router and generated
+traffic); a serve-stack control API URL rolls the registry's ``canary`` version out on a live
+router's user traffic (refused inside ``dvc exp run`` and from a dirty workspace).
 
 in:  models/gguf/support-triage-q4_k_m.gguf, metrics/gate.json, data/split/test.jsonl, the registry (git
-     tags), params serve.* / deploy.* / registry.*
+     tags), params registry / serve / deploy / validate.default_system_prompt
 out: deploy/state.json, deploy/decisions.jsonl, deploy/releases/ (the stable GGUF; persisted),
-     metrics/deploy.json
+     metrics/deploy.json (decision, versions, steps, client failures, registry update)
+     timings/deploy.json (duration, request counts, latencies; not a metric)
 """
 
 from __future__ import annotations
 
+import argparse
 import signal
 import sys
 from pathlib import Path
 
-sys.path.insert(0, str(Path(__file__).resolve().parents[1] / "src"))
+from llmpipe.config import ParamsError, load_stage_params
+from llmpipe.io import write_json, write_timings
+from llmpipe.model.source import ModelSourceError
+from llmpipe.serve.engines import EngineError
+from llmpipe.serve.rollout import DeployError, run_deploy
+from llmpipe.serve.state import StateError
+from llmpipe.serve.traffic import TrafficError
 
-from llmpipe.model.source import ModelSourceError  # noqa: E402
-from llmpipe.params import ParamsError, load_params  # noqa: E402
-from llmpipe.serve.engines import EngineError  # noqa: E402
-from llmpipe.serve.rollout import DeployError, run_deploy  # noqa: E402
-from llmpipe.serve.state import StateError  # noqa: E402
-from llmpipe.serve.traffic import TrafficError  # noqa: E402
+PARAMS = ["registry", "serve", "deploy", "validate.default_system_prompt"]
 
 
-def main() -> int:
-    # SIGTERM (e.g. a cancelled `dvc repro`) unwinds normally, so the engines are stopped.
+def main(argv: list[str] | None = None) -> int:
+    ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    ap.add_argument("--metrics", type=Path, default=Path("metrics/deploy.json"))
+    ap.add_argument("--params", type=Path, default=None, help="params file (default params.yaml)")
+    args = ap.parse_args(argv)
+    # SIGTERM (e.g. a cancelled `dvc repro`) unwinds normally, so engines are stopped and a live
+    # rollout is put on hold (canary weight 0) with its lock released.
     signal.signal(signal.SIGTERM, lambda *_: sys.exit(143))
     try:
-        params = load_params()
-        metrics = run_deploy(params, ".", state_path="deploy/state.json", log_path="deploy/decisions.jsonl",
-                             releases_dir="deploy/releases", metrics_path="metrics/deploy.json")
-    except (DeployError, EngineError, ModelSourceError, ParamsError, StateError, TrafficError, ValueError) as exc:
+        cfg = load_stage_params(PARAMS, args.params)
+        result = run_deploy(cfg.deploy, cfg.serve, cfg.registry, system_prompt=cfg.validate.default_system_prompt)
+    except (DeployError, EngineError, ModelSourceError, ParamsError, StateError, TrafficError) as exc:
         print(f"deploy: {exc}", file=sys.stderr)
         return 1
-    print(f"deploy: {metrics['decision']} (stable {metrics.get('stable_version')}, "
-          f"canary {metrics.get('canary_version')}, {metrics.get('requests', 0)} requests, "
-          f"{metrics.get('client_failures', 0)} client failures)", file=sys.stderr)
+    write_json(args.metrics, result.metrics)
+    if result.timings:
+        write_timings("deploy", result.timings)
+    m = result.metrics
+    print(f"deploy: {m['decision']} (stable {m.get('stable_version')}, canary {m.get('canary_version')}, "
+          f"{m.get('client_failures', 0)} client failures)", file=sys.stderr)
+    if result.error:
+        print(f"deploy: {result.error}", file=sys.stderr)
+        return 1
     return 0
 
 

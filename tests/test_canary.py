@@ -17,7 +17,19 @@ from llmpipe.serve.router import Backend
 from llmpipe.serve.state import StateError, StateStore
 
 THR = Thresholds(min_requests=4, min_stable_requests=4, max_error_rate=0.05, max_error_rate_increase=0.02,
-                 max_p50_ratio=1.5, max_p95_ratio=2.0, latency_slack_ms=50.0, max_compliance_drop=0.1)
+                 max_p50_ratio=1.5, max_p95_ratio=2.0, latency_slack_ms=50.0, max_compliance_drop=0.1,
+                 min_compliance=0.0)
+ROOT = Path(__file__).resolve().parents[1]
+
+
+def repo_params(**sections) -> dict:
+    """The repository's params.yaml as a dict, with ``sections`` merged in (one level deep)."""
+    import yaml
+
+    params = yaml.safe_load((ROOT / "params.yaml").read_text())
+    for name, override in sections.items():
+        params[name] = {**params[name], **override}
+    return params
 STABLE = {"version": "v1.0.0", "url": "http://127.0.0.1:1", "sha256": "aaa", "model": "a.gguf", "api_key": "k1"}
 CANARY = {"version": "v1.1.0", "url": "http://127.0.0.1:2", "sha256": "bbb", "model": "b.gguf", "api_key": "k2"}
 
@@ -58,13 +70,16 @@ def test_analyze_rules() -> None:
     # slightly lower compliance within the allowed drop still passes
     mixed = WindowStats.of([good(100)] * 19 + [Sample(True, 0.1, False, "x")])
     assert analyze(mixed, base, THR).action == "pass"
-    with pytest.raises(ValueError, match="unknown keys"):
-        Thresholds.from_params({"min_request": 3})
+    from llmpipe.config import ParamsError, parse_params
+
+    bad = repo_params(deploy={"thresholds": {**THR.model_dump(), "min_request": 3}})
+    with pytest.raises(ParamsError, match=r"deploy.thresholds.min_request: unknown key \(did you mean 'deploy.thresholds.min_requests'"):
+        parse_params(bad)
 
 
 def test_good_canary_rolls_forward_to_promotion(tmp_path: Path) -> None:
     store = StateStore(tmp_path / "state.json", tmp_path / "decisions.jsonl")
-    ctl = CanaryController.open(store, THR, stable=STABLE, canary=CANARY, steps=[0.1, 0.5, 1.0])
+    ctl = CanaryController.open(store, THR, stable=STABLE, canary=CANARY, steps=[0.1, 0.5, 1.0], baseline_size=200)
     feed(ctl, "stable", [good(100)] * 8)
     for step_weight in (0.5, 1.0):
         feed(ctl, "canary", [good(105)] * 4)
@@ -84,7 +99,7 @@ def test_good_canary_rolls_forward_to_promotion(tmp_path: Path) -> None:
 
 def test_bad_canary_rolled_back_and_logged(tmp_path: Path) -> None:
     store = StateStore(tmp_path / "state.json", tmp_path / "decisions.jsonl")
-    ctl = CanaryController.open(store, THR, stable=STABLE, canary=CANARY, steps=[0.25, 1.0])
+    ctl = CanaryController.open(store, THR, stable=STABLE, canary=CANARY, steps=[0.25, 1.0], baseline_size=200)
     feed(ctl, "stable", [good(100)] * 8)
     feed(ctl, "canary", [Sample(True, 0.1, False, "malformed reply: not JSON: Expecting value")] * 4)
     state = store.load()
@@ -99,7 +114,7 @@ def test_bad_canary_rolled_back_and_logged(tmp_path: Path) -> None:
 
 def test_state_survives_controller_restart(tmp_path: Path) -> None:
     store = StateStore(tmp_path / "state.json", tmp_path / "decisions.jsonl")
-    ctl = CanaryController.open(store, THR, stable=STABLE, canary=CANARY, steps=[0.1, 0.5, 1.0])
+    ctl = CanaryController.open(store, THR, stable=STABLE, canary=CANARY, steps=[0.1, 0.5, 1.0], baseline_size=200)
     feed(ctl, "stable", [good()] * 8)
     feed(ctl, "canary", [good()] * 4)
     feed(ctl, "canary", [good()] * 2)            # half of step 2's window, then a "crash"
@@ -108,7 +123,7 @@ def test_state_survives_controller_restart(tmp_path: Path) -> None:
     # new process, engines on new ports: state wins for step/weight, URLs are refreshed
     moved = {**CANARY, "url": "http://127.0.0.1:3"}
     ctl2 = CanaryController.open(StateStore(tmp_path / "state.json", tmp_path / "decisions.jsonl"), THR,
-                                 stable=STABLE, canary=moved, steps=[0.1, 0.5, 1.0])
+                                 stable=STABLE, canary=moved, steps=[0.1, 0.5, 1.0], baseline_size=200)
     assert (ctl2.state["step"], ctl2.state["canary_weight"], ctl2.state["restarts"]) == (1, 0.5, 1)
     assert ctl2.state["canary"]["url"] == "http://127.0.0.1:3"
     assert ctl2.release_backend("canary").api_key == "k2"
@@ -119,7 +134,7 @@ def test_state_survives_controller_restart(tmp_path: Path) -> None:
     feed(ctl2, "canary", [good()] * 8)
     assert store.load()["phase"] == "promoted"
     # a different canary model starts a fresh rollout instead of resuming
-    ctl3 = CanaryController.open(store, THR, stable=STABLE, canary={**CANARY, "sha256": "ccc"}, steps=[0.1, 1.0])
+    ctl3 = CanaryController.open(store, THR, stable=STABLE, canary={**CANARY, "sha256": "ccc"}, steps=[0.1, 1.0], baseline_size=200)
     assert ctl3.state["step"] == 0 and ctl3.state["restarts"] == 0
 
 
@@ -129,7 +144,7 @@ def test_corrupt_state_file_is_a_clear_error(tmp_path: Path) -> None:
         StateStore(tmp_path / "state.json", tmp_path / "d.jsonl").load()
     with pytest.raises(ValueError, match="end at 1.0"):
         CanaryController.open(StateStore(tmp_path / "s2.json", tmp_path / "d.jsonl"), THR,
-                              stable=STABLE, canary=CANARY, steps=[0.1, 0.5])
+                              stable=STABLE, canary=CANARY, steps=[0.1, 0.5], baseline_size=200)
 
 
 # ---------------------------------------------------------------------------------------------
@@ -155,7 +170,8 @@ PROMPTS = [[{"role": "system", "content": SYSTEM},
             *[m for u, a in SHOTS for m in ({"role": "user", "content": u}, {"role": "assistant", "content": a})],
             {"role": "user", "content": "Where is my order KX482913? My e-reader has not arrived."}]]
 REAL_THR = Thresholds(min_requests=3, min_stable_requests=3, max_error_rate=0.05, max_error_rate_increase=0.02,
-                      max_p50_ratio=3.0, max_p95_ratio=4.0, latency_slack_ms=3000.0, max_compliance_drop=0.1)
+                      max_p50_ratio=3.0, max_p95_ratio=4.0, latency_slack_ms=3000.0, max_compliance_drop=0.1,
+                      min_compliance=0.0)
 
 
 def base_gguf() -> str:
@@ -193,7 +209,7 @@ def rollout(store: StateStore, stable: dict, canary: dict, *, steps, max_request
     from llmpipe.serve.router import Backend, Router
     from llmpipe.serve.traffic import drive
 
-    ctl = CanaryController.open(store, REAL_THR, stable=stable, canary=canary, steps=steps)
+    ctl = CanaryController.open(store, REAL_THR, stable=stable, canary=canary, steps=steps, baseline_size=200)
     router = Router(Backend(stable["version"], stable["url"]), None, validator=ReplyValidator(DEMO_SCHEMA),
                     canary_timeout_s=canary_timeout_s)
     ctl.attach(router)
@@ -304,25 +320,22 @@ def test_deploy_stage_promotes_then_rolls_back_with_registry(tmp_path: Path, bro
     _git(root, "init", "-q", "-b", "main")
     _git(root, "config", "user.email", "ci@example.com")
     _git(root, "config", "user.name", "CI")
-    (root / ".gitignore").write_text("models/\ndeploy/\n")
-    reg_cfg = {"artifact": "model", "model_path": "models/gguf/model-q4_k_m.gguf", "stage": "canary",
-               "prod_stage": "prod", "bump": "minor", "initial_version": "v1.0.0", "gate": "metrics/gate.json",
-               "check_dvc_status": False}
-    params = {
-        "model": {"name_or_path": "embedded:smollm2-135m-instruct"},
-        "validate": {"default_system_prompt": SYSTEM},
-        "registry": reg_cfg,
-        "serve": {"host": "127.0.0.1", "n_ctx": 512, "n_threads": 1, "canary_timeout_s": 60,
-                  "startup_timeout_s": 120},
-        "deploy": {"model": "models/gguf/model-q4_k_m.gguf", "bootstrap_stable": broken_gguf,
-                   "prompts": "data/split/test.jsonl", "reply_schema": "data/task/support_triage.schema.json",
-                   "steps": [0.5, 1.0],
-                   # the 2-block bootstrap stable is far faster than any real model: judge format here
-                   "thresholds": {**REAL_THR.__dict__, "max_p50_ratio": 100.0, "max_p95_ratio": 100.0,
-                                  "min_requests": 2, "min_stable_requests": 2},
-                   "traffic": {"concurrency": 2, "max_tokens": 48, "max_requests": 40, "max_seconds": 150},
-                   "update_registry": True},
-    }
+    (root / ".gitignore").write_text("models/\ndeploy/\ntimings/\n")
+    params = repo_params(
+        validate={"default_system_prompt": SYSTEM},
+        registry={"model_path": "models/gguf/model-q4_k_m.gguf", "check_dvc_status": False},
+        serve={"host": "127.0.0.1", "n_ctx": 512, "n_threads": 1, "canary_timeout_s": 60, "startup_timeout_s": 120},
+        deploy={"target": "local", "model": "models/gguf/model-q4_k_m.gguf", "bootstrap_stable": broken_gguf,
+                "prompts": "data/split/test.jsonl", "reply_schema": "data/task/support_triage.schema.json",
+                "steps": [0.5, 1.0],
+                # the 2-block bootstrap stable is far faster than any real model: judge format here
+                "thresholds": {**REAL_THR.model_dump(), "max_p50_ratio": 100.0, "max_p95_ratio": 100.0,
+                               "min_requests": 2, "min_stable_requests": 2},
+                "traffic": {"concurrency": 2, "max_tokens": 48, "max_requests": 40, "max_seconds": 150},
+                "update_registry": True})
+    from llmpipe.config import parse_params
+
+    reg_cfg = parse_params(params).registry
     (root / "params.yaml").write_text(yaml.safe_dump(params))
     (root / "data/split").mkdir(parents=True)
     record = {"id": "t1", "messages": PROMPTS[0] + [{"role": "assistant", "content": SHOTS[0][1]}], "metadata": {}}
@@ -357,6 +370,8 @@ def test_deploy_stage_promotes_then_rolls_back_with_registry(tmp_path: Path, bro
     m = deploy()
     assert m["decision"] == "promoted" and m["client_failures"] == 0, m
     assert m["canary_version"].startswith("unregistered-") and "skipped" in m["registry"]
+    timings = json.loads((root / "timings/deploy.json").read_text())       # wall clock is not a metric
+    assert "duration_s" not in m and timings["requests"] >= 4 and timings["final_numbers"]["canary"]["p50_ms"] > 0
     state = json.loads((root / "deploy/state.json").read_text())
     release = root / state["stable"]["model"]
     assert state["phase"] == "promoted" and release.parent.name == "releases"
@@ -397,9 +412,8 @@ def test_router_process_killed_mid_rollout_resumes_from_state(tmp_path: Path) ->
     from llmpipe.serve.traffic import drive
 
     (tmp_path / "schema.json").write_text(json.dumps(DEMO_SCHEMA))
-    (tmp_path / "params.yaml").write_text(yaml.safe_dump({"serve": {"host": "127.0.0.1"}, "deploy": {
-        "steps": [0.5, 1.0], "reply_schema": str(tmp_path / "schema.json"),
-        "thresholds": {**REAL_THR.__dict__}}}))
+    (tmp_path / "params.yaml").write_text(yaml.safe_dump(repo_params(serve={"host": "127.0.0.1"}, deploy={
+        "steps": [0.5, 1.0], "reply_schema": str(tmp_path / "schema.json"), "thresholds": REAL_THR.model_dump()})))
     eng = engine(tmp_path, "engine", base_gguf())
     env = {**os.environ, "PYTHONPATH": str(Path(__file__).resolve().parents[1] / "src"), "ENGINE_KEY": "key-engine"}
     procs: list[subprocess.Popen] = []

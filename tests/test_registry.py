@@ -14,13 +14,23 @@ from pathlib import Path
 import pytest
 import yaml
 
+from llmpipe.config.serve import RegistrySection
 from llmpipe.registry import PromotionRefused, Registry, promote
 from llmpipe.registry.gto_cli import bump
 
-SRC = str(Path(__file__).resolve().parents[1] / "src")
-CFG = {"artifact": "model", "model_path": "models/gguf/model-q4_k_m.gguf", "stage": "canary",
-       "bump": "minor", "initial_version": "v1.0.0", "gate": "metrics/gate.json",
-       "check_dvc_status": False}
+ROOT = Path(__file__).resolve().parents[1]
+SRC = str(ROOT / "src")
+CFG = RegistrySection(artifact="model", model_path="models/gguf/model-q4_k_m.gguf", stage="canary",
+                      prod_stage="prod", bump="minor", initial_version="v1.0.0", gate="metrics/gate.json",
+                      eval_metrics="metrics/eval.json", data_metrics="metrics/data.json", check_dvc_status=False)
+
+
+def repo_params() -> dict:
+    """The repository's params.yaml with CFG as its registry section (the CLI validates every section)."""
+    params = yaml.safe_load((ROOT / "params.yaml").read_text())
+    params["model"]["name_or_path"] = "embedded:smollm2-135m-instruct"
+    params["registry"] = CFG.model_dump()
+    return params
 MODEL_MD5 = "0123456789abcdef0123456789abcdef"
 
 
@@ -41,8 +51,7 @@ def repo(tmp_path: Path) -> Path:
     git(r, "init", "-q", "-b", "main")
     git(r, "config", "user.email", "ci@example.com")
     git(r, "config", "user.name", "CI")
-    write(r, "params.yaml", yaml.safe_dump({"seed": 1, "model": {"name_or_path": "embedded:smollm2-135m-instruct"},
-                                            "lora": {"r": 16}, "registry": CFG}))
+    write(r, "params.yaml", yaml.safe_dump(repo_params()))
     write(r, "dvc.lock", yaml.safe_dump({"schema": "2.0", "stages": {
         "quantize": {"cmd": "python stages/quantize.py", "outs": [
             {"path": "models/gguf/model-q4_k_m.gguf", "hash": "md5", "md5": MODEL_MD5, "size": 1234}]},
@@ -74,7 +83,7 @@ def test_promote_registers_version_with_lineage(repo: Path) -> None:
     assert lin["git"]["commit"] == git(repo, "rev-parse", "HEAD").strip()
     assert lin["base_model"] == "embedded:smollm2-135m-instruct"
     assert lin["dataset_version"] == "ds-5f2a9c"
-    assert lin["params"]["lora"] == {"r": 16} and len(lin["params_sha256"]) == 64
+    assert lin["params"]["lora"] == repo_params()["lora"] and len(lin["params_sha256"]) == 64
     assert lin["metrics"]["gate"]["passed"] is True
     assert lin["metrics"]["eval"]["tuned"]["format_compliance"] == 0.97
     assert lin["model"]["dvc_lock"]["md5"] == MODEL_MD5
@@ -120,7 +129,7 @@ def test_cli_refuses_missing_gate(repo: Path) -> None:
 
 
 def test_cli_refuses_dirty_workspace_then_promotes_when_clean(repo: Path) -> None:
-    write(repo, "params.yaml", (repo / "params.yaml").read_text() + "extra: 1\n")
+    write(repo, "params.yaml", (repo / "params.yaml").read_text() + "# a local edit\n")
     proc = cli(repo, "--skip-dvc-status")
     assert proc.returncode == 2
     assert "workspace differs from the committed pipeline" in proc.stderr and "params.yaml" in proc.stderr
@@ -150,7 +159,7 @@ def test_refuses_when_dvc_outputs_differ_from_lock(tmp_path: Path) -> None:
     subprocess.run([*dvc, "repro", "-q"], cwd=r, check=True, capture_output=True)
     git(r, "add", "-A")
     git(r, "commit", "-qm", "run")
-    cfg = {**CFG, "check_dvc_status": True, "model_path": "out.txt"}
+    cfg = CFG.model_copy(update={"check_dvc_status": True, "model_path": "out.txt"})
     assert promote(r, cfg).version == "v1.0.0"           # clean: allowed
     (r / "out.txt").write_text("tampered\n")
     assert git(r, "status", "--porcelain", "--untracked-files=no").strip() == ""

@@ -49,7 +49,8 @@ def test_cli_prints_vllm_command() -> None:
 
     env = {**os.environ, "PYTHONPATH": str(Path(__file__).resolve().parents[1] / "src")}
     out = subprocess.run([sys.executable, "-m", "llmpipe.cli", "serve", "--engine", "vllm", "--model", "base",
-                          "--lora", "v2=/ad/v2", "--print-command", "--params", "/nonexistent.yaml"],
+                          "--lora", "v2=/ad/v2", "--print-command",
+                          "--params", str(Path(__file__).resolve().parents[1] / "params.yaml")],
                          capture_output=True, text=True, env=env, check=True).stdout
     assert "-m vllm.entrypoints.openai.api_server --model base" in out
     assert "--enable-lora --lora-modules v2=/ad/v2" in out

@@ -7,7 +7,9 @@
 - serve: start one engine (llama.cpp on CPU, vLLM on GPU) bound to loopback, until Ctrl-C.
 - router: run the OpenAI-compatible canary router in front of running engines (optionally with
   the canary controller and a persistent state file).
-- deploy: one bounded canary rollout of the pipeline's model (what ``stages/deploy.py`` runs).
+- serve-stack up: the long-running router + stable engine + control API that live deploys target.
+- user-traffic: a bounded user-traffic generator (tests, demos).
+- deploy: one canary rollout of the pipeline's model (what ``stages/deploy.py`` runs).
 - report: the pull-request report (Markdown): metrics, params and gate vs a base revision, plots.
 """
 
@@ -22,14 +24,14 @@ import sys
 from pathlib import Path
 
 from llmpipe.config import ParamsError as TypedParamsError
-from llmpipe.params import ParamsError, load_params
+from llmpipe.config import load_params as load_typed_params
+from llmpipe.params import ParamsError
 
 
 def _cmd_promote(args: argparse.Namespace) -> int:
     from llmpipe.registry import GtoError, PromotionRefused, promote
 
-    params = load_params(Path(args.repo) / args.params)
-    cfg = dict(params.get("registry") or {})
+    cfg = load_typed_params(Path(args.repo) / args.params).registry
     try:
         res = promote(args.repo, cfg, version=args.version, stage=args.stage,
                       check_dvc=False if args.skip_dvc_status else None)
@@ -79,27 +81,24 @@ def _cmd_serve(args: argparse.Namespace) -> int:
     from llmpipe.serve.engines import EngineError, EngineProcess, LlamaCppSpec, VllmSpec
     from llmpipe.serve.rollout import gguf_path
 
-    params = load_params(args.params) if Path(args.params).exists() else {}
-    scfg = params.get("serve") or {}
-    key = _api_key(args.api_key_env or scfg.get("api_key_env"))
-    host = args.host or scfg.get("host", "127.0.0.1")
-    args.port = args.port or int(scfg.get(f"{args.role}_port", 8001 if args.role == "stable" else 8002))
+    scfg = load_typed_params(args.params).serve
+    key = _api_key(args.api_key_env or scfg.api_key_env)
+    host = args.host or scfg.host
+    args.port = args.port or (scfg.stable_port if args.role == "stable" else scfg.canary_port)
     if args.engine == "vllm":
-        vcfg = scfg.get("vllm") or {}
         loras = dict(item.split("=", 1) for item in args.lora)
         spec = VllmSpec(model=args.model, host=host, port=args.port, api_key=key, served_model=args.served_model,
-                        loras=loras, max_lora_rank=vcfg.get("max_lora_rank"), max_model_len=vcfg.get("max_model_len"),
-                        gpu_memory_utilization=vcfg.get("gpu_memory_utilization"))
+                        loras=loras, max_lora_rank=scfg.vllm.max_lora_rank, max_model_len=scfg.vllm.max_model_len,
+                        gpu_memory_utilization=scfg.vllm.gpu_memory_utilization)
     else:
         spec = LlamaCppSpec(model=gguf_path(args.model), host=host, port=args.port, api_key=key,
-                            served_model=args.served_model, n_ctx=int(scfg.get("n_ctx", 2048)),
-                            n_threads=scfg.get("n_threads"))
+                            served_model=args.served_model, n_ctx=scfg.n_ctx, n_threads=scfg.n_threads)
     if args.print_command:
         print(" ".join(spec.command()))
         return 0
     eng = EngineProcess(spec, Path(args.log or f"deploy/logs/{args.role}.log"), name=f"{args.engine} engine")
     try:
-        eng.start().wait_healthy(float(scfg.get("startup_timeout_s", 180)))
+        eng.start().wait_healthy(scfg.startup_timeout_s)
         print(f"serving {args.model} at {eng.url}/v1 (Ctrl-C to stop)", file=sys.stderr)
         _wait_for_signal()
     except EngineError as exc:
@@ -111,23 +110,21 @@ def _cmd_serve(args: argparse.Namespace) -> int:
 
 
 def _cmd_router(args: argparse.Namespace) -> int:
-    from llmpipe.serve.analysis import Thresholds
     from llmpipe.serve.compliance import ReplyValidator
     from llmpipe.serve.controller import CanaryController
     from llmpipe.serve.router import Backend, Router, run_async
     from llmpipe.serve.state import StateStore
 
-    params = load_params(args.params) if Path(args.params).exists() else {}
-    scfg, dcfg = params.get("serve") or {}, params.get("deploy") or {}
+    params = load_typed_params(args.params)
+    scfg, dcfg = params.serve, params.deploy
     upstream_key = _api_key(args.upstream_key_env)
     stable = Backend(args.stable_version, args.stable, args.stable_model, upstream_key)
     canary = Backend(args.canary_version, args.canary, args.canary_model, upstream_key) if args.canary else None
     router = Router(stable, canary, weight=args.weight if canary else 0.0,
-                    validator=ReplyValidator.from_file(dcfg.get("reply_schema")),
-                    public_model=scfg.get("public_model", "llmpipe"),
-                    api_key=_api_key(args.api_key_env or scfg.get("api_key_env")),
-                    timeout_s=float(scfg.get("timeout_s", 300)),
-                    canary_timeout_s=float(scfg.get("canary_timeout_s", 60)))
+                    validator=ReplyValidator.from_file(dcfg.reply_schema),
+                    public_model=scfg.public_model,
+                    api_key=_api_key(args.api_key_env or scfg.api_key_env),
+                    timeout_s=scfg.timeout_s, canary_timeout_s=scfg.canary_timeout_s)
     if args.control:
         if canary is None:
             print("router: --control needs --canary", file=sys.stderr)
@@ -135,15 +132,12 @@ def _cmd_router(args: argparse.Namespace) -> int:
         store = StateStore(args.state, args.decisions)
         rel = lambda b: {"version": b.version, "url": b.url, "served_model": b.model,  # noqa: E731
                          "api_key": b.api_key, "sha256": b.version, "model": b.version}
-        ctl = CanaryController.open(store, Thresholds.from_params(dcfg.get("thresholds") or {}),
-                                    stable=rel(stable), canary=rel(canary),
-                                    steps=dcfg.get("steps", [0.25, 0.5, 1.0]),
-                                    baseline_size=int(dcfg.get("baseline_size", 200)))
+        ctl = CanaryController.open(store, dcfg.thresholds, stable=rel(stable), canary=rel(canary),
+                                    steps=dcfg.steps, baseline_size=dcfg.baseline_size)
         ctl.attach(router)
 
     async def main() -> None:
-        port = await router.start(args.host or scfg.get("host", "127.0.0.1"),
-                                  args.port if args.port is not None else int(scfg.get("router_port", 8000)))
+        port = await router.start(args.host or scfg.host, args.port if args.port is not None else scfg.router_port)
         print(f"router listening on port {port}", file=sys.stderr, flush=True)
         stop = asyncio.Event()
         loop = asyncio.get_running_loop()
@@ -156,19 +150,80 @@ def _cmd_router(args: argparse.Namespace) -> int:
     return 0
 
 
+def _cmd_stack_up(args: argparse.Namespace) -> int:
+    from llmpipe.serve.compliance import ReplyValidator
+    from llmpipe.serve.rollout import gguf_path
+    from llmpipe.serve.router import run_async
+    from llmpipe.stack.service import ServingStack, StackError
+
+    params = load_typed_params(args.params)
+    scfg = params.serve
+    seed = None
+    if args.stable_model or args.stable_url:
+        if not args.stable_version:
+            print("serve-stack: --stable-version is required with --stable-model/--stable-url", file=sys.stderr)
+            return 2
+        seed = ({"version": args.stable_version, "model": gguf_path(args.stable_model)} if args.stable_model else
+                {"version": args.stable_version, "sha256": f"url:{args.stable_url}", "url": args.stable_url,
+                 "served_model": args.stable_served_model or args.stable_version,
+                 "api_key_env": args.stable_key_env})
+    try:
+        stack = ServingStack(scfg, ReplyValidator.from_file(params.deploy.reply_schema),
+                             os.environ.get(scfg.stack.control_key_env, ""),
+                             state_dir=args.state_dir or scfg.stack.state_dir, router_port=args.router_port,
+                             control_port=args.control_port, router_api_key=_api_key(scfg.api_key_env))
+        run_async(stack.run(seed))
+    except StackError as exc:
+        print(f"serve-stack: {exc}", file=sys.stderr)
+        return 1
+    return 0
+
+
+def _cmd_user_traffic(args: argparse.Namespace) -> int:
+    import threading
+
+    from llmpipe.io import write_json
+    from llmpipe.serve.router import run_async
+    from llmpipe.serve.traffic import drive, load_prompts
+
+    system = load_typed_params(args.params).validate_.default_system_prompt if args.params else None
+    prompts = load_prompts(args.prompts, system_prompt=system)
+    stop = threading.Event()   # SIGTERM/SIGINT: the users finish their requests in flight, then stop
+    for sig in (signal.SIGTERM, signal.SIGINT):
+        signal.signal(sig, lambda *_: stop.set())
+    result = run_async(drive(args.url, prompts, concurrency=args.concurrency, max_requests=args.max_requests,
+                             max_seconds=args.max_seconds, max_tokens=args.max_tokens, pause_s=args.pause_s,
+                             api_key=_api_key(args.api_key_env), stop=stop))
+    summary = result.as_dict()
+    if args.out:
+        write_json(args.out, summary)
+    print(json.dumps({k: summary[k] for k in ("sent", "ok", "failed", "by_version")}, sort_keys=True))
+    return 0 if result.failed == 0 else 3
+
+
 def _cmd_deploy(args: argparse.Namespace) -> int:
+    from llmpipe.io import write_json, write_timings
+    from llmpipe.model.source import ModelSourceError
     from llmpipe.serve.engines import EngineError
     from llmpipe.serve.rollout import DeployError, run_deploy
     from llmpipe.serve.state import StateError
     from llmpipe.serve.traffic import TrafficError
 
+    params = load_typed_params(args.params)
     try:
-        metrics = run_deploy(load_params(args.params))
-    except (DeployError, EngineError, StateError, TrafficError, ValueError) as exc:
+        result = run_deploy(params.deploy, params.serve, params.registry, target=args.target,
+                            system_prompt=params.validate_.default_system_prompt)
+    except (DeployError, EngineError, ModelSourceError, StateError, TrafficError) as exc:
         print(f"deploy: {exc}", file=sys.stderr)
         return 1
-    print(json.dumps({k: metrics.get(k) for k in ("decision", "stable_version", "canary_version",
-                                                  "requests", "client_failures")}, sort_keys=True))
+    write_json(args.metrics, result.metrics)
+    if result.timings:
+        write_timings("deploy", result.timings)
+    print(json.dumps({k: result.metrics.get(k) for k in ("decision", "stable_version", "canary_version",
+                                                         "client_failures")}, sort_keys=True))
+    if result.error:
+        print(f"deploy: {result.error}", file=sys.stderr)
+        return 1
     return 0
 
 
@@ -253,8 +308,37 @@ def build_parser() -> argparse.ArgumentParser:
     s.add_argument("--params", default="params.yaml")
     s.set_defaults(func=_cmd_router)
 
-    s = sub.add_parser("deploy", help="one bounded canary rollout (same as stages/deploy.py)")
+    s = sub.add_parser("serve-stack", help="the serving stack as a service: `serve-stack up` (docs/deploy.md)")
+    ssub = s.add_subparsers(dest="stack_cmd", required=True)
+    c = ssub.add_parser("up", help="run the router, the stable engine and the control API until SIGTERM")
+    c.add_argument("--params", default="params.yaml")
+    c.add_argument("--state-dir", help="default serve.stack.state_dir; a restart reads its state.json")
+    c.add_argument("--stable-model", help="first start only: GGUF file or embedded:NAME for the stable engine")
+    c.add_argument("--stable-url", help="first start only: a running engine's base URL instead")
+    c.add_argument("--stable-version", help="first start only: the stable release's version name")
+    c.add_argument("--stable-served-model", help="model name the remote stable engine serves (default: version)")
+    c.add_argument("--stable-key-env", help="env var with the remote stable engine's API key")
+    c.add_argument("--router-port", type=int, help="default serve.router_port (0: any free port)")
+    c.add_argument("--control-port", type=int, help="default serve.stack.control_port (0: any free port)")
+    c.set_defaults(func=_cmd_stack_up)
+
+    s = sub.add_parser("user-traffic", help="bounded user-traffic generator (chat requests from a JSONL file)")
+    s.add_argument("--url", required=True, help="router base URL")
+    s.add_argument("--prompts", required=True, help="canonical JSONL records (e.g. data/split/test.jsonl)")
+    s.add_argument("--params", help="params file whose validate.default_system_prompt is added to prompts")
+    s.add_argument("--max-requests", type=int, required=True)
+    s.add_argument("--max-seconds", type=float, required=True)
+    s.add_argument("--concurrency", type=int, default=1)
+    s.add_argument("--max-tokens", type=int, default=32)
+    s.add_argument("--pause-s", type=float, default=0.0, help="wait between one user's requests")
+    s.add_argument("--api-key-env", help="env var with the router's client API key")
+    s.add_argument("--out", help="write the summary (sent, ok, failed, failures, by_version) here")
+    s.set_defaults(func=_cmd_user_traffic)
+
+    s = sub.add_parser("deploy", help="one canary rollout (what stages/deploy.py runs)")
     s.add_argument("--params", default="params.yaml")
+    s.add_argument("--target", help="local, or a serve-stack control API URL (default deploy.target)")
+    s.add_argument("--metrics", default="metrics/deploy.json")
     s.set_defaults(func=_cmd_deploy)
 
     s = sub.add_parser("report", help="pull-request report (Markdown) of HEAD or the workspace vs a base revision")

@@ -4,7 +4,7 @@ from __future__ import annotations
 
 from typing import Literal
 
-from pydantic import Field
+from pydantic import Field, field_validator
 
 from llmpipe.config.base import Section
 
@@ -39,6 +39,17 @@ class VllmSection(Section):
     cpu_kvcache_gib: int = Field(ge=1)
 
 
+class StackSection(Section):
+    """The long-running serving stack (``llmpipe serve-stack up``): router + stable engine + control API."""
+
+    control_host: str
+    control_port: int = Field(ge=0, le=65535)
+    control_key_env: str
+    state_dir: str
+    health_interval_s: float = Field(gt=0)
+    drain_timeout_s: float = Field(gt=0)
+
+
 class ServeSection(Section):
     engine: Literal["llamacpp", "vllm"]
     host: str
@@ -53,28 +64,42 @@ class ServeSection(Section):
     canary_timeout_s: float = Field(gt=0)
     startup_timeout_s: float = Field(gt=0)
     vllm: VllmSection
+    stack: StackSection
 
 
 class ThresholdsSection(Section):
     min_requests: int = Field(ge=1)
     min_stable_requests: int = Field(ge=0)
-    max_error_rate: float
+    max_error_rate: float = Field(ge=0.0, le=1.0)
     max_error_rate_increase: float
-    max_p50_ratio: float
-    max_p95_ratio: float
-    latency_slack_ms: float
+    max_p50_ratio: float = Field(gt=0)
+    max_p95_ratio: float = Field(gt=0)
+    latency_slack_ms: float = Field(ge=0)
     max_compliance_drop: float
-    min_compliance: float
+    min_compliance: float = Field(ge=0.0, le=1.0)
 
 
 class TrafficSection(Section):
+    """Generated traffic of the local rehearsal (``deploy.target: local``)."""
+
     concurrency: int = Field(ge=1)
     max_tokens: int = Field(ge=1)
     max_requests: int = Field(ge=1)
     max_seconds: float = Field(gt=0)
 
 
+class LiveSection(Section):
+    """A rollout on a running stack (``deploy.target: <control API URL>``): users' traffic only."""
+
+    canary_url: str            # "": the stack starts an engine for the canary's GGUF; else a running engine
+    canary_key_env: str        # env var with that engine's API key ("": none)
+    lock_ttl_s: float = Field(gt=0)
+    poll_s: float = Field(gt=0)
+    max_seconds: float = Field(gt=0)
+
+
 class DeploySection(Section):
+    target: str
     model: str
     bootstrap_stable: str
     prompts: str
@@ -83,4 +108,19 @@ class DeploySection(Section):
     baseline_size: int = Field(ge=1)
     thresholds: ThresholdsSection
     traffic: TrafficSection
+    live: LiveSection
     update_registry: bool
+
+    @field_validator("target")
+    @classmethod
+    def _target(cls, value: str) -> str:
+        if value != "local" and not value.startswith(("http://", "https://")):
+            raise ValueError("must be 'local' or the http(s) URL of a serve-stack control API")
+        return value.rstrip("/")
+
+    @field_validator("steps")
+    @classmethod
+    def _steps(cls, steps: list[float]) -> list[float]:
+        if any(not 0.0 < s <= 1.0 for s in steps) or steps != sorted(steps) or steps[-1] != 1.0:
+            raise ValueError(f"must rise within (0, 1] and end at 1.0, got {steps}")
+        return steps

@@ -7,6 +7,7 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
+from llmpipe.config.serve import RegistrySection
 from llmpipe.registry.gto_cli import Registry, bump, parse_semver
 from llmpipe.registry.lineage import build_lineage
 from llmpipe.registry.preflight import check_promotable
@@ -24,21 +25,21 @@ class PromotionResult:
 
 def promote(
     repo: str | Path,
-    cfg: dict[str, Any],
+    cfg: RegistrySection,
     *,
     version: str | None = None,
     stage: str | None = None,
     check_dvc: bool | None = None,
 ) -> PromotionResult:
-    """Promote the model at git HEAD of ``repo`` according to the ``registry:`` params ``cfg``.
+    """Promote the model at git HEAD of ``repo`` according to the typed ``registry`` section ``cfg``.
 
     Raises ``PromotionRefused`` (gate failed, dirty workspace) or ``GtoError``.
     """
     repo = Path(repo)
-    artifact = cfg.get("artifact", "model")
-    stage = stage or cfg.get("stage", "canary")
-    check_dvc = cfg.get("check_dvc_status", True) if check_dvc is None else check_dvc
-    check_promotable(repo, gate_file=cfg.get("gate", "metrics/gate.json"), check_dvc=check_dvc)
+    artifact = cfg.artifact
+    stage = stage or cfg.stage
+    check_dvc = cfg.check_dvc_status if check_dvc is None else check_dvc
+    check_promotable(repo, gate_file=cfg.gate, check_dvc=check_dvc)
 
     registry = Registry(repo)
     head = registry.git("rev-parse", "HEAD").strip()
@@ -55,17 +56,16 @@ def promote(
                                             and registry.stage_version(artifact, stage) == version)
     else:
         if not version:
-            version = (bump(versions[-1].version, cfg.get("bump", "minor")) if versions
-                       else cfg.get("initial_version", "v1.0.0"))
+            version = (bump(versions[-1].version, cfg.bump) if versions else cfg.initial_version)
         parse_semver(version)
         lineage = build_lineage(
             repo,
             artifact=artifact,
             version=version,
-            model_path=cfg.get("model_path", "models/gguf/support-triage-q4_k_m.gguf"),
-            data_metrics=cfg.get("data_metrics", "metrics/data.json"),
-            eval_metrics=cfg.get("eval_metrics", "metrics/eval.json"),
-            gate_metrics=cfg.get("gate", "metrics/gate.json"),
+            model_path=cfg.model_path,
+            data_metrics=cfg.data_metrics,
+            eval_metrics=cfg.eval_metrics,
+            gate_metrics=cfg.gate,
         )
         registry.register(artifact, version, json.dumps(lineage, sort_keys=True, indent=1))
         created, needs_assign = True, bool(stage)

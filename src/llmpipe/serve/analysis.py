@@ -1,6 +1,7 @@
 """Canary analysis: compare a window of canary samples with stable samples and decide.
 
-Pure functions over numbers, so the decision rules are unit-testable without servers.
+Pure functions over numbers, so the decision rules are unit-testable without servers. The
+thresholds are the typed ``deploy.thresholds`` section of params.yaml.
 """
 
 from __future__ import annotations
@@ -8,6 +9,8 @@ from __future__ import annotations
 import math
 from dataclasses import asdict, dataclass, field
 from typing import Any, Iterable
+
+from llmpipe.config.serve import ThresholdsSection as Thresholds  # deploy.thresholds in params.yaml
 
 
 @dataclass(frozen=True)
@@ -72,27 +75,6 @@ class WindowStats:
             if d[k] is not None:
                 d[k] = round(d[k], 4)
         return d
-
-
-@dataclass(frozen=True)
-class Thresholds:
-    min_requests: int = 10              # canary requests per step before a decision
-    min_stable_requests: int = 5        # stable requests needed as the baseline
-    max_error_rate: float = 0.05        # canary error rate (absolute) allowed
-    max_error_rate_increase: float = 0.02  # canary minus stable error rate allowed
-    max_p50_ratio: float = 1.5          # canary p50 <= stable p50 * ratio + slack
-    max_p95_ratio: float = 2.0
-    latency_slack_ms: float = 250.0
-    max_compliance_drop: float = 0.10   # canary compliance >= stable compliance - drop
-    min_compliance: float = 0.0         # and >= this absolute floor
-
-    @classmethod
-    def from_params(cls, cfg: dict[str, Any]) -> "Thresholds":
-        known = {f for f in cls.__dataclass_fields__}
-        unknown = set(cfg) - known
-        if unknown:
-            raise ValueError(f"params.yaml deploy.thresholds: unknown keys {sorted(unknown)}; known: {sorted(known)}")
-        return cls(**cfg)
 
 
 @dataclass(frozen=True)

@@ -43,7 +43,7 @@ class CanaryController:
     """Drive one canary rollout; thread-safe for a router running in an event loop."""
 
     def __init__(self, store: StateStore, thresholds: Thresholds, state: dict[str, Any], *,
-                 baseline_size: int = 200, on_final: FinalHook | None = None) -> None:
+                 baseline_size: int, on_final: FinalHook | None = None) -> None:
         self.store = store
         self.thr = thresholds
         self.state = state
@@ -64,7 +64,7 @@ class CanaryController:
     # -- construction ----------------------------------------------------------------------
     @classmethod
     def open(cls, store: StateStore, thresholds: Thresholds, *, stable: dict[str, Any],
-             canary: dict[str, Any] | None, steps: list[float], baseline_size: int = 200,
+             canary: dict[str, Any] | None, steps: list[float], baseline_size: int,
              on_final: FinalHook | None = None) -> "CanaryController":
         """Resume the rollout in ``store`` if it is for the same canary; else start a new one.
 

@@ -1,10 +1,20 @@
-"""One bounded canary rollout on loopback: the library behind ``stages/deploy.py``.
+"""The deploy stage's library: one canary rollout, decided on measured requests.
 
-Reads the gate and the registry, picks stable (from the deployment state, or the bootstrap base
-model on a fresh checkout) and canary (the pipeline's GGUF, labelled with the registry version
-whose dvc.lock hash matches it), starts both llama.cpp engines and the router, drives generated
-traffic until the controller promotes or rolls back (or the traffic budget is spent: rollback),
-stops everything it started, applies the outcome to the registry and returns the metrics.
+``run_deploy`` runs four named steps:
+
+1. ``gate_blocker``: nothing is deployed unless metrics/gate.json says the gate passed;
+2. ``identify_canary`` / ``stable_release``: which model is the canary (the pipeline's GGUF,
+   labelled with the registry version whose lineage hash matches it) and which is stable (the
+   deployment state, or the bootstrap model on a fresh checkout);
+3. the rollout itself:
+   - ``deploy.target: local`` (``rehearse``): start both llama.cpp engines and the router on
+     loopback, drive generated traffic until the controller promotes or rolls back (or the
+     traffic budget is spent: rollback), stop everything;
+   - ``deploy.target: <URL>``: a live rollout on a running serve-stack (``llmpipe.serve.live``);
+4. ``update_registry``: promote => assign ``registry.prod_stage``; rollback => unassign the canary.
+
+The result separates what reviewers diff (``metrics``) from wall-clock and traffic-dependent
+numbers (``timings``); the decision log keeps every decision with its numbers.
 """
 
 from __future__ import annotations
@@ -16,22 +26,40 @@ import secrets
 import shutil
 import sys
 import time
+from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
-from llmpipe.io import read_json, sha256_file, write_json
+from llmpipe.config.serve import DeploySection, RegistrySection, ServeSection
+from llmpipe.io import read_json, sha256_file
 from llmpipe.model.source import resolve
-from llmpipe.serve.analysis import Thresholds
 from llmpipe.serve.compliance import ReplyValidator
-from llmpipe.serve.controller import CanaryController, public_release
+from llmpipe.serve.controller import CanaryController
 from llmpipe.serve.engines import EngineProcess, LlamaCppSpec, free_port
 from llmpipe.serve.router import Backend, Router, run_async
 from llmpipe.serve.state import StateStore
-from llmpipe.serve.traffic import drive, load_prompts
+from llmpipe.serve.traffic import TrafficResult, drive, load_prompts
 
 
 class DeployError(RuntimeError):
-    """The deployment cannot run (missing model, bad params, engine failure)."""
+    """The deployment cannot run (missing model, bad params, engine failure, refused target)."""
+
+
+@dataclass(frozen=True)
+class DeployPaths:
+    """Where the deploy stage keeps its state, relative to the repository root."""
+
+    state: str = "deploy/state.json"
+    log: str = "deploy/decisions.jsonl"
+    releases: str = "deploy/releases"
+    work: str = "deploy/logs"
+
+
+@dataclass
+class DeployResult:
+    metrics: dict[str, Any]                                  # results: metrics/deploy.json
+    timings: dict[str, Any] = field(default_factory=dict)    # wall clock, request counts: timings/deploy.json
+    error: str | None = None                                 # decided, but the registry update failed
 
 
 def md5_file(path: str | Path) -> str:
@@ -50,7 +78,24 @@ def gguf_path(spec: str) -> str:
     return os.path.join(src.path, src.gguf_file)
 
 
-def identify_version(root: Path, model: Path, artifact: str) -> tuple[str, bool, str]:
+def safe_name(name: str) -> str:
+    return re.sub(r"[^A-Za-z0-9_.-]+", "_", name)
+
+
+# -- step 1: the gate ------------------------------------------------------------------------
+def gate_blocker(root: Path, registry: RegistrySection) -> str | None:
+    """Why nothing may be deployed (gate file missing or failed), or None."""
+    gate_file = root / registry.gate
+    gate = read_json(gate_file) if gate_file.is_file() else None
+    if gate is None:
+        return f"{registry.gate}: gate file missing"
+    if gate.get("passed") is not True:
+        return f"{registry.gate}: gate failed"
+    return None
+
+
+# -- step 2: which versions ------------------------------------------------------------------
+def identify_version(root: Path, model: Path, artifact: str, canary_stage: str) -> tuple[str, bool, str]:
     """(version, registered, note): the registry version whose lineage hash matches ``model``."""
     from llmpipe.registry.gto_cli import GtoError, Registry
 
@@ -59,7 +104,7 @@ def identify_version(root: Path, model: Path, artifact: str) -> tuple[str, bool,
     try:
         reg = Registry(root)
         versions = reg.versions(artifact)
-        canary = reg.stage_version(artifact, "canary")
+        canary = reg.stage_version(artifact, canary_stage)
     except (GtoError, OSError) as exc:
         return fallback, False, f"registry not readable ({str(exc).splitlines()[0]})"
     matches = []
@@ -77,182 +122,224 @@ def identify_version(root: Path, model: Path, artifact: str) -> tuple[str, bool,
     return best, True, f"{artifact}@{best} (model hash matches its lineage)"
 
 
-def _safe(name: str) -> str:
-    return re.sub(r"[^A-Za-z0-9_.-]+", "_", name)
-
-
-def _stable_release(prev: dict[str, Any] | None, cfg: dict[str, Any], root: Path) -> dict[str, Any]:
-    if prev and prev.get("stable") and Path(root / prev["stable"]["model"]).is_file():
-        return {k: prev["stable"][k] for k in ("version", "model", "sha256", "registered") if k in prev["stable"]}
-    spec = cfg.get("bootstrap_stable", "embedded:smollm2-135m-instruct")
-    path = gguf_path(spec)
-    label = Path(spec).stem if spec.endswith(".gguf") else spec.replace("embedded:", "")
-    return {"version": f"base-{_safe(label)}", "model": path,
-            "sha256": sha256_file(path), "registered": False}
-
-
-def _registry_apply(root: Path, rcfg: dict[str, Any], state: dict[str, Any], action: str) -> dict[str, Any]:
-    from llmpipe.registry.gto_cli import Registry
-
-    reg = Registry(root)
-    artifact = rcfg.get("artifact", "model")
-    if action == "promote":
-        rel = state["stable"]
-        if not rel.get("registered"):
-            return {"skipped": f"{rel['version']} is not a registered version"}
-        stage = rcfg.get("prod_stage", "prod")
-        reg.assign(artifact, rel["version"], stage, f"deploy: canary {rel['version']} passed every step")
-        canary_stage = rcfg.get("stage", "canary")
-        if reg.stage_version(artifact, canary_stage) == rel["version"]:
-            reg.unassign(artifact, rel["version"], canary_stage, f"deploy: {rel['version']} graduated to {stage}")
-        return {"assigned": stage, "version": rel["version"]}
-    rel = state.get("canary") or {}
-    if not rel.get("registered"):
-        return {"skipped": f"{rel.get('version')} is not a registered version"}
-    stage = rcfg.get("stage", "canary")
-    if reg.stage_version(artifact, stage) != rel["version"]:
-        return {"skipped": f"{artifact}@{rel['version']} is not assigned to {stage}"}
-    reg.unassign(artifact, rel["version"], stage, f"deploy: rolled back {rel['version']}")
-    return {"unassigned": stage, "version": rel["version"]}
-
-
-def _finish(metrics_path: Path, metrics: dict[str, Any]) -> dict[str, Any]:
-    write_json(metrics_path, metrics)
-    return metrics
-
-
-def run_deploy(params: dict[str, Any], root: str | Path = ".", *, state_path: str = "deploy/state.json",
-               log_path: str = "deploy/decisions.jsonl", releases_dir: str = "deploy/releases",
-               metrics_path: str = "metrics/deploy.json", work_dir: str = "deploy/logs") -> dict[str, Any]:
-    root = Path(root)
-    cfg, scfg = params.get("deploy") or {}, params.get("serve") or {}
-    rcfg = params.get("registry") or {}
-    tcfg = cfg.get("traffic") or {}
-    store = StateStore(root / state_path, root / log_path)
-    t_start = time.monotonic()
-    metrics: dict[str, Any] = {"decision": None, "client_failures": 0}
-
-    gate_file = root / rcfg.get("gate", "metrics/gate.json")
-    gate = read_json(gate_file) if gate_file.is_file() else None
-    if not gate or gate.get("passed") is not True:
-        why = "gate file missing" if gate is None else "gate failed"
-        store.log({"event": "skip", "reasons": [f"{gate_file}: {why}; nothing is deployed"]})
-        return _finish(root / metrics_path, {**metrics, "decision": "skipped", "reason": why})
-
-    if scfg.get("engine", "llamacpp") != "llamacpp":
-        raise DeployError(f"serve.engine={scfg.get('engine')!r}: the deploy stage runs the CPU engine (llamacpp); "
-                          "on GPU start vLLM with `llmpipe.cli serve --engine vllm` and run "
-                          "`llmpipe.cli router --control` in front of it")
-    model = root / cfg.get("model", "models/gguf/support-triage-q4_k_m.gguf")
+def identify_canary(root: Path, deploy: DeploySection, registry: RegistrySection) -> tuple[dict[str, Any], str]:
+    """The canary release (the pipeline's GGUF) and a note on how its version was identified."""
+    model = root / deploy.model
     if not model.is_file():
         raise DeployError(f"{model}: the pipeline's GGUF model is missing (run the quantize stage)")
-    canary_sha = sha256_file(model)
-    version, registered, note = identify_version(root, model, rcfg.get("artifact", "model"))
+    version, registered, note = identify_version(root, model, registry.artifact, registry.stage)
     print(f"[deploy] canary {version}: {note}", file=sys.stderr)
-    prev = store.load()
-    stable = _stable_release(prev, cfg, root)
-    canary = {"version": version, "model": str(model.relative_to(root) if not model.is_absolute() else model),
-              "sha256": canary_sha, "registered": registered}
-    metrics.update(stable_version=stable["version"], canary_version=version, registry_note=note)
+    return {"version": version, "model": deploy.model, "sha256": sha256_file(model), "registered": registered}, note
 
-    if stable["sha256"] == canary_sha:
+
+def stable_release(prev: dict[str, Any] | None, deploy: DeploySection, root: Path) -> dict[str, Any]:
+    """The deployed stable release (from the state), or the bootstrap model on a fresh checkout."""
+    if prev and prev.get("stable") and Path(root / prev["stable"]["model"]).is_file():
+        return {k: prev["stable"][k] for k in ("version", "model", "sha256", "registered") if k in prev["stable"]}
+    spec = deploy.bootstrap_stable
+    path = gguf_path(spec)
+    label = Path(spec).stem if spec.endswith(".gguf") else spec.replace("embedded:", "")
+    return {"version": f"base-{safe_name(label)}", "model": path, "sha256": sha256_file(path), "registered": False}
+
+
+# -- step 3 (local): the rehearsal -----------------------------------------------------------
+def settle_without_rollout(store: StateStore, prev: dict[str, Any] | None, stable: dict[str, Any],
+                           canary: dict[str, Any], note: str, deploy: DeploySection, registry: RegistrySection,
+                           root: Path) -> dict[str, Any] | None:
+    """The outcome when no rollout is needed (None when one is)."""
+    version = canary["version"]
+    if stable["sha256"] == canary["sha256"]:
         store.log({"event": "noop", "stable": stable["version"], "canary": version,
                    "reasons": ["the pipeline's model is already the stable version"]})
         result: dict[str, Any] = {"decision": "noop"}
-        if registered and prev and prev.get("phase") == "promoted" and cfg.get("update_registry", True):
+        if canary["registered"] and prev and prev.get("phase") == "promoted" and deploy.update_registry:
             # Rolled out before it was promoted (labelled unregistered-<md5>): record it as the
             # registered version now, and assign prod, without a second rollout.
             prev["stable"].update(version=version, registered=True)
             store.save(prev)
-            result["registry"] = _registry_apply(root, rcfg, prev, "promote")
+            result["registry"] = apply_to_registry(root, registry, prev, "promote")
             store.log({"event": "registry", "action": "promote", "result": result["registry"],
                        "reasons": [f"stable model is {note}"]})
-        return _finish(root / metrics_path, {**metrics, **result})
-    if prev and prev.get("phase") == "rolled_back" and (prev.get("canary") or {}).get("sha256") == canary_sha:
+        return result
+    if prev and prev.get("phase") == "rolled_back" and (prev.get("canary") or {}).get("sha256") == canary["sha256"]:
         store.log({"event": "noop", "stable": stable["version"], "canary": version,
                    "reasons": ["this exact model was already rolled back; build a new one to retry"]})
-        return _finish(root / metrics_path, {**metrics, "decision": "noop_rolled_back"})
+        return {"decision": "noop_rolled_back"}
+    return None
 
-    thresholds = Thresholds.from_params(cfg.get("thresholds") or {})
-    validator = ReplyValidator.from_file(root / cfg.get("reply_schema", "data/task/support_triage.schema.json"))
-    prompts = load_prompts(root / cfg.get("prompts", "data/split/test.jsonl"),
-                           limit=tcfg.get("max_prompts"), system_prompt=(params.get("validate") or {}).get("default_system_prompt"))
-    host = scfg.get("host", "127.0.0.1")
+
+def start_engines(releases: dict[str, dict[str, Any]], serve: ServeSection, root: Path,
+                  work_dir: Path) -> list[EngineProcess]:
+    """One llama.cpp engine per release (own port and key), healthy; fills url/served_model/api_key."""
     engines: list[EngineProcess] = []
     try:
-        for role, rel in (("stable", stable), ("canary", canary)):
+        for role, rel in releases.items():
             key = secrets.token_hex(16)
             path = rel["model"] if os.path.isabs(rel["model"]) else str(root / rel["model"])
-            spec = LlamaCppSpec(model=path, host=host, port=free_port(host), api_key=key,
-                                served_model=rel["version"], n_ctx=int(scfg.get("n_ctx", 2048)),
-                                n_threads=scfg.get("n_threads"))
-            eng = EngineProcess(spec, root / work_dir / f"{role}.log", name=f"{role} engine ({rel['version']})")
+            spec = LlamaCppSpec(model=path, host=serve.host, port=free_port(serve.host), api_key=key,
+                                served_model=rel["version"], n_ctx=serve.n_ctx, n_threads=serve.n_threads)
+            eng = EngineProcess(spec, work_dir / f"{role}.log", name=f"{role} engine ({rel['version']})")
             engines.append(eng.start())
             rel.update(url=eng.url, served_model=rel["version"], api_key=key)
         for eng in engines:
-            eng.wait_healthy(float(scfg.get("startup_timeout_s", 180)))
+            eng.wait_healthy(serve.startup_timeout_s)
+    except BaseException:
+        for eng in engines:
+            eng.stop()
+        raise
+    return engines
 
-        ctl = CanaryController.open(store, thresholds, stable=stable, canary=canary,
-                                    steps=cfg.get("steps", [0.25, 0.5, 1.0]),
-                                    baseline_size=int(cfg.get("baseline_size", 200)))
+
+def rehearse(store: StateStore, stable: dict[str, Any], canary: dict[str, Any], deploy: DeploySection,
+             serve: ServeSection, system_prompt: str | None, root: Path, work_dir: Path
+             ) -> tuple[CanaryController, Router, TrafficResult]:
+    """Engines + router + controller on loopback, generated traffic until a decision or the budget."""
+    validator = ReplyValidator.from_file(root / deploy.reply_schema)
+    prompts = load_prompts(root / deploy.prompts, system_prompt=system_prompt)
+    engines = start_engines({"stable": stable, "canary": canary}, serve, root, work_dir)
+    try:
+        ctl = CanaryController.open(store, deploy.thresholds, stable=stable, canary=canary,
+                                    steps=deploy.steps, baseline_size=deploy.baseline_size)
         router = Router(Backend(stable["version"], stable["url"]), None, validator=validator,
-                        public_model=scfg.get("public_model", "llmpipe"),
-                        timeout_s=float(scfg.get("timeout_s", 300)),
-                        canary_timeout_s=float(scfg.get("canary_timeout_s", 60)))
+                        public_model=serve.public_model, timeout_s=serve.timeout_s,
+                        canary_timeout_s=serve.canary_timeout_s)
         ctl.attach(router)
-        traffic = run_async(_drive_rollout(router, ctl, prompts, host, tcfg))
+        traffic = run_async(_drive_rollout(router, ctl, prompts, serve.host, deploy))
         if not ctl.finished.is_set():
             ctl.abort(f"traffic budget spent ({traffic.sent} requests, {traffic.duration_s:.0f}s) "
                       f"before step {ctl.state['step'] + 1}/{len(ctl.state['steps'])} was decided")
     finally:
         for eng in engines:
             eng.stop()
+    return ctl, router, traffic
 
+
+async def _drive_rollout(router: Router, ctl: CanaryController, prompts: list, host: str,
+                         deploy: DeploySection) -> TrafficResult:
+    port = await router.start(host, 0)
+    t = deploy.traffic
+    try:
+        return await drive(f"http://{host}:{port}", prompts, concurrency=t.concurrency,
+                           max_requests=t.max_requests, max_seconds=t.max_seconds,
+                           stop=ctl.finished, max_tokens=t.max_tokens)
+    finally:
+        await router.stop()
+
+
+def keep_release(store: StateStore, state: dict[str, Any], model: Path, root: Path, releases_dir: Path) -> None:
+    """Copy the promoted GGUF into deploy/releases/ (the next run's stable), drop older ones."""
+    releases_dir.mkdir(parents=True, exist_ok=True)
+    dest = releases_dir / f"{safe_name(state['stable']['version'])}.gguf"
+    tmp = dest.with_name("." + dest.name + ".tmp")
+    shutil.copyfile(model, tmp)
+    os.replace(tmp, dest)
+    for old in releases_dir.glob("*.gguf"):
+        if old != dest:
+            old.unlink()
+    state["stable"]["model"] = str(dest.relative_to(root))
+    store.save(state)
+
+
+# -- step 4: the registry --------------------------------------------------------------------
+def apply_to_registry(root: Path, registry: RegistrySection, state: dict[str, Any], action: str) -> dict[str, Any]:
+    """promote: assign prod (and retire the canary stage); rollback: unassign the canary stage."""
+    from llmpipe.registry.gto_cli import Registry
+
+    reg = Registry(root)
+    artifact = registry.artifact
+    if action == "promote":
+        rel = state["stable"]
+        if not rel.get("registered"):
+            return {"skipped": f"{rel['version']} is not a registered version"}
+        if reg.stage_version(artifact, registry.prod_stage) != rel["version"]:
+            reg.assign(artifact, rel["version"], registry.prod_stage,
+                       f"deploy: canary {rel['version']} passed every step")
+        if reg.stage_version(artifact, registry.stage) == rel["version"]:
+            reg.unassign(artifact, rel["version"], registry.stage,
+                         f"deploy: {rel['version']} graduated to {registry.prod_stage}")
+        return {"assigned": registry.prod_stage, "version": rel["version"]}
+    rel = state.get("canary") or {}
+    if not rel.get("registered"):
+        return {"skipped": f"{rel.get('version')} is not a registered version"}
+    if reg.stage_version(artifact, registry.stage) != rel["version"]:
+        return {"skipped": f"{artifact}@{rel['version']} is not assigned to {registry.stage}"}
+    reg.unassign(artifact, rel["version"], registry.stage, f"deploy: rolled back {rel['version']}")
+    return {"unassigned": registry.stage, "version": rel["version"]}
+
+
+def update_registry(store: StateStore, root: Path, registry: RegistrySection, deploy: DeploySection,
+                    state: dict[str, Any], action: str) -> dict[str, Any]:
+    """Apply the decision to the registry (unless disabled); a failure is returned, not raised."""
+    if not deploy.update_registry:
+        return {"skipped": "deploy.update_registry is false"}
+    try:
+        result = apply_to_registry(root, registry, state, action)
+    except Exception as exc:  # recorded; the stage fails after writing its metrics
+        result = {"error": str(exc)}
+    store.log({"event": "registry", "action": action, "result": result})
+    return result
+
+
+def window_summary(numbers: dict[str, Any] | None) -> dict[str, Any] | None:
+    """The last decision's result numbers without latencies (those are timings)."""
+    if not numbers:
+        return None
+    return {role: {k: (numbers.get(role) or {}).get(k) for k in ("error_rate", "compliance")}
+            for role in ("canary", "stable")}
+
+
+# -- the stage -------------------------------------------------------------------------------
+def run_deploy(deploy: DeploySection, serve: ServeSection, registry: RegistrySection, *,
+               system_prompt: str | None, root: str | Path = ".", paths: DeployPaths = DeployPaths(),
+               target: str | None = None) -> DeployResult:
+    """One deployment decision: gate, versions, rollout (``target``, default ``deploy.target``), registry."""
+    root = Path(root)
+    target = target or deploy.target
+    store = StateStore(root / paths.state, root / paths.log)
+    blocker = gate_blocker(root, registry)
+    if blocker:
+        store.log({"event": "skip", "reasons": [f"{blocker}; nothing is deployed"]})
+        return DeployResult({"decision": "skipped", "reason": blocker, "client_failures": 0})
+    if target != "local":
+        from llmpipe.serve.live import run_live
+
+        return run_live(target, deploy, serve, registry, root=root, store=store)
+    if serve.engine != "llamacpp":
+        raise DeployError(f"serve.engine={serve.engine!r}: the local rehearsal runs the CPU engine (llamacpp); "
+                          "on GPU run `llmpipe serve-stack up` with vLLM engines and set deploy.target "
+                          "to its control API")
+
+    t_start = time.monotonic()
+    canary, note = identify_canary(root, deploy, registry)
+    prev = store.load()
+    stable = stable_release(prev, deploy, root)
+    metrics: dict[str, Any] = {"stable_version": stable["version"], "canary_version": canary["version"],
+                               "registry_note": note, "client_failures": 0}
+    settled = settle_without_rollout(store, prev, stable, canary, note, deploy, registry, root)
+    if settled is not None:
+        return DeployResult({**metrics, **settled}, error=_registry_error(settled.get("registry")))
+
+    ctl, router, traffic = rehearse(store, stable, canary, deploy, serve, system_prompt, root, root / paths.work)
     state = ctl.state
     action = "promote" if state["phase"] == "promoted" else "rollback"
     if action == "promote":
-        rel_dir = root / releases_dir
-        rel_dir.mkdir(parents=True, exist_ok=True)
-        dest = rel_dir / f"{_safe(state['stable']['version'])}.gguf"
-        tmp = dest.with_name("." + dest.name + ".tmp")
-        shutil.copyfile(model, tmp)
-        os.replace(tmp, dest)
-        for old in rel_dir.glob("*.gguf"):
-            if old != dest:
-                old.unlink()
-        state["stable"]["model"] = str(dest.relative_to(root))
-        store.save(state)
-    registry_result: dict[str, Any] = {"skipped": "deploy.update_registry is false"}
-    if cfg.get("update_registry", True):
-        try:
-            registry_result = _registry_apply(root, rcfg, state, action)
-        except Exception as exc:  # recorded, then re-raised after metrics are written
-            registry_result = {"error": str(exc)}
-        store.log({"event": "registry", "action": action, "result": registry_result})
-    decisions = [d for d in store.decisions() if d.get("event") in ("roll_forward", "promote", "rollback")]
+        keep_release(store, state, root / deploy.model, root, root / paths.releases)
+    registry_result = update_registry(store, root, registry, deploy, state, action)
+    last = next((d for d in reversed(store.decisions()) if d.get("event") in ("roll_forward", "promote", "rollback")),
+                {})
     metrics.update(
         decision="promoted" if action == "promote" else "rolled_back",
         steps=state["steps"], steps_passed=state["step"] + (1 if action == "promote" else 0),
-        requests=traffic.sent, client_failures=traffic.failed, client_failure_examples=traffic.failures[:5],
-        canary_requests=router.counts["canary"], canary_retried_on_stable=router.counts["retries"],
-        served_by=traffic.by_version, final_numbers=(decisions[-1].get("numbers") if decisions else None),
-        final_reasons=(decisions[-1].get("reasons") if decisions else None),
-        registry=registry_result, duration_s=round(time.monotonic() - t_start, 1),
-        stable=public_release(state.get("stable")), canary=public_release(state.get("canary")),
+        client_failures=traffic.failed, final_window=window_summary(last.get("numbers")), registry=registry_result,
     )
-    _finish(root / metrics_path, metrics)
-    if "error" in registry_result:
-        raise DeployError(f"deploy decided '{action}' but the registry update failed: {registry_result['error']}")
-    return metrics
+    timings = {"duration_s": round(time.monotonic() - t_start, 1), "requests": traffic.sent,
+               "served_by": dict(sorted(traffic.by_version.items())), "canary_requests": router.counts["canary"],
+               "canary_retried_on_stable": router.counts["retries"], "client_failure_examples": traffic.failures[:5],
+               "final_numbers": last.get("numbers"), "final_reasons": last.get("reasons")}
+    return DeployResult(metrics, timings, error=_registry_error(registry_result))
 
 
-async def _drive_rollout(router: Router, ctl: CanaryController, prompts: list, host: str, tcfg: dict):
-    port = await router.start(host, 0)
-    try:
-        return await drive(f"http://{host}:{port}", prompts,
-                           concurrency=int(tcfg.get("concurrency", 4)),
-                           max_requests=tcfg.get("max_requests", 400),
-                           max_seconds=float(tcfg.get("max_seconds", 300)),
-                           stop=ctl.finished, max_tokens=int(tcfg.get("max_tokens", 64)))
-    finally:
-        await router.stop()
+def _registry_error(result: dict[str, Any] | None) -> str | None:
+    if result and "error" in result:
+        return f"the decision was made but the registry update failed: {result['error']}"
+    return None

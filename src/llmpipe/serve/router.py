@@ -2,6 +2,7 @@
 
 Endpoints: POST /v1/chat/completions, POST /v1/completions (JSON or streamed), GET /v1/models,
 GET /health, GET /metrics (Prometheus), GET /v1/deploy/state (controller state, if attached).
+Requests in flight are counted per backend (``drain``), so a replaced engine stops only when idle.
 
 One aiohttp server and one pooled aiohttp client session; the request body is parsed once (to
 rewrite ``model`` to the backend's served name) and a non-streamed reply once (to score its
@@ -83,10 +84,14 @@ class Router:
         self.canary_timeout = aiohttp.ClientTimeout(total=canary_timeout_s)
         self.max_connections = max_connections
         self.state_provider: Callable[[], dict[str, Any]] | None = None
+        # extra health (e.g. the serving stack's engine checks): its "status" != "ok" answers 503
+        self.health_provider: Callable[[], dict[str, Any]] | None = None
         self._acc = 0.0
         self.counts = {"requests": 0, "canary": 0, "retries": 0, "client_failures": 0}
         self._session: aiohttp.ClientSession | None = None
         self._runner: web.AppRunner | None = None
+        # requests in flight per backend URL, so a replaced engine is stopped only once drained
+        self.inflight: dict[str, int] = {}
         self.set_weight(weight)
         self._publish_backends()
 
@@ -173,12 +178,15 @@ class Router:
             {"id": self.public_model, "object": "model", "owned_by": "llmpipe"}]})
 
     async def _health(self, _request: web.Request) -> web.Response:
-        return web.json_response({
+        body = {
             "status": "ok",
             "stable": self.stable.version,
             "canary": self.canary.version if self.canary else None,
             "canary_weight": self.weight,
-        })
+        }
+        if self.health_provider is not None:
+            body.update(self.health_provider())
+        return web.json_response(body, status=200 if body["status"] == "ok" else 503)
 
     async def _metrics(self, _request: web.Request) -> web.Response:
         resp = web.Response(body=self.metrics.render())
@@ -264,6 +272,7 @@ class Router:
         assert self._session is not None, "router not started"
         timeout = self.canary_timeout if role == "canary" else self.timeout
         t0 = time.perf_counter()
+        self._enter(backend)
         try:
             async with self._session.post(backend.url + path, data=self._body_for(backend, payload),
                                           headers=self._headers(backend), timeout=timeout) as resp:
@@ -273,10 +282,31 @@ class Router:
             return 0, b"", None, time.perf_counter() - t0, f"timeout after {timeout.total:.0f}s"
         except aiohttp.ClientError as exc:
             return 0, b"", None, time.perf_counter() - t0, f"connection: {type(exc).__name__}: {exc}"[:300]
+        finally:
+            self._leave(backend)
         elapsed = time.perf_counter() - t0
         if status >= 400:
             return status, body, ctype, elapsed, f"http {status}: {body[:200].decode(errors='replace')}"
         return status, body, ctype, elapsed, None
+
+    def _enter(self, backend: Backend) -> None:
+        self.inflight[backend.url] = self.inflight.get(backend.url, 0) + 1
+
+    def _leave(self, backend: Backend) -> None:
+        left = self.inflight.get(backend.url, 1) - 1
+        if left > 0:
+            self.inflight[backend.url] = left
+        else:
+            self.inflight.pop(backend.url, None)
+
+    async def drain(self, url: str, timeout_s: float) -> bool:
+        """Wait until no request is in flight to ``url`` (call after it left the backends)."""
+        deadline = time.monotonic() + timeout_s
+        while self.inflight.get(url, 0) > 0:
+            if time.monotonic() >= deadline:
+                return False
+            await asyncio.sleep(0.05)
+        return True
 
     def _record(self, role: str, backend: Backend, result: tuple, path: str) -> None:
         status, body, _ctype, elapsed, err = result
@@ -304,6 +334,7 @@ class Router:
         for attempt in ("first", "retry"):
             timeout = self.canary_timeout if backend is self.canary else self.timeout
             t0 = time.perf_counter()
+            self._enter(backend)
             try:
                 resp = await self._session.post(backend.url + path, data=self._body_for(backend, payload),
                                                 headers=self._headers(backend), timeout=timeout)
@@ -313,6 +344,7 @@ class Router:
                 err = None if resp.status < 400 else f"http {resp.status}"
             if err is None:
                 break
+            self._leave(backend)
             elapsed = time.perf_counter() - t0
             if resp is not None:
                 resp.release()
@@ -342,6 +374,7 @@ class Router:
             ok = False
         finally:
             resp.release()
+            self._leave(backend)
         elapsed = time.perf_counter() - t0
         self.metrics.observe(backend.version, role, ok, elapsed, None)
         if self.observer:

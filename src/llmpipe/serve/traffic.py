@@ -68,8 +68,9 @@ async def drive(url: str, prompts: list[list[dict[str, str]]], *, concurrency: i
                 max_requests: int | None = None, max_seconds: float = 60.0,
                 stop: threading.Event | None = None, max_tokens: int = 64, model: str = "llmpipe",
                 api_key: str | None = None, temperature: float = 0.0, timeout_s: float = 300.0,
-                extra: dict[str, Any] | None = None) -> TrafficResult:
-    """Send chat completions to ``url`` (base URL) until a limit is hit or ``stop`` is set."""
+                extra: dict[str, Any] | None = None, pause_s: float = 0.0) -> TrafficResult:
+    """Send chat completions to ``url`` (base URL) until a limit is hit or ``stop`` is set;
+    each client waits ``pause_s`` between its requests (a paced user rather than a load test)."""
     result = TrafficResult()
     counter = itertools.count()
     headers = {"Content-Type": "application/json"}
@@ -108,6 +109,8 @@ async def drive(url: str, prompts: list[list[dict[str, str]]], *, concurrency: i
                 result.failures.append(f"request {i}: {type(exc).__name__}: {exc}"[:300])
                 continue
             result.ok += 1
+            if pause_s > 0:
+                await asyncio.sleep(pause_s)
             result.latencies_s.append(elapsed)
             if upstream is not None:
                 result.overhead_s.append(elapsed - float(upstream) / 1000.0)
