@@ -34,6 +34,7 @@ def main(argv: list[str] | None = None) -> int:
     ap.add_argument("--base-metrics", default="metrics/eval_base.json")
     ap.add_argument("--out-dir", default="eval/tuned")
     ap.add_argument("--metrics", default="metrics/eval.json")
+    ap.add_argument("--timings-root", default=".", help="timings/eval.json goes under this directory")
     args = ap.parse_args(argv)
     try:
         cfg = load_stage_params(PARAMS, args.params)
@@ -45,7 +46,7 @@ def main(argv: list[str] | None = None) -> int:
         for name, rows in run.files.items():
             write_jsonl(Path(tmp) / name, rows)
     write_json(args.metrics, run.metrics)
-    write_timings("eval", run.timings)
+    write_timings("eval", run.timings, root=args.timings_root)
     m = run.metrics
     t = m["task"]
     _progress(

@@ -6,7 +6,7 @@ in:  models/base/ (HF dir), data/split/test.jsonl, data/split/train.jsonl (few-s
 out: eval/base/outputs.jsonl (per-example replies + scores, both systems),
      eval/base/safety.jsonl, eval/base/lm_eval_samples.jsonl, eval/base/fewshot_examples.jsonl,
      eval/base/judge.jsonl (only with eval.judge.enabled), metrics/eval_base.json;
-     timings/eval_base.json (wall-clock seconds; git-ignored, not a DVC output)
+     timings/eval-base.json (wall-clock seconds; git-ignored, not a DVC output)
 """
 
 from __future__ import annotations
@@ -34,6 +34,7 @@ def main(argv: list[str] | None = None) -> int:
     ap.add_argument("--train", default="data/split/train.jsonl")
     ap.add_argument("--out-dir", default="eval/base")
     ap.add_argument("--metrics", default="metrics/eval_base.json")
+    ap.add_argument("--timings-root", default=".", help="timings/eval-base.json goes under this directory")
     args = ap.parse_args(argv)
     try:
         cfg = load_stage_params(PARAMS, args.params)
@@ -45,7 +46,7 @@ def main(argv: list[str] | None = None) -> int:
         for name, rows in run.files.items():
             write_jsonl(Path(tmp) / name, rows)
     write_json(args.metrics, run.metrics)
-    write_timings("eval_base", run.timings)
+    write_timings("eval-base", run.timings, root=args.timings_root)
     _progress(f"wrote {args.metrics} and {args.out_dir}/ in {run.timings['total']}s")
     return 0
 

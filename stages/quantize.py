@@ -33,6 +33,7 @@ def main(argv: list[str] | None = None) -> int:
     ap.add_argument("--test", default="data/split/test.jsonl")
     ap.add_argument("--out", default="models/gguf")
     ap.add_argument("--metrics", default="metrics/quantize.json")
+    ap.add_argument("--timings-root", default=".", help="timings/quantize.json goes under this directory")
     args = ap.parse_args(argv)
     try:
         cfg = load_stage_params(PARAMS, args.params)
@@ -41,7 +42,7 @@ def main(argv: list[str] | None = None) -> int:
         print(f"[quantize] error: {exc}", file=sys.stderr)
         return 2
     write_json(args.metrics, run.metrics)
-    write_timings("quantize", run.timings)
+    write_timings("quantize", run.timings, root=args.timings_root)
     print(f"[quantize] wrote {len(run.metrics['gguf'])} GGUF files to {args.out} and {args.metrics} "
           f"in {run.timings['seconds']}s", file=sys.stderr)
     return 0

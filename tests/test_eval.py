@@ -368,16 +368,16 @@ def _keys(obj):
             yield from _keys(v)
 
 
-def test_eval_stages_end_to_end_on_tiny_model(tiny_model, tmp_path, monkeypatch, capsys):
+def test_eval_stages_end_to_end_on_tiny_model(tiny_model, tmp_path, capsys):
     eval_stage, eval_base = load_stage("eval"), load_stage("eval_base")
-    monkeypatch.chdir(tmp_path)   # the stages write timings/<stage>.json under the working directory
+    timings_root = ["--timings-root", str(tmp_path)]
 
     train, test = _write_split(tmp_path)
     params = _small_params(tmp_path)
     base_metrics, tuned_metrics = tmp_path / "eval_base.json", tmp_path / "eval.json"
     rc = eval_base.main(["--params", str(params), "--model", str(tiny_model), "--test", str(test),
                          "--train", str(train), "--out-dir", str(tmp_path / "eval/base"),
-                         "--metrics", str(base_metrics)])
+                         "--metrics", str(base_metrics), *timings_root])
     assert rc == 0
     base = json.loads(base_metrics.read_text())
     assert set(base["task"]) == {"base_zero_shot", "base_few_shot"}
@@ -391,7 +391,7 @@ def test_eval_stages_end_to_end_on_tiny_model(tiny_model, tmp_path, monkeypatch,
 
     rc = eval_stage.main(["--params", str(params), "--model", str(tiny_model), "--test", str(test),
                           "--base-metrics", str(base_metrics), "--out-dir", str(tmp_path / "eval/tuned"),
-                          "--metrics", str(tuned_metrics)])
+                          "--metrics", str(tuned_metrics), *timings_root])
     assert rc == 0
     m = json.loads(tuned_metrics.read_text())
     # the same model on both sides: no margin, no drop (eval is deterministic)
@@ -401,17 +401,17 @@ def test_eval_stages_end_to_end_on_tiny_model(tiny_model, tmp_path, monkeypatch,
     assert set(m["lm_eval"]["tasks"]) == {"llmpipe_general_mc", "llmpipe_general_gen"}
 
     # timings are not results: they go to timings/<stage>.json, never to metrics or eval/
-    for stage, metrics in (("eval_base", base), ("eval", m)):
+    for stage, metrics in (("eval-base", base), ("eval", m)):
         timings = json.loads((tmp_path / "timings" / f"{stage}.json").read_text())
         assert timings["total"] > 0 and timings["lm_eval"] > 0 and timings["safety"] > 0
         assert not [k for k in _keys(metrics) if "timing" in k or "second" in k or "per_s" in k]
     assert {"task_base_zero_shot", "task_base_few_shot"} <= set(json.loads(
-        (tmp_path / "timings/eval_base.json").read_text()))
+        (tmp_path / "timings/eval-base.json").read_text()))
 
     # a second run on the same inputs writes byte-identical outputs and metrics
     rc = eval_stage.main(["--params", str(params), "--model", str(tiny_model), "--test", str(test),
                           "--base-metrics", str(base_metrics), "--out-dir", str(tmp_path / "eval/tuned2"),
-                          "--metrics", str(tmp_path / "eval2.json")])
+                          "--metrics", str(tmp_path / "eval2.json"), *timings_root])
     assert rc == 0
     assert (tmp_path / "eval2.json").read_bytes() == tuned_metrics.read_bytes()
     first = sorted((tmp_path / "eval/tuned").iterdir())
@@ -424,7 +424,7 @@ def test_eval_stages_end_to_end_on_tiny_model(tiny_model, tmp_path, monkeypatch,
     (tmp_path / "other.json").write_text(json.dumps(other))
     rc = eval_stage.main(["--params", str(params), "--model", str(tiny_model), "--test", str(test),
                           "--base-metrics", str(tmp_path / "other.json"), "--out-dir", str(tmp_path / "x"),
-                          "--metrics", str(tmp_path / "x.json")])
+                          "--metrics", str(tmp_path / "x.json"), *timings_root])
     assert rc == 2 and not (tmp_path / "x.json").exists() and not (tmp_path / "x").exists()
     assert "computed on a different test set" in capsys.readouterr().err
 

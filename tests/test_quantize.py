@@ -14,7 +14,6 @@ from __future__ import annotations
 
 import json
 import math
-import os
 from pathlib import Path
 
 import numpy as np
@@ -109,14 +108,9 @@ def _params(path: Path, **quantize) -> Path:
 
 
 def _run_stage(work: Path, model: Path, test: Path, params: Path, out: Path, metrics: Path) -> int:
-    """Run stages/quantize.py with ``work`` as the working directory (it writes timings/ there)."""
-    cwd = os.getcwd()
-    os.chdir(work)
-    try:
-        return load_stage("quantize").main(["--params", str(params), "--model", str(model), "--test", str(test),
-                                            "--out", str(out), "--metrics", str(metrics)])
-    finally:
-        os.chdir(cwd)
+    """Run stages/quantize.py; its timings/quantize.json goes under ``work``."""
+    return load_stage("quantize").main(["--params", str(params), "--model", str(model), "--test", str(test),
+                                        "--out", str(out), "--metrics", str(metrics), "--timings-root", str(work)])
 
 
 @pytest.fixture(scope="module")
