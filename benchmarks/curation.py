@@ -68,15 +68,17 @@ def run_one(stage: str, n: int) -> dict:
     base_rss = peak_rss_mb()
     if stage == "validate":
         from llmpipe.data.formats import RawItem
-        from llmpipe.data.validate import TokenCounter, ValidateConfig, validate_items
+        from llmpipe.config import load_params as load_typed_params
+        from llmpipe.data.validate import TokenCounter, validate_items
         from llmpipe.model.source import load_tokenizer
 
-        cfg = ValidateConfig.from_params(params)
-        counter = TokenCounter(load_tokenizer(params["model"]["name_or_path"]))
+        typed = load_typed_params(ROOT / "params.yaml")
+        cfg, max_seq_len = typed.validate_, typed.model.max_seq_len
+        counter = TokenCounter(load_tokenizer(typed.model.name_or_path))
         items = [RawItem("bench.jsonl", i + 1, {"messages": r["messages"], "metadata": r["metadata"]})
                  for i, r in enumerate(records)]
         t0 = time.perf_counter()
-        result = validate_items(items, cfg, counter)
+        result = validate_items(items, cfg, max_seq_len, counter)
         seconds = time.perf_counter() - t0
         detail = {"valid": result.metrics["records_valid"], "rejected": result.metrics["records_rejected"]}
     elif stage == "pii":
@@ -89,9 +91,10 @@ def run_one(stage: str, n: int) -> dict:
         seconds = time.perf_counter() - t0
         detail = {"records_touched": metrics.get("records_touched"), "workers": cfg.workers}
     elif stage == "dedup":
-        from llmpipe.data.dedup import DedupConfig, dedup_records
+        from llmpipe.config import load_params as load_typed_params
+        from llmpipe.data.dedup import dedup_records
 
-        cfg = DedupConfig.from_params(params["dedup"])
+        cfg = load_typed_params(ROOT / "params.yaml").dedup
         t0 = time.perf_counter()
         kept, _, metrics = dedup_records(records, cfg)
         seconds = time.perf_counter() - t0

@@ -1,7 +1,6 @@
 """DVC stage `minhash-dedup`: drop exact and near duplicates, report every removed record.
 
-in:  data/scrubbed/records.jsonl, params dedup.num_perm, dedup.threshold, dedup.shingle_size,
-     dedup.roles
+in:  data/scrubbed/records.jsonl, params dedup.* (num_perm, threshold, shingle_size, roles)
 out: data/dedup/records.jsonl (kept records, input order),
      data/dedup/clusters.jsonl (one line per cluster: kept id+source, every removed id+source
      with kind exact|near and estimated Jaccard to the kept record),
@@ -14,9 +13,11 @@ import argparse
 import sys
 import time
 
-from llmpipe.data.dedup import DedupConfig, DedupError, dedup_records, read_records
-from llmpipe.io import write_json, write_jsonl
-from llmpipe.params import ParamsError, load_params, section
+from llmpipe.config import ParamsError, load_stage_params
+from llmpipe.data.dedup import DedupError, dedup_records, read_records
+from llmpipe.io import write_json, write_jsonl, write_timings
+
+PARAMS = ["dedup"]
 
 
 def _progress(msg: str) -> None:
@@ -24,9 +25,7 @@ def _progress(msg: str) -> None:
 
 
 def main(argv: list[str] | None = None) -> int:
-    ap = argparse.ArgumentParser(
-        description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter
-    )
+    ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     ap.add_argument("--params", default=None, help="params file (default: params.yaml)")
     ap.add_argument("--input", default="data/scrubbed/records.jsonl")
     ap.add_argument("--out-records", default="data/dedup/records.jsonl")
@@ -36,21 +35,22 @@ def main(argv: list[str] | None = None) -> int:
 
     t0 = time.perf_counter()
     try:
-        cfg = DedupConfig.from_params(section(load_params(args.params), "dedup"))
+        cfg = load_stage_params(PARAMS, args.params)
         records = read_records(args.input)
         _progress(f"read {len(records)} records from {args.input}")
-        kept, clusters, metrics = dedup_records(records, cfg, progress=_progress)
+        kept, clusters, metrics = dedup_records(records, cfg.dedup, progress=_progress)
     except (DedupError, ParamsError) as exc:
         print(f"[dedup] error: {exc}", file=sys.stderr)
         return 2
     write_jsonl(args.out_records, kept)
     write_jsonl(args.out_clusters, clusters)
     write_json(args.metrics, metrics)
+    seconds = time.perf_counter() - t0
+    write_timings("minhash-dedup", {"seconds": round(seconds, 3), "records_in": metrics["records_in"]})
     _progress(
         f"{metrics['records_in']} in -> {metrics['records_out']} out "
         f"({metrics['exact_duplicates_removed']} exact, {metrics['near_duplicates_removed']} near, "
-        f"{metrics['clusters']} clusters) in {time.perf_counter() - t0:.1f}s; "
-        f"report: {args.out_clusters}"
+        f"{metrics['clusters']} clusters) in {seconds:.1f}s; report: {args.out_clusters}"
     )
     return 0
 

@@ -14,10 +14,12 @@ import sys
 import time
 from pathlib import Path
 
+from llmpipe.config import ParamsError, load_stage_params
 from llmpipe.data.dedup import DedupError, read_records
-from llmpipe.data.split import SPLITS, SplitConfig, split_records
-from llmpipe.io import atomic_path, write_json, write_jsonl
-from llmpipe.params import ParamsError, load_params, section
+from llmpipe.data.split import SPLITS, split_records
+from llmpipe.io import atomic_path, write_json, write_jsonl, write_timings
+
+PARAMS = ["split"]
 
 
 def _progress(msg: str) -> None:
@@ -25,9 +27,7 @@ def _progress(msg: str) -> None:
 
 
 def main(argv: list[str] | None = None) -> int:
-    ap = argparse.ArgumentParser(
-        description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter
-    )
+    ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     ap.add_argument("--params", default=None, help="params file (default: params.yaml)")
     ap.add_argument("--input", default="data/dedup/records.jsonl")
     ap.add_argument("--out-dir", default="data/split", help="where train/val/test.jsonl go")
@@ -40,10 +40,10 @@ def main(argv: list[str] | None = None) -> int:
 
     t0 = time.perf_counter()
     try:
-        cfg = SplitConfig.from_params(section(load_params(args.params), "split"))
+        cfg = load_stage_params(PARAMS, args.params)
         records = read_records(args.input)
         _progress(f"read {len(records)} records from {args.input}")
-        result = split_records(records, cfg, progress=_progress)
+        result = split_records(records, cfg.split, progress=_progress)
     except (DedupError, ParamsError, ValueError) as exc:
         print(f"[split] error: {exc}", file=sys.stderr)
         return 2
@@ -51,14 +51,14 @@ def main(argv: list[str] | None = None) -> int:
         with atomic_path(out_dir / f"{name}.jsonl") as tmp:
             tmp.write_bytes(result.files[name])
     write_jsonl(contamination_path, result.contamination)
-    metrics = dict(result.metrics)
-    metrics["files"] = {name: str(out_dir / f"{name}.jsonl") for name in SPLITS}
+    metrics = {**result.metrics, "files": {name: str(out_dir / f"{name}.jsonl") for name in SPLITS}}
     write_json(args.metrics, metrics)
+    seconds = time.perf_counter() - t0
+    write_timings("split", {"seconds": round(seconds, 3), "records": metrics["records"]})
     counts = ", ".join(f"{s}={metrics['counts'][s]}" for s in SPLITS)
     _progress(
         f"{counts}; dataset_version {metrics['dataset_version'][:12]}; "
-        f"{metrics['contamination_pairs']} contamination pairs ({contamination_path}) "
-        f"in {time.perf_counter() - t0:.1f}s"
+        f"{metrics['contamination_pairs']} contamination pairs ({contamination_path}) in {seconds:.1f}s"
     )
     return 0
 

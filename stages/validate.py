@@ -1,7 +1,9 @@
-"""DVC stage `validate`: raw files (messages / Alpaca / ShareGPT) -> canonical records + rejects.
+"""DVC stage `validate`: raw files (messages / Alpaca / ShareGPT) -> repaired canonical records.
 
-in:  validate.inputs (data/raw), params validate.*, model.name_or_path, model.max_seq_len
-out: data/validated/records.jsonl, data/validated/rejects.jsonl, metrics/validate.json
+in:  validate.inputs (data/raw), params validate.* (repair policy: validate.repair.*),
+     model.name_or_path (tokenizer), model.max_seq_len
+out: data/validated/records.jsonl, data/validated/rejects.jsonl (reason per rejected item),
+     data/validated/repairs.jsonl (what was repaired in which kept record), metrics/validate.json
 """
 
 from __future__ import annotations
@@ -10,18 +12,12 @@ import argparse
 import sys
 import time
 
-
-from llmpipe.data.validate import (
-    StrictValidationError,
-    TokenCounter,
-    ValidateConfig,
-    iter_inputs,
-    stderr_progress,
-    validate_items,
-)
-from llmpipe.io import write_json, write_jsonl
+from llmpipe.config import ParamsError, load_stage_params
+from llmpipe.data.validate import StrictValidationError, TokenCounter, stderr_progress, validate_inputs
+from llmpipe.io import write_json, write_jsonl, write_timings
 from llmpipe.model.source import ModelSourceError, load_tokenizer
-from llmpipe.params import load_params
+
+PARAMS = ["model.name_or_path", "model.max_seq_len", "validate"]
 
 
 def main(argv: list[str] | None = None) -> int:
@@ -29,29 +25,32 @@ def main(argv: list[str] | None = None) -> int:
     ap.add_argument("--params", default=None)
     ap.add_argument("--out-records", default="data/validated/records.jsonl")
     ap.add_argument("--out-rejects", default="data/validated/rejects.jsonl")
+    ap.add_argument("--out-repairs", default="data/validated/repairs.jsonl")
     ap.add_argument("--metrics", default="metrics/validate.json")
     args = ap.parse_args(argv)
 
-    params = load_params(args.params)
-    cfg = ValidateConfig.from_params(params)
     t0 = time.perf_counter()
     try:
-        tokenizer = load_tokenizer(params["model"]["name_or_path"])
-    except ModelSourceError as exc:
+        cfg = load_stage_params(PARAMS, args.params)
+        counter = TokenCounter(load_tokenizer(cfg.model.name_or_path))
+    except (ParamsError, ModelSourceError) as exc:
         print(f"[validate] error: {exc}", file=sys.stderr)
         return 2
     try:
-        result = validate_items(iter_inputs(cfg), cfg, TokenCounter(tokenizer), stderr_progress())
+        result = validate_inputs(cfg.validate, cfg.model.max_seq_len, counter, stderr_progress())
     except (StrictValidationError, FileNotFoundError) as exc:
         print(f"[validate] error: {exc}", file=sys.stderr)
         return 1
     write_jsonl(args.out_records, result.records)
     write_jsonl(args.out_rejects, (r.to_json() for r in result.rejects))
-    metrics = result.metrics  # no timings here: keep `dvc metrics diff` free of noise
+    write_jsonl(args.out_repairs, result.repairs)
+    metrics = result.metrics
     write_json(args.metrics, metrics)
+    seconds = time.perf_counter() - t0
+    write_timings("validate", {"seconds": round(seconds, 3), "items_read": metrics["items_read"]})
     print(
-        f"[validate] {metrics['records_valid']} valid, {metrics['records_rejected']} rejected "
-        f"{metrics['rejected_by_reason']} in {time.perf_counter() - t0:.1f}s",
+        f"[validate] {metrics['records_valid']} valid ({metrics['records_repaired']} repaired), "
+        f"{metrics['records_rejected']} rejected {metrics['rejected_by_reason']} in {seconds:.1f}s",
         file=sys.stderr,
     )
     for r in result.rejects[:20]:

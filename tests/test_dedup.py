@@ -14,8 +14,9 @@ import numpy as np
 import pytest
 from datasketch import MinHash
 
+from llmpipe.config import ParamsError, parse_params, read_yaml
+from llmpipe.config.data import DedupSection
 from llmpipe.data.dedup import (
-    DedupConfig,
     DedupError,
     dedup_records,
     lsh_params,
@@ -25,9 +26,13 @@ from llmpipe.data.dedup import (
     shingle_hash,
     shingles,
 )
-from llmpipe.params import ParamsError
 
 REPO = Path(__file__).resolve().parents[1]
+DEDUP = dict(num_perm=128, threshold=0.8, shingle_size=5, roles=["user", "assistant"])
+
+
+def dedup_cfg(**overrides) -> DedupSection:
+    return DedupSection.model_validate({**DEDUP, **overrides})
 SYSTEM = "You are a support triage assistant."
 
 
@@ -166,7 +171,7 @@ def planted():
 @pytest.fixture(scope="module")
 def planted_result(planted):
     records, _ = planted
-    return dedup_records(records, DedupConfig())
+    return dedup_records(records, dedup_cfg())
 
 
 def test_precision_recall_on_planted_duplicates(planted, planted_result):
@@ -204,7 +209,7 @@ def test_first_of_cluster_is_kept_and_report_is_complete(planted, planted_result
     assert metrics["clusters"] == len(clusters)
     # kept records keep input order; each cluster's kept record precedes all its removed members
     assert [position[i] for i in kept_ids] == sorted(position[i] for i in kept_ids)
-    threshold = DedupConfig().threshold
+    threshold = DEDUP["threshold"]
     for c in clusters:
         assert c["kept"]["id"] in kept_ids
         assert c["kept"]["source"] == records[position[c["kept"]["id"]]]["source"]
@@ -225,8 +230,7 @@ def test_explicit_cluster_small_example():
         _record(base.replace("blinks red", "blinks redd"), '{"a": 1}', 4),  # near
         _record(base.replace("blinks red", "blinks redd"), '{"a": 1}', 5, system="other system"),  # exact of #4
     ]
-    kept, clusters, metrics = dedup_records(recs, {"num_perm": 128, "threshold": 0.8, "shingle_size": 5,
-                                                   "roles": ["user", "assistant"]})
+    kept, clusters, metrics = dedup_records(recs, dedup_cfg())
     assert [r["source"]["line"] for r in kept] == [1, 2]
     assert len(clusters) == 1
     c = clusters[0]
@@ -239,20 +243,18 @@ def test_explicit_cluster_small_example():
 def test_roles_select_the_dedup_key():
     a = _record("where is my order KX482913 please help", '{"intent": "order_status"}', 1)
     b = _record("where is my order KX482913 please help", '{"intent": "refund_request"}', 2)
-    cfg = {"num_perm": 64, "threshold": 0.8, "shingle_size": 5}
-    kept, _, m = dedup_records([a, b], {**cfg, "roles": ["user"]})
+    kept, _, m = dedup_records([a, b], dedup_cfg(num_perm=64, roles=["user"]))
     assert len(kept) == 1 and m["exact_duplicates_removed"] == 1
-    kept, _, m = dedup_records([a, b], {**cfg, "roles": ["user", "assistant"]})
+    kept, _, m = dedup_records([a, b], dedup_cfg(num_perm=64, roles=["user", "assistant"]))
     assert len(kept) == 2 or m["near_duplicates_removed"] == 1  # never an exact duplicate
     assert m["exact_duplicates_removed"] == 0
 
 
 def test_threshold_effect(planted):
     records, _ = planted
-    base = dict(num_perm=128, shingle_size=5, roles=("user", "assistant"))
-    _, _, low = dedup_records(records, DedupConfig(threshold=0.7, **base))
-    _, _, mid = dedup_records(records, DedupConfig(threshold=0.8, **base))
-    _, _, high = dedup_records(records, DedupConfig(threshold=0.97, **base))
+    _, _, low = dedup_records(records, dedup_cfg(threshold=0.7))
+    _, _, mid = dedup_records(records, dedup_cfg(threshold=0.8))
+    _, _, high = dedup_records(records, dedup_cfg(threshold=0.97))
     # exact duplicates do not depend on the threshold
     assert low["exact_duplicates_removed"] == mid["exact_duplicates_removed"] == high["exact_duplicates_removed"]
     # a 2-word change (Jaccard ~0.85-0.9) is a near duplicate at 0.8, not at 0.97
@@ -264,19 +266,29 @@ def test_threshold_effect(planted):
 def test_empty_text_records_are_only_exact_deduped():
     a = _record("", "", 1)
     b = _record(" ", "\n", 2, system="x")
-    kept, clusters, m = dedup_records([a, b], DedupConfig())
+    kept, clusters, m = dedup_records([a, b], dedup_cfg())
     assert len(kept) == 1 and m["exact_duplicates_removed"] == 1 and m["records_without_text"] == 1
 
 
-def test_config_errors_name_the_param():
-    with pytest.raises(ParamsError, match="dedup.threshold"):
-        DedupConfig(threshold=1.5)
-    with pytest.raises(ParamsError, match="dedup.roles"):
-        DedupConfig.from_params({"num_perm": 128, "threshold": 0.8, "shingle_size": 5, "roles": ["bot"]})
-    with pytest.raises(ParamsError, match="unknown key"):
-        DedupConfig.from_params({"num_perm": 128, "threshold": 0.8, "shingle_size": 5, "roles": ["user"], "x": 1})
+@pytest.mark.parametrize("change, message", [
+    ({"threshold": 1.5}, "dedup.threshold: Input should be less than or equal to 1"),
+    ({"roles": ["bot"]}, "dedup.roles.0: Input should be 'system', 'user' or 'assistant'"),
+    ({"roles": ["user", "user"]}, "dedup.roles: Value error, roles must be distinct"),
+    ({"num_perm": 8}, "dedup.num_perm: Input should be greater than or equal to 16"),
+    ({"shingle_sise": 5}, "dedup.shingle_sise: unknown key (did you mean 'dedup.shingle_size'?)"),
+])
+def test_config_errors_name_the_param(change, message):
+    raw = read_yaml(REPO / "params.yaml")
+    raw["dedup"] = {**raw["dedup"], **change}
+    with pytest.raises(ParamsError) as err:
+        parse_params(raw)
+    assert message in str(err.value)
+
+
+def test_malformed_record_names_its_source():
     with pytest.raises(DedupError, match=r"record #0 .*synthetic.jsonl:1.*messages"):
-        dedup_records([{"id": "x", "messages": "nope", "source": {"file": "synthetic.jsonl", "line": 1}}])
+        dedup_records([{"id": "x", "messages": "nope", "source": {"file": "synthetic.jsonl", "line": 1}}],
+                      dedup_cfg())
 
 
 # --------------------------------------------------------------------------- stage
@@ -289,9 +301,11 @@ def _run_stage(args: list[str]) -> subprocess.CompletedProcess:
 
 
 def _write_params(tmp_path: Path, threshold: float = 0.8) -> Path:
+    """The repository's params.yaml with the dedup section of these tests."""
+    raw = read_yaml(REPO / "params.yaml")
+    raw["dedup"] = {**DEDUP, "threshold": threshold}
     p = tmp_path / "params.yaml"
-    p.write_text(f"dedup:\n  num_perm: 128\n  threshold: {threshold}\n  shingle_size: 5\n"
-                 "  roles: [user, assistant]\n", encoding="utf-8")
+    p.write_text(json.dumps(raw), encoding="utf-8")  # JSON is YAML
     return p
 
 

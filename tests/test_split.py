@@ -15,12 +15,12 @@ import pytest
 from llmpipe.data.split import (
     MISSING_STRATUM,
     SPLITS,
-    SplitConfig,
     allocate,
     dataset_version,
     split_records,
 )
-from llmpipe.params import ParamsError
+from llmpipe.config import ParamsError, parse_params, read_yaml
+from llmpipe.config.data import SplitSection
 
 REPO = Path(__file__).resolve().parents[1]
 INTENTS = ["order_status", "refund_request", "cancel_order", "technical_issue", "billing_question"]
@@ -58,7 +58,16 @@ def _corpus(seed: int = 11) -> list[dict]:
     return recs
 
 
-CFG = SplitConfig()  # defaults = params.yaml defaults (0.8/0.1/0.1, seed 1234, stratify on intent)
+SPLIT = dict(ratios={"train": 0.8, "val": 0.1, "test": 0.1}, seed=1234, stratify_key="intent", pin_key="split",
+             contamination_threshold=0.8, contamination_num_perm=128, contamination_shingle_size=5,
+             contamination_roles=["user"])
+
+
+def split_cfg(**overrides) -> SplitSection:
+    return SplitSection.model_validate({**SPLIT, **overrides})
+
+
+CFG = split_cfg()
 
 
 @pytest.fixture(scope="module")
@@ -80,7 +89,7 @@ def test_same_input_twice_and_shuffled_input_give_identical_bytes(corpus, result
         assert again.files[s] == result.files[s]
         assert shuf.files[s] == result.files[s]
     assert shuf.metrics == result.metrics
-    other_seed = split_records(corpus, SplitConfig(seed=99))
+    other_seed = split_records(corpus, split_cfg(seed=99))
     assert other_seed.metrics["dataset_version"] != result.metrics["dataset_version"]
 
 
@@ -161,7 +170,7 @@ def test_pinned_records_go_to_their_split_and_move_nothing_else(corpus, result):
     assert both.metrics["strata"]["<pinned>"] == {"train": 7, "val": 2, "test": 1}
     assert result.metrics["pinned"] == {"train": 0, "val": 0, "test": 0}
     # pinning off: the same records are stratified like any other (stratum <missing>)
-    unpinned = split_records(pinned + corpus, SplitConfig(pin_key=None))
+    unpinned = split_records(pinned + corpus, split_cfg(pin_key=None))
     assert unpinned.metrics["pinned"] == {"train": 0, "val": 0, "test": 0}
     bad = _record("bad pin", None, 20_000)
     bad["metadata"] = {"split": "holdout"}
@@ -200,15 +209,28 @@ def test_contamination_detects_planted_cross_split_near_duplicates():
     assert sum(res.metrics["counts"].values()) == len(recs)
 
 
-def test_config_errors_name_the_param():
-    with pytest.raises(ParamsError, match="split.ratios must sum to 1"):
-        SplitConfig(ratios={"train": 0.8, "val": 0.1, "test": 0.2})
-    with pytest.raises(ParamsError, match="exactly the keys"):
-        SplitConfig(ratios={"train": 0.9, "dev": 0.1})
-    with pytest.raises(ParamsError, match="split.contamination_threshold"):
-        SplitConfig(contamination_threshold=0)
-    with pytest.raises(ParamsError, match="missing key"):
-        SplitConfig.from_params({"ratios": {"train": 1.0, "val": 0.0, "test": 0.0}, "seed": 1})
+@pytest.mark.parametrize("change, message", [
+    ({"ratios": {"train": 0.8, "val": 0.1, "test": 0.2}}, "split.ratios: Value error, ratios must sum to 1"),
+    ({"ratios": {"train": 0.9, "val": 0.1}}, "split.ratios: Value error, needs exactly the keys"),
+    ({"ratios": {"train": 0.9, "dev": 0.1}}, "split.ratios.dev.[key]: Input should be 'train', 'val' or 'test'"),
+    ({"contamination_threshold": 0}, "split.contamination_threshold: Input should be greater than 0"),
+    ({"stratify_key": ""}, "split.stratify_key: String should have at least 1 character"),
+    ({"seed": None}, "split.seed: Input should be a valid integer"),
+    ({"pin_keys": "split"}, "split.pin_keys: unknown key (did you mean 'split.pin_key'?)"),
+])
+def test_config_errors_name_the_param(change, message):
+    raw = read_yaml(REPO / "params.yaml")
+    raw["split"] = {**raw["split"], **change}
+    with pytest.raises(ParamsError) as err:
+        parse_params(raw)
+    assert message in str(err.value)
+
+
+def test_missing_key_is_an_error():
+    raw = read_yaml(REPO / "params.yaml")
+    del raw["split"]["pin_key"]
+    with pytest.raises(ParamsError, match=r"split.pin_key: required key is missing"):
+        parse_params(raw)
 
 
 # --------------------------------------------------------------------------- stage
@@ -216,12 +238,9 @@ def test_config_errors_name_the_param():
 
 def _run_stage(tmp_path: Path, inp: Path, out_dir: Path, metrics: Path) -> subprocess.CompletedProcess:
     params = tmp_path / "params.yaml"
-    params.write_text(
-        "split:\n  ratios: {train: 0.8, val: 0.1, test: 0.1}\n  seed: 1234\n  stratify_key: intent\n"
-        "  contamination_threshold: 0.8\n  contamination_num_perm: 128\n  contamination_shingle_size: 5\n"
-        "  contamination_roles: [user]\n  pin_key: split\n",
-        encoding="utf-8",
-    )
+    raw = read_yaml(REPO / "params.yaml")
+    raw["split"] = SPLIT
+    params.write_text(json.dumps(raw), encoding="utf-8")  # JSON is YAML
     env = dict(os.environ, PYTHONPATH=str(REPO / "src"))
     return subprocess.run(
         [sys.executable, str(REPO / "stages" / "split.py"), "--params", str(params), "--input", str(inp),

@@ -1,4 +1,4 @@
-"""validate: every input format, every reject reason, strict mode, and the stage end to end."""
+"""validate: every input format, every repair, every reject reason, strict mode, the stage end to end."""
 
 from __future__ import annotations
 
@@ -10,11 +10,12 @@ from pathlib import Path
 import pytest
 import yaml
 
+from llmpipe.config.data import ValidateSection
 from llmpipe.data import formats
+from llmpipe.data.repair import REPAIR_KINDS
 from llmpipe.data.validate import (
     StrictValidationError,
     TokenCounter,
-    ValidateConfig,
     iter_inputs,
     validate_items,
 )
@@ -30,12 +31,19 @@ def counter() -> TokenCounter:
     return TokenCounter(load_tokenizer("embedded:smollm2-135m-instruct"))
 
 
-def cfg(tmp_path: Path, **kw) -> ValidateConfig:
-    base = dict(inputs=(str(tmp_path),), strict=False, require_system_prompt=True,
+# every repair off: the structural rules see the records as written
+NO_REPAIR = dict(drop_empty_turns=False, drop_leading_non_user=False, same_role_turns="reject",
+                 merge_separator="\n\n", drop_trailing_user=False)
+ALL_REPAIRS = dict(NO_REPAIR, drop_empty_turns=True, drop_leading_non_user=True, same_role_turns="merge",
+                   drop_trailing_user=True)
+
+
+def cfg(tmp_path: Path, repair: dict | None = None, **kw) -> ValidateSection:
+    base = dict(inputs=[str(tmp_path)], strict=False, require_system_prompt=True,
                 default_system_prompt=SYSTEM, min_response_tokens=8, max_line_bytes=1_000_000,
-                max_seq_len=512)
+                repair=repair or NO_REPAIR)
     base.update(kw)
-    return ValidateConfig(**base)
+    return ValidateSection.model_validate(base)
 
 
 def write_lines(path: Path, objs: list) -> Path:
@@ -43,9 +51,9 @@ def write_lines(path: Path, objs: list) -> Path:
     return path
 
 
-def run(tmp_path: Path, counter: TokenCounter, **kw):
+def run(tmp_path: Path, counter: TokenCounter, max_seq_len: int = 512, **kw):
     c = cfg(tmp_path, **kw)
-    return validate_items(iter_inputs(c), c, counter)
+    return validate_items(iter_inputs(c), c, max_seq_len, counter)
 
 
 def chat(user="Where is my order?", reply=REPLY, system=True, **extra):
@@ -135,6 +143,162 @@ def test_each_reject_reason(tmp_path, counter, reason):
     assert res.metrics["items_read"] == 3
 
 
+# --- repairs -------------------------------------------------------------------------------
+
+def sharegpt(*turns, **extra):
+    return {"conversations": [{"from": f, "value": v} for f, v in turns], **extra}
+
+
+def only_repair(**switches):
+    return dict(NO_REPAIR, **switches)
+
+
+def test_leading_assistant_turns_are_dropped(tmp_path, counter):
+    write_lines(tmp_path / "sg.jsonl", [sharegpt(("gpt", "...and that is the end of part one."),
+                                                 ("gpt", "Part two follows."),
+                                                 ("human", "Where is my order?"), ("gpt", REPLY))])
+    res = run(tmp_path, counter, repair=only_repair(drop_leading_non_user=True))
+    assert not res.rejects
+    (rec,) = res.records
+    assert [m["role"] for m in rec["messages"]] == ["system", "user", "assistant"]
+    (entry,) = res.repairs
+    assert entry["id"] == rec["id"] and entry["source"] == rec["source"] and entry["turns_in"] == 4
+    assert entry["source"]["file"] == str(tmp_path / "sg.jsonl") and entry["source"]["line"] == 1
+    (rep,) = entry["repairs"]
+    assert rep["kind"] == "drop_leading_non_user" and rep["removed"] == 2
+    assert rep["turns"] == ["conversations[0]", "conversations[1]"]
+    assert rep["excerpt"].startswith("...and that is the end")
+    assert res.metrics["records_repaired"] == 1
+    assert res.metrics["repaired_records_by_kind"]["drop_leading_non_user"] == 1
+    assert res.metrics["repair_turns_removed_by_kind"]["drop_leading_non_user"] == 2
+    # switched off, the same record is rejected
+    res = run(tmp_path, counter)
+    assert [r.reason for r in res.rejects] == ["bad_alternation"] and not res.repairs
+
+
+def test_leading_turns_after_a_system_prompt_keep_the_system_prompt(tmp_path, counter):
+    write_lines(tmp_path / "sg.jsonl", [sharegpt(("gpt", "leftover"), ("human", "hi, where is it?"),
+                                                 ("gpt", REPLY), system="Custom system.")])
+    res = run(tmp_path, counter, repair=only_repair(drop_leading_non_user=True))
+    (rec,) = res.records
+    assert rec["messages"][0] == {"role": "system", "content": "Custom system."}
+    assert res.repairs[0]["repairs"][0]["turns"] == ["conversations[0]"]
+
+
+def test_only_assistant_turns_cannot_be_repaired(tmp_path, counter):
+    write_lines(tmp_path / "sg.jsonl", [sharegpt(("gpt", "an answer"), ("gpt", REPLY))])
+    res = run(tmp_path, counter, repair=ALL_REPAIRS)
+    assert [r.reason for r in res.rejects] == ["no_user_turn"]
+    assert not res.repairs and res.metrics["records_repaired"] == 0  # only kept records are listed
+
+
+@pytest.mark.parametrize("mode", ["merge", "drop", "reject"])
+def test_consecutive_same_role_turns(tmp_path, counter, mode):
+    msgs = [{"role": "user", "content": "My kettle broke."}, {"role": "user", "content": "Order KX482913."},
+            {"role": "assistant", "content": "Sorry to hear that, let me check the order for you now."},
+            {"role": "assistant", "content": REPLY}]
+    write_lines(tmp_path / "in.jsonl", [{"messages": msgs}])
+    res = run(tmp_path, counter, repair=only_repair(same_role_turns=mode, merge_separator="\n--\n"))
+    if mode == "reject":
+        assert [r.reason for r in res.rejects] == ["bad_alternation"] and not res.repairs
+        return
+    (rec,) = res.records
+    user, reply = rec["messages"][1]["content"], rec["messages"][2]["content"]
+    reps = res.repairs[0]["repairs"]
+    if mode == "merge":
+        assert user == "My kettle broke.\n--\nOrder KX482913."
+        assert reply == msgs[2]["content"] + "\n--\n" + REPLY
+        assert [(r["kind"], r["role"], r["turns"], r["removed"]) for r in reps] == [
+            ("merge_same_role", "user", ["messages[0]", "messages[1]"], 1),
+            ("merge_same_role", "assistant", ["messages[2]", "messages[3]"], 1)]
+    else:
+        assert user == "Order KX482913." and reply == REPLY
+        assert [(r["kind"], r["role"], r["turns"]) for r in reps] == [
+            ("drop_same_role", "user", ["messages[0]"]), ("drop_same_role", "assistant", ["messages[2]"])]
+    kind = f"{mode}_same_role"
+    assert res.metrics["repaired_records_by_kind"][kind] == 1
+    assert res.metrics["repair_turns_removed_by_kind"][kind] == 2
+
+
+def test_empty_turns_in_the_middle_are_dropped_but_not_an_empty_reply(tmp_path, counter):
+    empty_system = {"messages": [{"role": "system", "content": " "}, {"role": "user", "content": "Where is it?"},
+                                 {"role": "assistant", "content": REPLY}]}
+    empty_middle = {"messages": [{"role": "user", "content": "Where is it?"}, {"role": "assistant", "content": ""},
+                                 {"role": "user", "content": "  \n"}, {"role": "assistant", "content": REPLY}]}
+    write_lines(tmp_path / "in.jsonl", [empty_system, empty_middle, chat(reply="")])
+    res = run(tmp_path, counter, repair=only_repair(drop_empty_turns=True))
+    assert [(r.source["line"], r.reason) for r in res.rejects] == [(3, "empty_content")]
+    first, second = res.records
+    assert first["messages"][0] == {"role": "system", "content": SYSTEM}  # the default replaced it
+    assert [m["content"] for m in second["messages"][1:]] == ["Where is it?", REPLY]
+    assert [[r["turns"] for r in e["repairs"]] for e in res.repairs] == [
+        [["messages[0]"]], [["messages[1]"], ["messages[2]"]]]
+    assert res.metrics["repair_turns_removed_by_kind"]["drop_empty_turn"] == 3
+    assert res.metrics["repaired_records_by_kind"]["drop_empty_turn"] == 2
+    res = run(tmp_path, counter)
+    assert [r.reason for r in res.rejects] == ["empty_content"] * 3
+
+
+def test_trailing_user_turn(tmp_path, counter):
+    ends_with_user = chat()
+    ends_with_user["messages"].append({"role": "user", "content": "Hello? Anyone there?"})
+    write_lines(tmp_path / "in.jsonl", [ends_with_user, {"messages": [{"role": "user", "content": "alone"}]}])
+    res = run(tmp_path, counter, repair=only_repair(drop_trailing_user=True))
+    (rec,) = res.records
+    assert rec["messages"] == chat()["messages"]
+    (rep,) = res.repairs[0]["repairs"]
+    assert (rep["kind"], rep["turns"], rep["excerpt"]) == ("drop_trailing_user", ["messages[3]"],
+                                                            "Hello? Anyone there?")
+    assert [r.reason for r in res.rejects] == ["last_not_assistant"]  # no reply left to keep
+    res = run(tmp_path, counter)
+    assert [r.reason for r in res.rejects] == ["last_not_assistant"] * 2
+
+
+def test_repair_metrics_equal_the_report_and_nothing_is_dropped(tmp_path, counter):
+    objs = [
+        chat(),
+        sharegpt(("gpt", "tail of an earlier chunk"), ("human", "a"), ("human", "b"), ("gpt", REPLY),
+                 ("human", "")),
+        sharegpt(("human", "q"), ("gpt", ""), ("gpt", REPLY), ("human", "thanks!")),
+        sharegpt(("gpt", "x"), ("human", "q"), ("gpt", "ok")),  # repaired, then too short: rejected
+        *REASON_CASES.values(),
+    ]
+    write_lines(tmp_path / "mix.jsonl", objs)
+    res = run(tmp_path, counter, repair=ALL_REPAIRS)
+    m = res.metrics
+    assert m["items_read"] == len(objs) == len(res.records) + len(res.rejects)
+    assert set(m["repaired_records_by_kind"]) == set(REPAIR_KINDS) == set(m["repair_turns_removed_by_kind"])
+    assert m["records_repaired"] == len(res.repairs) == 3
+    for kind in REPAIR_KINDS:
+        reps = [r for e in res.repairs for r in e["repairs"] if r["kind"] == kind]
+        assert m["repair_turns_removed_by_kind"][kind] == sum(r["removed"] for r in reps)
+        assert m["repaired_records_by_kind"][kind] == sum(
+            any(r["kind"] == kind for r in e["repairs"]) for e in res.repairs)
+    ids = {r["id"] for r in res.records}
+    for e in res.repairs:  # every report line points at a kept record, and turn counts add up
+        assert e["id"] in ids
+        rec = next(r for r in res.records if r["id"] == e["id"])
+        n_out = len(rec["messages"]) - 1  # these inputs have no system prompt: the default was added
+        assert e["turns_in"] - sum(r["removed"] for r in e["repairs"]) == n_out
+    assert "response_too_short" in m["rejected_by_reason"]
+
+
+# --- BOM ----------------------------------------------------------------------------------
+
+def test_bom_at_the_start_of_any_line(tmp_path, counter):
+    bom = "\ufeff"
+    a = bom + json.dumps(chat(user="first file")) + "\n" + json.dumps(chat(user="first file, line 2")) + "\n"
+    b = bom + json.dumps(chat(user="second file")) + "\n" + bom + "\n"
+    (tmp_path / "cat.jsonl").write_text(a + b, encoding="utf-8")  # what `cat a.jsonl b.jsonl` gives
+    rows = [{"instruction": "Triage this support message.", "input": "kettle", "output": REPLY}]
+    (tmp_path / "arr.json").write_text(bom + json.dumps(rows, indent=2), encoding="utf-8")
+    res = run(tmp_path, counter)
+    assert not res.rejects
+    assert sorted(r["messages"][1]["content"] for r in res.records) == [
+        "Triage this support message.\n\nkettle", "first file", "first file, line 2", "second file"]
+    assert [r["source"]["line"] for r in res.records if r["source"]["format"] == "messages"] == [1, 2, 3]
+
+
 def test_missing_system_prompt_when_required(tmp_path, counter):
     write_lines(tmp_path / "in.jsonl", [chat(system=False)])
     res = run(tmp_path, counter, default_system_prompt=None)
@@ -208,22 +372,38 @@ def test_discover_errors_on_missing_input(tmp_path):
 def test_stage_writes_outputs_and_metrics(tmp_path):
     raw = tmp_path / "raw"
     raw.mkdir()
-    write_lines(raw / "a.jsonl", [chat(), '{"bad json', chat(user="second")])
+    write_lines(raw / "a.jsonl", [chat(), '{"bad json', chat(user="second"),
+                                  sharegpt(("gpt", "end of chunk one"), ("human", "third"), ("gpt", REPLY))])
     params = yaml.safe_load((ROOT / "params.yaml").read_text())
     params["validate"]["inputs"] = [str(raw)]
     (tmp_path / "params.yaml").write_text(yaml.safe_dump(params))
     out = tmp_path / "out"
     cmd = [sys.executable, str(ROOT / "stages" / "validate.py"), "--params", str(tmp_path / "params.yaml"),
            "--out-records", str(out / "r.jsonl"), "--out-rejects", str(out / "x.jsonl"),
-           "--metrics", str(out / "m.json")]
+           "--out-repairs", str(out / "p.jsonl"), "--metrics", str(out / "m.json")]
     proc = subprocess.run(cmd, capture_output=True, text=True, cwd=tmp_path)
     assert proc.returncode == 0, proc.stderr
-    assert len((out / "r.jsonl").read_text().splitlines()) == 2
+    assert len((out / "r.jsonl").read_text().splitlines()) == 3
     rejects = [json.loads(line) for line in (out / "x.jsonl").read_text().splitlines()]
     assert rejects[0]["reason"] == "malformed_json" and rejects[0]["source"]["line"] == 2
+    (repair,) = [json.loads(line) for line in (out / "p.jsonl").read_text().splitlines()]
+    assert repair["source"]["line"] == 4 and repair["repairs"][0]["kind"] == "drop_leading_non_user"
     metrics = json.loads((out / "m.json").read_text())
-    assert metrics["records_valid"] == 2 and metrics["rejected_by_reason"] == {"malformed_json": 1}
+    assert metrics["records_valid"] == 3 and metrics["rejected_by_reason"] == {"malformed_json": 1}
+    assert metrics["records_repaired"] == 1
     assert "a.jsonl:2: malformed_json" in proc.stderr
+    # wall-clock time goes to timings/, never into metrics
+    assert json.loads((tmp_path / "timings" / "validate.json").read_text())["seconds"] > 0
+    assert "seconds" not in json.dumps(metrics)
+    # a misspelled repair key fails before anything runs, naming the key and the nearest name
+    bad = json.loads(json.dumps(params))
+    bad["validate"]["repair"]["drop_trailing_usr"] = bad["validate"]["repair"].pop("drop_trailing_user")
+    (tmp_path / "bad.yaml").write_text(yaml.safe_dump(bad))
+    proc = subprocess.run([*cmd[:3], str(tmp_path / "bad.yaml"), *cmd[4:]], capture_output=True, text=True,
+                          cwd=tmp_path)
+    assert proc.returncode == 2
+    assert "validate.repair.drop_trailing_usr: unknown key (did you mean " \
+           "'validate.repair.drop_trailing_user'?)" in proc.stderr
     # strict: non-zero exit, clear message, no outputs written
     params["validate"]["strict"] = True
     (tmp_path / "params.yaml").write_text(yaml.safe_dump(params))

@@ -3,14 +3,30 @@
 from __future__ import annotations
 
 import re
-from typing import Literal
+from typing import Annotated, Literal
 
-from pydantic import Field, field_validator, model_validator
+from pydantic import AfterValidator, Field, field_validator, model_validator
 
 from llmpipe.config.base import Section
 
 Role = Literal["system", "user", "assistant"]
 SplitName = Literal["train", "val", "test"]
+
+
+class RepairSection(Section):
+    """``validate.repair``: how a conversation is repaired before it is judged (see data/repair.py)."""
+
+    # Drop turns empty or whitespace-only anywhere but the final reply (an empty final reply is
+    # rejected: there is nothing to train on).
+    drop_empty_turns: bool
+    # Drop assistant turns before the first user turn (chunked ShareGPT dumps start with `gpt`).
+    drop_leading_non_user: bool
+    # Runs of turns with the same role: merge (join with merge_separator), drop (keep the last
+    # turn of the run, the one the next turn answers) or reject (bad_alternation).
+    same_role_turns: Literal["merge", "drop", "reject"]
+    merge_separator: str
+    # Drop a final user turn that got no reply (and so carries no training signal).
+    drop_trailing_user: bool
 
 
 class ValidateSection(Section):
@@ -20,6 +36,7 @@ class ValidateSection(Section):
     default_system_prompt: str | None
     min_response_tokens: int = Field(ge=0)
     max_line_bytes: int = Field(gt=0)
+    repair: RepairSection
 
 
 # Entity types pii-scrub can detect (llmpipe.data.pii registers one recognizer set per type).
@@ -96,19 +113,41 @@ class PiiSection(Section):
         return self.replacement.format(entity_type=entity_type)
 
 
+def _distinct_roles(value: list[str]) -> list[str]:
+    if len(set(value)) != len(value):
+        raise ValueError(f"roles must be distinct, got {value}")
+    return value
+
+
+Roles = Annotated[list[Role], AfterValidator(_distinct_roles)]
+
+
 class DedupSection(Section):
-    num_perm: int = Field(ge=16)
+    num_perm: int = Field(ge=16, le=4096)
     threshold: float = Field(gt=0.0, le=1.0)
-    shingle_size: int = Field(ge=1)
-    roles: list[Role] = Field(min_length=1)
+    shingle_size: int = Field(ge=1, le=64)
+    roles: Roles = Field(min_length=1)
 
 
 class SplitSection(Section):
     ratios: dict[SplitName, float]
     seed: int
-    stratify_key: str | None
-    pin_key: str | None
+    stratify_key: str | None = Field(min_length=1)
+    pin_key: str | None = Field(min_length=1)
     contamination_threshold: float = Field(gt=0.0, le=1.0)
-    contamination_num_perm: int = Field(ge=16)
-    contamination_shingle_size: int = Field(ge=1)
-    contamination_roles: list[Role] = Field(min_length=1)
+    contamination_num_perm: int = Field(ge=16, le=4096)
+    contamination_shingle_size: int = Field(ge=1, le=64)
+    contamination_roles: Roles = Field(min_length=1)
+
+    @field_validator("ratios")
+    @classmethod
+    def _ratios(cls, value: dict[str, float]) -> dict[str, float]:
+        names = ("train", "val", "test")
+        if set(value) != set(names):
+            raise ValueError(f"needs exactly the keys {list(names)}, got {sorted(value)}")
+        bad = {k: v for k, v in value.items() if not 0.0 <= v <= 1.0}
+        if bad:
+            raise ValueError(f"each ratio must be in [0, 1], got {bad}")
+        if abs(sum(value.values()) - 1.0) > 1e-6:
+            raise ValueError(f"ratios must sum to 1, got {sum(value.values())!r}")
+        return {k: value[k] for k in names}

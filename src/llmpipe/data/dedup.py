@@ -2,7 +2,7 @@
 
 What counts as "the same record"
 --------------------------------
-Only the messages whose role is listed in ``dedup.roles`` (default: user, assistant) make up a
+Only the messages whose role is listed in ``dedup.roles`` (params.yaml: user, assistant) make up a
 record's dedup text; the system prompt is left out because it is the same for every record and
 would make unrelated records look alike. Each selected message is normalised with
 :func:`normalize_text`: Unicode NFKC, ``str.casefold()`` (lower case), every run of whitespace
@@ -43,19 +43,17 @@ import hashlib
 import json
 import re
 import unicodedata
-from dataclasses import dataclass
 from functools import lru_cache
 from typing import Any, Callable, Mapping, Sequence
 
 import numpy as np
 from datasketch import LeanMinHash, MinHash, MinHashLSH
 
+from llmpipe.config.data import DedupSection
 from llmpipe.data import records as canonical
-from llmpipe.params import ParamsError
 
 MINHASH_SEED = 1  # datasketch's default seed; fixed so signatures are reproducible
 MINHASH_SCHEME = "affine32"
-VALID_ROLES = ("system", "user", "assistant")
 
 _U32 = np.uint32
 _FNV_OFFSET = 2166136261
@@ -69,79 +67,6 @@ Progress = Callable[[str], None]
 
 class DedupError(ValueError):
     """A record cannot be deduplicated (malformed record or configuration)."""
-
-
-@dataclass(frozen=True)
-class DedupConfig:
-    num_perm: int = 128
-    threshold: float = 0.8
-    shingle_size: int = 5
-    roles: tuple[str, ...] = ("user", "assistant")
-
-    def __post_init__(self) -> None:
-        check_minhash_params("dedup", self.num_perm, self.shingle_size, self.roles)
-        if not isinstance(self.threshold, (int, float)) or isinstance(self.threshold, bool) or not (
-            0.0 < float(self.threshold) <= 1.0
-        ):
-            raise ParamsError(
-                f"params.yaml: dedup.threshold must be a number in (0, 1], got {self.threshold!r}"
-            )
-
-    @classmethod
-    def from_params(cls, section: Mapping[str, Any]) -> "DedupConfig":
-        """Build from the ``dedup:`` section of params.yaml (unknown keys are an error)."""
-        known = {"num_perm", "threshold", "shingle_size", "roles"}
-        unknown = sorted(set(section) - known)
-        if unknown:
-            raise ParamsError(
-                f"params.yaml: unknown key(s) in section 'dedup': {', '.join(unknown)}"
-            )
-        missing = sorted(known - set(section))
-        if missing:
-            raise ParamsError(
-                f"params.yaml: section 'dedup' is missing key(s): {', '.join(missing)}"
-            )
-        roles = section["roles"]
-        if not isinstance(roles, (list, tuple)):
-            raise ParamsError(f"params.yaml: dedup.roles must be a list of roles, got {roles!r}")
-        return cls(
-            num_perm=section["num_perm"],
-            threshold=section["threshold"],
-            shingle_size=section["shingle_size"],
-            roles=tuple(roles),
-        )
-
-    def as_dict(self) -> dict[str, Any]:
-        return {
-            "num_perm": self.num_perm,
-            "threshold": self.threshold,
-            "shingle_size": self.shingle_size,
-            "roles": list(self.roles),
-        }
-
-
-def _is_int(value: Any) -> bool:
-    return isinstance(value, int) and not isinstance(value, bool)
-
-
-def check_minhash_params(
-    prefix: str, num_perm: Any, shingle_size: Any, roles: Sequence[Any]
-) -> None:
-    """Validate MinHash settings; errors name the params.yaml key (``prefix``: key stem)."""
-    if not _is_int(num_perm) or not 2 <= num_perm <= 4096:
-        raise ParamsError(
-            f"params.yaml: {prefix}.num_perm must be an integer in [2, 4096], got {num_perm!r}"
-        )
-    if not _is_int(shingle_size) or not 1 <= shingle_size <= 64:
-        raise ParamsError(
-            f"params.yaml: {prefix}.shingle_size must be an integer in [1, 64], "
-            f"got {shingle_size!r}"
-        )
-    if not roles or any(r not in VALID_ROLES for r in roles) or len(set(roles)) != len(roles):
-        raise ParamsError(
-            f"params.yaml: {prefix}.roles must be a non-empty list of distinct roles from "
-            f"{list(VALID_ROLES)}, got {list(roles)!r}"
-        )
 
 
 # --------------------------------------------------------------------------- text and keys
@@ -286,8 +211,8 @@ def _shingle_hashes(texts: Sequence[str], k: int) -> tuple[np.ndarray, np.ndarra
 
 def minhash_signatures(
     texts: Sequence[str],
-    num_perm: int = 128,
-    shingle_size: int = 5,
+    num_perm: int,
+    shingle_size: int,
     seed: int = MINHASH_SEED,
     progress: Progress | None = None,
 ) -> np.ndarray:
@@ -399,7 +324,7 @@ def _member(record: Mapping[str, Any], kind: str, jaccard: float, reason: str) -
 
 def dedup_records(
     records: Sequence[Mapping[str, Any]],
-    cfg: DedupConfig | Mapping[str, Any] | None = None,
+    cfg: DedupSection,
     progress: Progress | None = None,
 ) -> tuple[list[dict[str, Any]], list[dict[str, Any]], dict[str, Any]]:
     """Remove exact and near duplicates, keeping the first record of each cluster.
@@ -409,16 +334,12 @@ def dedup_records(
     kept record's position): ``{"kept": {"id", "source"}, "removed": [{"id", "source", "kind",
     "jaccard", "reason"}], "size"}``; ``metrics`` holds the counts and the params used.
     """
-    if cfg is None:
-        cfg = DedupConfig()
-    elif not isinstance(cfg, DedupConfig):
-        cfg = DedupConfig.from_params(cfg)
     with gc_paused():
         return _dedup(records, cfg, progress or (lambda _msg: None))
 
 
 def _dedup(
-    records: Sequence[Mapping[str, Any]], cfg: DedupConfig, say: Progress
+    records: Sequence[Mapping[str, Any]], cfg: DedupSection, say: Progress
 ) -> tuple[list[dict[str, Any]], list[dict[str, Any]], dict[str, Any]]:
     n = len(records)
 
@@ -510,7 +431,7 @@ def _dedup(
         "clusters": len(clusters),
         "records_without_text": empty,
         "params": {
-            **cfg.as_dict(),
+            **cfg.model_dump(mode="json"),
             "normalization": "nfkc+casefold+collapse_whitespace (punctuation kept)",
             "minhash_seed": MINHASH_SEED,
             "minhash_scheme": MINHASH_SCHEME,

@@ -20,6 +20,7 @@ from pathlib import Path
 from typing import Any, Iterator
 
 SUFFIXES = (".jsonl", ".json")
+BOM = "\ufeff"  # UTF-8 byte order mark, tolerated at the start of any line
 
 # ShareGPT / OpenAI role spellings seen in the wild, mapped onto the canonical three.
 ROLE_ALIASES = {
@@ -63,6 +64,8 @@ class Normalised:
     format: str
     messages: list[dict[str, str]]
     metadata: dict[str, Any] = field(default_factory=dict)
+    # where each message came from in the input object, e.g. "conversations[3]" (for reports)
+    where: list[str] = field(default_factory=list)
 
 
 class FormatError(ValueError):
@@ -141,6 +144,9 @@ def _iter_jsonl(path: Path, max_line_bytes: int) -> Iterator[RawItem | ReadProbl
                 f"not valid UTF-8 at byte {exc.start} of the line ({exc.reason})", _excerpt(chunk),
             )
             continue
+        # A UTF-8 BOM may start any line, not only the file's first: `cat a.jsonl b.jsonl` of
+        # files written with BOMs puts one in the middle.
+        text = text.removeprefix(BOM)
         if not text.strip():
             continue  # blank lines are allowed between records
         try:
@@ -162,7 +168,7 @@ def _iter_json_array(path: Path, text: str) -> Iterator[RawItem | ReadProblem]:
     n = len(text)
 
     def skip_ws(i: int) -> int:
-        while i < n and text[i] in " \t\r\n":
+        while i < n and text[i] in " \t\r\n\ufeff":  # a BOM may start a line
             i += 1
         return i
 
@@ -225,7 +231,7 @@ def iter_file(path: str | os.PathLike[str], max_line_bytes: int) -> Iterator[Raw
         return
     if path.suffix == ".json":
         with open(path, "rb") as fh:
-            head = fh.read(4096).lstrip()
+            head = fh.read(4096).lstrip().removeprefix(BOM.encode("utf-8")).lstrip()
         if head.startswith(b"["):
             raw = path.read_bytes()
             try:
@@ -308,7 +314,7 @@ def normalise(obj: Any) -> Normalised:
                 raise FormatError("wrong_type", f"messages[{i}] must be an object")
             out.append({"role": _role(m.get("role"), f"messages[{i}]"),
                         "content": _text_content(m.get("content"), f"messages[{i}]")})
-        return Normalised(fmt, out, _metadata(obj))
+        return Normalised(fmt, out, _metadata(obj), [f"messages[{i}]" for i in range(len(out))])
     if fmt == "sharegpt":
         convs = obj["conversations"]
         if not isinstance(convs, list):
@@ -319,11 +325,13 @@ def normalise(obj: Any) -> Normalised:
                 raise FormatError("wrong_type", f"conversations[{i}] must be an object")
             out.append({"role": _role(m.get("from"), f"conversations[{i}]"),
                         "content": _text_content(m.get("value"), f"conversations[{i}]")})
+        where = [f"conversations[{i}]" for i in range(len(out))]
         if isinstance(obj.get("system"), str) and obj["system"].strip() and not (
             out and out[0]["role"] == "system"
         ):
             out.insert(0, {"role": "system", "content": obj["system"]})
-        return Normalised(fmt, out, _metadata(obj))
+            where.insert(0, "system")
+        return Normalised(fmt, out, _metadata(obj), where)
     # alpaca
     for key in ("instruction", "input", "output", "system"):
         if key in obj and obj[key] is not None and not isinstance(obj[key], str):
@@ -332,7 +340,10 @@ def normalise(obj: Any) -> Normalised:
     extra = obj.get("input") or ""
     user = f"{instruction}\n\n{extra}" if instruction.strip() and extra.strip() else instruction + extra
     out = []
+    where = []
     if (obj.get("system") or "").strip():
         out.append({"role": "system", "content": obj["system"]})
+        where.append("system")
     out += [{"role": "user", "content": user}, {"role": "assistant", "content": obj.get("output") or ""}]
-    return Normalised(fmt, out, _metadata(obj))
+    where += ["instruction+input", "output"]
+    return Normalised(fmt, out, _metadata(obj), where)

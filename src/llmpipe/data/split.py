@@ -18,7 +18,7 @@ The split depends only on the *set* of records and the params, not on the input 
 * Each split file is ordered by the same hash (so strata are interleaved) and serialised exactly
   like :func:`llmpipe.io.write_jsonl` (key-sorted JSON, one record per line, UTF-8).
 
-Pinned records: with ``pin_key`` set (default ``"split"``), a record whose
+Pinned records: with ``pin_key`` set (params.yaml: ``"split"``), a record whose
 ``metadata[pin_key]`` names a split (``train``/``val``/``test``) goes to that split and takes no
 part in the stratified allocation above, so pinning records never moves any other record. The
 bundled safety examples use it to stay in train (the held-out task test set stays pure task
@@ -37,13 +37,13 @@ from __future__ import annotations
 import hashlib
 import json
 import math
-from dataclasses import dataclass, field
+from dataclasses import dataclass
 from fractions import Fraction
 from typing import Any, Mapping, Sequence
 
+from llmpipe.config.data import SplitSection
 from llmpipe.data.dedup import (
     Progress,
-    check_minhash_params,
     estimated_jaccard,
     gc_paused,
     lean_minhash,
@@ -52,110 +52,11 @@ from llmpipe.data.dedup import (
     near_text,
     selected_contents,
 )
-from llmpipe.params import ParamsError
 
 SPLITS = ("train", "val", "test")
 MISSING_STRATUM = "<missing>"
 ALL_STRATUM = "<all>"
 PINNED_STRATUM = "<pinned>"
-
-
-@dataclass(frozen=True)
-class SplitConfig:
-    ratios: Mapping[str, float] = field(
-        default_factory=lambda: {"train": 0.8, "val": 0.1, "test": 0.1}
-    )
-    seed: int = 1234
-    stratify_key: str | None = "intent"
-    contamination_threshold: float = 0.8
-    contamination_num_perm: int = 128
-    contamination_shingle_size: int = 5
-    contamination_roles: tuple[str, ...] = ("user",)
-    pin_key: str | None = "split"
-
-    def __post_init__(self) -> None:
-        r = self.ratios
-        if not isinstance(r, Mapping) or set(r) != set(SPLITS):
-            raise ParamsError(
-                f"params.yaml: split.ratios must have exactly the keys {list(SPLITS)}, got {r!r}"
-            )
-        for k in SPLITS:
-            v = r[k]
-            if not isinstance(v, (int, float)) or isinstance(v, bool) or not 0.0 <= v <= 1.0:
-                raise ParamsError(
-                    f"params.yaml: split.ratios.{k} must be a number in [0, 1], got {v!r}"
-                )
-        if abs(sum(float(r[k]) for k in SPLITS) - 1.0) > 1e-6:
-            raise ParamsError(
-                f"params.yaml: split.ratios must sum to 1, got {sum(float(r[k]) for k in SPLITS)!r}"
-            )
-        if not isinstance(self.seed, int) or isinstance(self.seed, bool):
-            raise ParamsError(f"params.yaml: split.seed must be an integer, got {self.seed!r}")
-        key = self.stratify_key
-        if key is not None and (not isinstance(key, str) or not key):
-            raise ParamsError(
-                f"params.yaml: split.stratify_key must be a metadata key or null, got {key!r}"
-            )
-        pin = self.pin_key
-        if pin is not None and (not isinstance(pin, str) or not pin):
-            raise ParamsError(f"params.yaml: split.pin_key must be a metadata key or null, got {pin!r}")
-        t = self.contamination_threshold
-        if not isinstance(t, (int, float)) or isinstance(t, bool) or not 0.0 < t <= 1.0:
-            raise ParamsError(
-                f"params.yaml: split.contamination_threshold must be in (0, 1], got {t!r}"
-            )
-        check_minhash_params(
-            "split.contamination",
-            self.contamination_num_perm,
-            self.contamination_shingle_size,
-            self.contamination_roles,
-        )
-
-    @classmethod
-    def from_params(cls, section: Mapping[str, Any]) -> "SplitConfig":
-        """Build from the ``split:`` section of params.yaml (unknown keys are an error)."""
-        known = {
-            "ratios", "seed", "stratify_key", "contamination_threshold", "contamination_num_perm",
-            "contamination_shingle_size", "contamination_roles", "pin_key",
-        }
-        unknown = sorted(set(section) - known)
-        if unknown:
-            raise ParamsError(
-                f"params.yaml: unknown key(s) in section 'split': {', '.join(unknown)}"
-            )
-        missing = sorted(known - set(section))
-        if missing:
-            raise ParamsError(
-                f"params.yaml: section 'split' is missing key(s): {', '.join(missing)}"
-            )
-        roles = section["contamination_roles"]
-        ratios = section["ratios"]
-        if not isinstance(roles, (list, tuple)):
-            raise ParamsError(
-                f"params.yaml: split.contamination_roles must be a list, got {roles!r}"
-            )
-        return cls(
-            ratios=dict(ratios) if isinstance(ratios, Mapping) else ratios,
-            seed=section["seed"],
-            stratify_key=section["stratify_key"],
-            contamination_threshold=section["contamination_threshold"],
-            contamination_num_perm=section["contamination_num_perm"],
-            contamination_shingle_size=section["contamination_shingle_size"],
-            contamination_roles=tuple(roles),
-            pin_key=section["pin_key"],
-        )
-
-    def as_dict(self) -> dict[str, Any]:
-        return {
-            "ratios": {k: self.ratios[k] for k in SPLITS},
-            "seed": self.seed,
-            "stratify_key": self.stratify_key,
-            "contamination_threshold": self.contamination_threshold,
-            "contamination_num_perm": self.contamination_num_perm,
-            "contamination_shingle_size": self.contamination_shingle_size,
-            "contamination_roles": list(self.contamination_roles),
-            "pin_key": self.pin_key,
-        }
 
 
 @dataclass
@@ -236,7 +137,7 @@ def pinned_split(record: Mapping[str, Any], pin_key: str | None) -> str | None:
 
 
 def assign(
-    records: Sequence[Mapping[str, Any]], cfg: SplitConfig
+    records: Sequence[Mapping[str, Any]], cfg: SplitSection
 ) -> tuple[dict[str, list[dict[str, Any]]], dict[str, dict[str, int]]]:
     """Split ``records``: (records per split in file order, counts per stratum per split).
 
@@ -282,7 +183,7 @@ def dataset_version(file_hashes: Mapping[str, str]) -> str:
 
 def find_contamination(
     splits: Mapping[str, Sequence[Mapping[str, Any]]],
-    cfg: SplitConfig,
+    cfg: SplitSection,
     progress: Progress | None = None,
 ) -> list[dict[str, Any]]:
     """Pairs (val/test record, train record) with estimated Jaccard >= the threshold."""
@@ -338,14 +239,10 @@ def find_contamination(
 
 def split_records(
     records: Sequence[Mapping[str, Any]],
-    cfg: SplitConfig | Mapping[str, Any] | None = None,
+    cfg: SplitSection,
     progress: Progress | None = None,
 ) -> SplitResult:
     """Split, hash and contamination-check ``records`` (nothing is written here)."""
-    if cfg is None:
-        cfg = SplitConfig()
-    elif not isinstance(cfg, SplitConfig):
-        cfg = SplitConfig.from_params(cfg)
     say = progress or (lambda _msg: None)
     for i, rec in enumerate(records):
         if not isinstance(rec, Mapping) or not isinstance(rec.get("id"), str):
@@ -369,14 +266,13 @@ def split_records(
         },
         "contaminated_records": len({(p["split"], p["id"]) for p in contamination}),
         "pinned": per_stratum.get(PINNED_STRATUM, {s: 0 for s in SPLITS}),
-        "params": cfg.as_dict(),
+        "params": cfg.model_dump(mode="json"),
     }
     return SplitResult(splits=splits, files=files, contamination=contamination, metrics=metrics)
 
 
 __all__ = [
     "SPLITS",
-    "SplitConfig",
     "SplitResult",
     "allocate",
     "assign",

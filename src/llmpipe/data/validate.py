@@ -1,5 +1,8 @@
 """Validate normalised conversations and split them into accepted records and rejects.
 
+Each conversation is first repaired by the ``validate.repair`` policy (``llmpipe.data.repair``:
+empty turns, leading assistant turns, same-role runs, a trailing user turn); every repair of a
+record that comes out valid is counted in the metrics and listed in the repairs report.
 Structural rules live in a pydantic model (``Conversation``); each rule raises a
 ``PydanticCustomError`` whose type is the reject reason code, so metrics and the rejects file
 speak the same vocabulary. Token-length rules need the base model's tokenizer and run after the
@@ -23,35 +26,10 @@ from typing import Any, Callable, Iterable, Literal
 from pydantic import BaseModel, ConfigDict, ValidationError, field_validator, model_validator
 from pydantic_core import PydanticCustomError
 
+from llmpipe.config.data import ValidateSection
 from llmpipe.data import formats
 from llmpipe.data.records import make_record
-
-
-@dataclass(frozen=True)
-class ValidateConfig:
-    inputs: tuple[str, ...]
-    strict: bool = False
-    require_system_prompt: bool = True
-    default_system_prompt: str | None = None
-    min_response_tokens: int = 8
-    max_line_bytes: int = 10_000_000
-    max_seq_len: int = 2048
-
-    @classmethod
-    def from_params(cls, params: dict[str, Any]) -> "ValidateConfig":
-        v = params["validate"]
-        inputs = v["inputs"]
-        if isinstance(inputs, str):
-            inputs = [inputs]
-        return cls(
-            inputs=tuple(inputs),
-            strict=bool(v.get("strict", False)),
-            require_system_prompt=bool(v.get("require_system_prompt", True)),
-            default_system_prompt=v.get("default_system_prompt") or None,
-            min_response_tokens=int(v.get("min_response_tokens", 8)),
-            max_line_bytes=int(v.get("max_line_bytes", 10_000_000)),
-            max_seq_len=int(params["model"]["max_seq_len"]),
-        )
+from llmpipe.data.repair import REPAIR_KINDS, Repair, repair_messages
 
 
 class StrictValidationError(RuntimeError):
@@ -132,6 +110,7 @@ class Reject:
 class ValidationResult:
     records: list[dict[str, Any]]
     rejects: list[Reject]
+    repairs: list[dict[str, Any]]  # one entry per valid record that was repaired
     metrics: dict[str, Any]
 
 
@@ -161,13 +140,18 @@ class TokenCounter:
 
 def validate_items(
     items: Iterable[formats.RawItem | formats.ReadProblem],
-    cfg: ValidateConfig,
+    cfg: ValidateSection,
+    max_seq_len: int,
     counter: TokenCounter,
     progress: Callable[[int], None] | None = None,
 ) -> ValidationResult:
-    """Turn raw items into canonical records and rejects; enforce ``cfg.strict``."""
+    """Turn raw items into canonical records, repairs and rejects; enforce ``cfg.strict``.
+
+    ``max_seq_len`` (model.max_seq_len) bounds a conversation's tokens, chat template applied.
+    """
     records: list[dict[str, Any]] = []
     rejects: list[Reject] = []
+    repaired: list[dict[str, Any]] = []
     per_format: Counter[str] = Counter()
     per_file: dict[str, Counter[str]] = {}
     seen = 0
@@ -194,7 +178,7 @@ def validate_items(
         try:
             norm = formats.normalise(item.obj)
             source["format"] = norm.format
-            messages = norm.messages
+            messages, repairs = repair_messages(norm.messages, norm.where, cfg.repair)
             if cfg.default_system_prompt and not (messages and messages[0].get("role") == "system"):
                 messages = [{"role": "system", "content": cfg.default_system_prompt}] + messages
             messages = check_structure(messages)
@@ -209,10 +193,10 @@ def validate_items(
                     f"{cfg.min_response_tokens}",
                 )
             total = counter.conversation(messages)
-            if total > cfg.max_seq_len:
+            if total > max_seq_len:
                 raise formats.FormatError(
                     "too_many_tokens",
-                    f"conversation has {total} tokens, over model.max_seq_len={cfg.max_seq_len}",
+                    f"conversation has {total} tokens, over model.max_seq_len={max_seq_len}",
                 )
         except formats.FormatError as exc:
             excerpt = formats._excerpt(str(item.obj))
@@ -220,7 +204,10 @@ def validate_items(
             continue
         per_format[norm.format] += 1
         per_file.setdefault(item.file, Counter())["accepted"] += 1
-        records.append(make_record(messages, norm.metadata, source))
+        record = make_record(messages, norm.metadata, source)
+        records.append(record)
+        if repairs:
+            repaired.append(_repair_entry(record, len(norm.messages), repairs))
 
     by_reason = Counter(r.reason for r in rejects)
     metrics = {
@@ -230,17 +217,55 @@ def validate_items(
         "rejected_by_reason": dict(sorted(by_reason.items())),
         "valid_by_format": dict(sorted(per_format.items())),
         "by_file": {f: dict(sorted(c.items())) for f, c in sorted(per_file.items())},
+        **repair_metrics(repaired),
     }
     assert seen == len(records) + len(rejects), "every item must be accepted or rejected"
-    return ValidationResult(records, rejects, metrics)
+    return ValidationResult(records, rejects, repaired, metrics)
 
 
-def iter_inputs(cfg: ValidateConfig) -> Iterable[formats.RawItem | formats.ReadProblem]:
+def _repair_entry(record: dict[str, Any], turns_in: int, repairs: list[Repair]) -> dict[str, Any]:
+    """A repairs-report line: which record (id, file:line), what was done to which turns."""
+    return {
+        "id": record["id"],
+        "source": record["source"],
+        "turns_in": turns_in,
+        "repairs": [r.to_json() for r in repairs],
+    }
+
+
+def repair_metrics(repaired: list[dict[str, Any]]) -> dict[str, Any]:
+    """Counts for metrics/validate.json: repaired records, and per repair kind the records it
+    touched and the turns it removed (every kind listed, zeros included, for clean diffs)."""
+    records = Counter()
+    turns = Counter()
+    for entry in repaired:
+        kinds = {r["kind"] for r in entry["repairs"]}
+        records.update(kinds)
+        for r in entry["repairs"]:
+            turns[r["kind"]] += r["removed"]
+    return {
+        "records_repaired": len(repaired),
+        "repaired_records_by_kind": {k: records[k] for k in REPAIR_KINDS},
+        "repair_turns_removed_by_kind": {k: turns[k] for k in REPAIR_KINDS},
+    }
+
+
+def iter_inputs(cfg: ValidateSection) -> Iterable[formats.RawItem | formats.ReadProblem]:
     files = formats.discover(list(cfg.inputs))
     if not files:
         raise FileNotFoundError(f"validate.inputs {list(cfg.inputs)}: no *.jsonl or *.json files found")
     for path in files:
         yield from formats.iter_file(path, cfg.max_line_bytes)
+
+
+def validate_inputs(
+    cfg: ValidateSection,
+    max_seq_len: int,
+    counter: TokenCounter,
+    progress: Callable[[int], None] | None = None,
+) -> ValidationResult:
+    """Read every file of ``validate.inputs`` and validate what is in it (the validate stage)."""
+    return validate_items(iter_inputs(cfg), cfg, max_seq_len, counter, progress)
 
 
 def stderr_progress(start: float | None = None) -> Callable[[int], None]:
