@@ -78,6 +78,19 @@ def _git(repo: Path, *args: str) -> subprocess.CompletedProcess:
     return subprocess.run(["git", *args], cwd=repo, capture_output=True, text=True, timeout=60)
 
 
+def resolve_rev(repo: Path, rev: str) -> str:
+    """Commit of a git revision, or of a DVC experiment by name (its ref under refs/exps/)."""
+    proc = _git(repo, "rev-parse", "--verify", "--quiet", f"{rev}^{{commit}}")
+    if proc.returncode == 0:
+        return proc.stdout.strip()
+    refs = _git(repo, "for-each-ref", "--format=%(objectname) %(refname)", "refs/exps/").stdout.split("\n")
+    found = [line.split()[0] for line in refs if line.endswith(f"/{rev}")]
+    if len(found) == 1:
+        return found[0]
+    raise ReportError(f"'{rev}' is neither a git revision nor a single experiment in {repo} "
+                      "(in CI, fetch it first: git fetch origin <branch>; dvc exp pull origin <name>)")
+
+
 def _reader(repo: Path, rev: str | None):
     """(list_metrics, read_text) for a git revision or the workspace."""
     if rev is None:
@@ -89,11 +102,7 @@ def _reader(repo: Path, rev: str | None):
             return p.read_text(encoding="utf-8") if p.is_file() else None
         return list_metrics, read
 
-    proc = _git(repo, "rev-parse", "--verify", "--quiet", f"{rev}^{{commit}}")
-    if proc.returncode != 0:
-        raise ReportError(f"git revision '{rev}' not found in {repo} "
-                          "(in CI, fetch it first: git fetch origin <branch>)")
-    sha = proc.stdout.strip()
+    sha = resolve_rev(repo, rev)
 
     def list_metrics() -> list[str]:
         out = _git(repo, "ls-tree", "--name-only", sha, f"{METRICS_DIR}/").stdout
