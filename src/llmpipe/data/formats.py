@@ -172,8 +172,16 @@ def _iter_json_array(path: Path, text: str) -> Iterator[RawItem | ReadProblem]:
             i += 1
         return i
 
+    counted = [0, 1]  # newlines are counted up to position counted[0], which is on line counted[1]
+
     def line_of(i: int) -> int:
-        return text.count("\n", 0, i) + 1
+        """Line number of position ``i``; counts only from the last position asked (positions
+        only grow), so a big array file is scanned once, not once per element."""
+        if i < counted[0]:
+            return text.count("\n", 0, i) + 1
+        counted[1] += text.count("\n", counted[0], i)
+        counted[0] = i
+        return counted[1]
 
     pos = skip_ws(pos)
     if pos < n and text[pos] == "]":
