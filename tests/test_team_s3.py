@@ -284,22 +284,33 @@ def test_promotion_tags_pushed_from_a_are_read_in_b(team):
     # what `llmpipe promote` does after its gate check (the tiny random model cannot pass the gate)
     lineage = build_lineage(a, artifact="model", version="v1.0.0", model_path=model)
     reg_a.register("model", "v1.0.0", json.dumps(lineage, sort_keys=True))
-    reg_a.assign("model", "v1.0.0", "prod", "promote model@v1.0.0 to prod")
+    reg_a.assign("model", "v1.0.0", "canary", "promote model@v1.0.0 to canary")
     sh(["git", "push", "-q", "origin", "--tags"], a, team["a_env"])
 
     env = team["b_env"]
     sh(["git", "fetch", "-q", "origin", "--tags"], b, env)
     sh(DVC + ["pull"], b, env)
     reg_b = Registry(b)
-    assert reg_b.stage_version("model", "prod") == "v1.0.0"
+    assert reg_b.stage_version("model", "canary") == "v1.0.0"
     versions = reg_b.versions("model")
-    assert [v.version for v in versions] == ["v1.0.0"] and "prod" in versions[0].stages
+    assert [v.version for v in versions] == ["v1.0.0"] and "canary" in versions[0].stages
     assert versions[0].commit == sh(["git", "rev-parse", "origin/main"], b, env).stdout.strip()
-    # The deploy's rule: the version to serve is the one whose lineage hash matches the model file.
     lin = reg_b.lineage("model", "v1.0.0")
-    pulled = hashlib.sha256((b / model).read_bytes()).hexdigest()
-    assert lin["model"]["sha256"] == pulled
+    assert lin["model"]["sha256"] == hashlib.sha256((b / model).read_bytes()).hexdigest()
     assert lin["model"]["dvc_lock"]["inside"] == "models/adapter"
+    # The deploy stage's own identification step (its registry read path; engines and canary
+    # traffic are not started here): B's pulled model file is recognised as model@v1.0.0 ...
+    from llmpipe.serve.rollout import identify_version
+
+    version, registered, note = identify_version(b, b / model, "model", "canary")
+    assert (version, registered) == ("v1.0.0", True), note
+    # ... and a model whose bytes differ (one flipped byte) is not passed off as registered.
+    other = b.parent / "tampered.safetensors"
+    data = bytearray((b / model).read_bytes())
+    data[-1] ^= 0xFF
+    other.write_bytes(bytes(data))
+    version, registered, _ = identify_version(b, other, "model", "canary")
+    assert not registered and version.startswith("unregistered-")
 
 
 # -- faults ----------------------------------------------------------------------------------
