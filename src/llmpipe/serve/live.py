@@ -33,7 +33,13 @@ import httpx
 from llmpipe.config.serve import DeploySection, RegistrySection, ServeSection
 from llmpipe.io import sha256_file
 from llmpipe.serve.analysis import Sample, WindowStats, analyze
-from llmpipe.serve.rollout import DeployError, DeployResult, apply_to_registry, md5_file, window_summary
+from llmpipe.serve.rollout import (
+    DeployError,
+    DeployResult,
+    apply_to_registry,
+    md5_file,
+    window_summary,
+)
 from llmpipe.serve.state import StateStore
 
 EXP_ENV = ("DVC_EXP_NAME", "DVC_EXP_BASELINE_REV")   # set by `dvc exp run` for every stage command
@@ -185,8 +191,9 @@ class LiveRollout:
                 self.windows.append({"step": step, "action": verdict.action, **numbers})
                 return verdict.action, verdict.reasons, numbers
             if time.monotonic() >= deadline:
-                return "inconclusive", [f"inconclusive: deploy.live.max_seconds ({self.deploy.live.max_seconds:.0f}s) "
-                                        f"passed; {verdict.reasons[0]}"], numbers
+                why = (f"inconclusive: deploy.live.max_seconds ({self.deploy.live.max_seconds:.0f}s) "
+                       f"passed; {verdict.reasons[0]}")
+                return "inconclusive", [why], numbers
             time.sleep(self.deploy.live.poll_s)
 
     def run(self, canary: dict[str, Any]) -> dict[str, Any]:
@@ -208,8 +215,8 @@ class LiveRollout:
                                  baseline_size=deploy.baseline_size, **canary)
         first = state["rollout"]["step"] if resumed else 0
         self.log("resume" if resumed else "start", stable=stable_before, canary=version, step=first, reasons=[
-            (f"resuming {version} at step {first + 1}/{len(deploy.steps)} (status {current['status']}) "
-             if resumed and current else f"canary {version} vs stable {stable_before}: steps {deploy.steps}, ")
+            (f"resuming {version} at step {first + 1}/{len(deploy.steps)} (it was {current['status']}); "
+             if resumed and current else f"canary {version} vs stable {stable_before}: steps {deploy.steps}; ")
             + f"min {deploy.thresholds.min_requests} live canary requests per step"])
         deadline = time.monotonic() + deploy.live.max_seconds
         try:
@@ -256,6 +263,21 @@ def registry_canary(root: Path, registry: RegistrySection) -> str | None:
         raise DeployRefused(f"registry not readable: {exc}") from exc
 
 
+def update_live_registry(root: Path, registry: RegistrySection, deploy: DeploySection, store: StateStore,
+                         target: str, version: str, decision: str) -> dict[str, Any]:
+    """promoted/noop: assign prod; rolled back: unassign the canary stage. Failures are returned."""
+    if not deploy.update_registry:
+        return {"skipped": "deploy.update_registry is false"}
+    action = "rollback" if decision == "rolled_back" else "promote"
+    release = {"version": version, "registered": True}
+    try:
+        result = apply_to_registry(root, registry, {"stable": release, "canary": release}, action)
+    except Exception as exc:  # recorded; the stage fails after writing its metrics
+        result = {"error": str(exc)}
+    store.log({"event": "registry", "action": action, "result": result, "target": target})
+    return result
+
+
 def run_live(target: str, deploy: DeploySection, serve: ServeSection, registry: RegistrySection, *,
              root: Path, store: StateStore) -> DeployResult:
     """The live rollout of the registry's canary version on the stack at ``target``."""
@@ -281,6 +303,8 @@ def run_live(target: str, deploy: DeploySection, serve: ServeSection, registry: 
         failures_before = client.state()["counts"]["client_failures"]
         outcome = rollout.run(canary)
         failures_after = client.state()["counts"]["client_failures"]
+        # still under the lock, so two deploys never race on the registry's stages
+        registry_result = update_live_registry(root, registry, deploy, store, target, version, outcome["decision"])
     finally:
         beat.stop()
         try:
@@ -291,19 +315,10 @@ def run_live(target: str, deploy: DeploySection, serve: ServeSection, registry: 
         client.close()
 
     decision = outcome["decision"]
-    registry_result: dict[str, Any] = {"skipped": "deploy.update_registry is false"}
-    if decision in ("promoted", "rolled_back", "noop") and deploy.update_registry:
-        action = "rollback" if decision == "rolled_back" else "promote"
-        try:
-            registry_result = apply_to_registry(root, registry, {"stable": {"version": version, "registered": True},
-                                                                 "canary": {"version": version, "registered": True}},
-                                                action)
-        except Exception as exc:  # recorded; the stage fails after writing its metrics
-            registry_result = {"error": str(exc)}
-        store.log({"event": "registry", "action": action, "result": registry_result, "target": target})
     metrics.update(decision=decision, stable_version=outcome["stable_before"], steps=deploy.steps,
                    steps_passed=outcome["steps_passed"], resumed=outcome["resumed"],
-                   client_failures=max(0, failures_after - failures_before) if failures_after >= failures_before
+                   # router-made errors during the rollout (the count restarts with the stack)
+                   client_failures=failures_after - failures_before if failures_after >= failures_before
                    else failures_after,
                    final_window=window_summary(rollout.last.get("numbers")), registry=registry_result)
     timings = {"duration_s": round(time.monotonic() - t_start, 1), "windows": rollout.windows,
