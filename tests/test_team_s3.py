@@ -208,6 +208,8 @@ def team(tmp_path_factory, s3):
     sh(["git", "init", "-q", "-b", "main"], a, a_env)
     sh(DVC + ["init", "-q"], a, a_env)
     add_s3_remote(a, a_env, s3, "team")
+    sh(["git", "add", "-A"], a, a_env)
+    sh(["git", "commit", "-qm", "tiny pipeline, S3 remote"], a, a_env)  # dvclive needs a commit
     t0 = time.monotonic()
     first = sh(DVC + ["repro"], a, a_env)
     repro_s = time.monotonic() - t0
