@@ -105,6 +105,13 @@ CONFIGS = {
     "baseline_lora_d0_replay_seed1": ("baseline", "lora", {"lora_dropout": 0.0, "seed": 1,
                                                            "replay": "stage_lora_mb4_d0_offload"}),
     "baseline_qlora_replay": ("baseline", "qlora", {"replay": "stage_qlora"}),
+    # Memory-aware auto (issue 16): no knob set, the stage picks checkpointing, micro-batch and
+    # offloading from the model size, --seq-len and the free GPU memory. "mem_gb" caps this
+    # process's GPU memory (torch.cuda.set_per_process_memory_fraction) to simulate a smaller card.
+    "stage_lora_auto": ("stage", "lora", {"auto": True}),
+    "stage_qlora_auto": ("stage", "qlora", {"auto": True}),
+    "stage_lora_auto_80gb": ("stage", "lora", {"auto": True, "mem_gb": 80}),
+    "stage_qlora_auto_80gb": ("stage", "qlora", {"auto": True, "mem_gb": 80}),
 }
 LORA_DROPOUT = 0.05
 LR = 2e-4
@@ -284,34 +291,46 @@ def run_stage(name: str, model_dir: Path, mode: str, overrides: dict, steps: int
               rows: int) -> dict:
     import torch
 
-    from llmpipe.train.config import LoraParams, TrainParams, resolve_runtime
-    from llmpipe.train.trainer import train
+    from llmpipe.config import load_params
+    from llmpipe.config.model import LoraSection, TrainSection
+    from llmpipe.train.trainer import machine_runtime, train
 
     cfg = json.loads((model_dir / "config.json").read_text())
     total = warmup + steps
     overrides = dict(overrides)
     os.environ.update(overrides.pop("env", {}))
-    mb = int(overrides.pop("mb", rows))
+    auto = bool(overrides.pop("auto", False))
+    mem_gb = overrides.pop("mem_gb", None)
+    if mem_gb and torch.cuda.is_available():
+        total_bytes = torch.cuda.mem_get_info()[1]
+        torch.cuda.set_per_process_memory_fraction(min(1.0, mem_gb * 1e9 / total_bytes))
+        log(f"GPU memory capped at {mem_gb} GB of {total_bytes / 1e9:.1f} GB")
+    mb = overrides.pop("mb", "auto" if auto else rows)
     dropout = float(overrides.pop("lora_dropout", LORA_DROPOUT))
-    tp_kw = dict(quantization="nf4" if mode == "qlora" else "none", max_steps=total, learning_rate=LR,
+    # The rest of train.* comes from params.yaml (no defaults in code). Rows other than *_auto pin
+    # what "auto" meant before the memory-aware rule: checkpointing on CUDA, no offloading, mb rows per forward.
+    tp_kw = load_params(Path(__file__).resolve().parents[1] / "params.yaml").train.model_dump()
+    tp_kw.update(quantization="nf4" if mode == "qlora" else "none", max_steps=total, learning_rate=LR,
                  lr_scheduler="constant", warmup_ratio=0.0, weight_decay=0.0, max_grad_norm=1.0,
-                 per_device_batch_size=mb, gradient_accumulation_steps=max(1, rows // mb), packing=True,
-                 logging_steps=1, save_steps=10**6, eval_steps=10**6, seed=0)
-    tp_kw.update(overrides)
-    tp = TrainParams(**tp_kw)
-    lora = LoraParams(r=16, alpha=32, dropout=dropout, target_modules="all-linear")
-    runtime = resolve_runtime(tp, lora)
+                 per_device_batch_size=rows, gradient_accumulation_steps=1, micro_batch_size=mb, packing=True,
+                 logging_steps=1, save_steps=10**6, eval_steps=10**6, num_processes=1)
+    if not auto:
+        tp_kw.update(gradient_checkpointing=torch.cuda.is_available(), activation_offloading=False)
+    tp_kw.update({k: {"true": True, "false": False}.get(v, v) for k, v in overrides.items()})
+    tp = TrainSection(**tp_kw)
+    lora = LoraSection(r=16, alpha=32, dropout=dropout, target_modules="all-linear", use_dora=False)
+    runtime = machine_runtime(model_dir, lora, tp, seq_len)
     data = bench_data(cfg, seq_len, rows, total)
     timing = _timing_callback(warmup, name)
-    recorder = _recording_callback(model_dir / f"batches_{name}.pt", tp.gradient_accumulation_steps)
+    recorder = _recording_callback(model_dir / f"batches_{name}.pt", runtime.gradient_accumulation_steps)
     work = Path(os.environ.get("BENCH_WORK", "/tmp/bench_work")) / f"run{os.getpid()}"
-    out = train(model_dir, data, None, lora, tp, seq_len, work / "ckpt", work / "adapter", callbacks=[timing, recorder],
-                resume=False, runtime=runtime)
+    out = train(model_dir, data, None, lora, tp, seed=0, max_seq_len=seq_len, checkpoint_dir=work / "ckpt",
+                adapter_dir=work / "adapter", callbacks=[timing, recorder], resume=False, runtime=runtime)
     elapsed = timing.times[-1] if timing.times else float("nan")
     return {"tokens_per_s": timing.tokens / elapsed, "timed_steps": steps,
-            "timed_tokens": timing.tokens, "peak_mem_gb": out.metrics["peak_memory_gb"],
-            "losses": timing.losses, "runtime": runtime.to_dict(), "rows_per_micro_batch": mb,
-            "gradient_accumulation_steps": tp.gradient_accumulation_steps, "step_s": round(elapsed / steps, 4),
+            "timed_tokens": timing.tokens, "peak_mem_gb": out.timings["peak_memory_gb"],
+            "losses": timing.losses, "runtime": runtime.to_dict(), "rows_per_micro_batch": runtime.micro_batch_size,
+            "gradient_accumulation_steps": runtime.gradient_accumulation_steps, "step_s": round(elapsed / steps, 4),
             "device": torch.cuda.get_device_name() if torch.cuda.is_available() else "cpu"}
 
 

@@ -1,7 +1,8 @@
 """DVC stage `base-model`: params model.* -> a plain HF safetensors model directory.
 
 in:  params model.name_or_path, model.dtype
-out: models/base/ (config, safetensors weights, tokenizer + chat template), metrics/base_model.json
+out: models/base/ (config, safetensors weights, tokenizer + chat template), metrics/base_model.json;
+     timings/base-model.json (not tracked)
 """
 
 from __future__ import annotations
@@ -10,10 +11,12 @@ import argparse
 import sys
 import time
 
-from llmpipe.io import atomic_dir, write_json
-from llmpipe.model.base import materialise
+from llmpipe.config import ParamsError, load_stage_params
+from llmpipe.io import atomic_dir, write_json, write_timings
+from llmpipe.model.base import SMOKE_PROMPT, materialise
 from llmpipe.model.source import ModelSourceError
-from llmpipe.params import ParamsError, load_params, section
+
+PARAMS = ["model.name_or_path", "model.dtype"]
 
 
 def main(argv: list[str] | None = None) -> int:
@@ -21,28 +24,24 @@ def main(argv: list[str] | None = None) -> int:
     ap.add_argument("--params", default=None)
     ap.add_argument("--out", default="models/base")
     ap.add_argument("--metrics", default="metrics/base_model.json")
+    ap.add_argument("--timings-root", default=".", help="timings/base-model.json goes under this directory")
     ap.add_argument("--no-smoke", action="store_true", help="skip the greedy smoke-test reply")
     args = ap.parse_args(argv)
 
     t0 = time.perf_counter()
     try:
-        model_params = section(load_params(args.params), "model")
-        name = model_params.get("name_or_path")
-        dtype = model_params.get("dtype", "float32")
+        cfg = load_stage_params(PARAMS, args.params)
         with atomic_dir(args.out) as tmp:
-            info = materialise(name, tmp, dtype=dtype, smoke_prompt=None if args.no_smoke else
-                               "What is the capital of France?")
+            info = materialise(cfg.model.name_or_path, tmp, dtype=cfg.model.dtype,
+                               smoke_prompt=None if args.no_smoke else SMOKE_PROMPT)
     except (ModelSourceError, ParamsError) as exc:
         print(f"[base-model] error: {exc}", file=sys.stderr)
         return 2
-    metrics = info.to_dict()
-    metrics["seconds"] = round(time.perf_counter() - t0, 2)
-    write_json(args.metrics, metrics)
-    print(
-        f"[base-model] {info.architecture} {info.num_parameters / 1e6:.1f}M params ({info.dtype}) "
-        f"-> {args.out} in {metrics['seconds']}s",
-        file=sys.stderr,
-    )
+    seconds = round(time.perf_counter() - t0, 2)
+    write_json(args.metrics, info.to_dict())
+    write_timings("base-model", {"seconds": seconds}, root=args.timings_root)
+    print(f"[base-model] {info.architecture} {info.num_parameters / 1e6:.1f}M params ({info.dtype}) "
+          f"-> {args.out} in {seconds}s", file=sys.stderr)
     return 0
 
 

@@ -1,7 +1,8 @@
 """DVC stage `merge`: base model + LoRA adapter -> standalone merged HF safetensors model.
 
 in:  models/base/, models/adapter/, data/split/val.jsonl, params model.max_seq_len, merge.*
-out: models/merged/ (weights, tokenizer, chat template), metrics/merge.json
+out: models/merged/ (weights, tokenizer, chat template), metrics/merge.json;
+     timings/merge.json (not tracked)
 """
 
 from __future__ import annotations
@@ -10,12 +11,13 @@ import argparse
 import sys
 import time
 
-from llmpipe.export.merge import MergeError, merge_adapter
-from llmpipe.io import atomic_dir, write_json
-from llmpipe.model.base import load_base_tokenizer
+from llmpipe.config import ParamsError, load_stage_params
+from llmpipe.export.merge import MergeError, merge_with_val_check
+from llmpipe.io import write_json, write_timings
 from llmpipe.model.source import ModelSourceError
-from llmpipe.params import ParamsError, load_params, section
-from llmpipe.train.data import DataError, load_records, tokenize_records
+from llmpipe.train.data import DataError
+
+PARAMS = ["model.max_seq_len", "merge"]
 
 
 def main(argv: list[str] | None = None) -> int:
@@ -26,28 +28,21 @@ def main(argv: list[str] | None = None) -> int:
     ap.add_argument("--val", default="data/split/val.jsonl")
     ap.add_argument("--out", default="models/merged")
     ap.add_argument("--metrics", default="metrics/merge.json")
+    ap.add_argument("--timings-root", default=".", help="timings/merge.json goes under this directory")
     args = ap.parse_args(argv)
 
     t0 = time.perf_counter()
     try:
-        params = load_params(args.params)
-        mp = section(params, "merge")
-        max_seq_len = int(section(params, "model")["max_seq_len"])
-        n = int(mp.get("verify_examples", 4))
-        tokenizer = load_base_tokenizer(args.base)
-        val = tokenize_records(tokenizer, load_records(args.val), max_seq_len)
-        verify_ids = val.input_ids[:n]
-        with atomic_dir(args.out) as tmp:
-            result = merge_adapter(args.base, args.adapter, tmp, verify_ids, dtype=str(mp.get("dtype", "float32")),
-                                   tolerance=float(mp.get("tolerance", 1e-3)))
-    except (ParamsError, KeyError, DataError, ModelSourceError, MergeError) as exc:
+        cfg = load_stage_params(PARAMS, args.params)
+        result = merge_with_val_check(args.base, args.adapter, args.out, args.val, cfg.merge, cfg.model.max_seq_len)
+    except (ParamsError, DataError, ModelSourceError, MergeError) as exc:
         print(f"[merge] error: {exc}", file=sys.stderr)
         return 2
-    metrics = result.to_dict()
-    metrics["seconds"] = round(time.perf_counter() - t0, 2)
-    write_json(args.metrics, metrics)
+    seconds = round(time.perf_counter() - t0, 2)
+    write_json(args.metrics, result.to_dict())
+    write_timings("merge", {"seconds": seconds}, root=args.timings_root)
     print(f"[merge] merged -> {args.out} ({result.dtype}); max |logit diff| {result.max_abs_logit_diff:.3e} "
-          f"(saved dtype: {result.max_abs_logit_diff_saved:.3e}) in {metrics['seconds']}s", file=sys.stderr)
+          f"(saved dtype: {result.max_abs_logit_diff_saved:.3e}) in {seconds}s", file=sys.stderr)
     return 0
 
 

@@ -13,9 +13,15 @@ from llmpipe.io import sha256_file
 from stage_loader import load_stage
 
 
+ROOT = Path(__file__).resolve().parents[1]
+
+
 def _params(tmp_path: Path, **model) -> Path:
+    """The repository's params.yaml (every key: no defaults in code) with ``model`` overrides."""
+    params = yaml.safe_load((ROOT / "params.yaml").read_text())
+    params["model"].update(model)
     p = tmp_path / "params.yaml"
-    p.write_text(yaml.safe_dump({"model": {"max_seq_len": 512, **model}}))
+    p.write_text(yaml.safe_dump(params))
     return p
 
 
@@ -29,12 +35,13 @@ def test_embedded_gguf_materialises_to_an_equivalent_safetensors_model(tmp_path)
     out, metrics = tmp_path / "base", tmp_path / "base_model.json"
     rc = load_stage("base_model").main([
         "--params", str(_params(tmp_path, name_or_path="embedded:smollm2-135m-instruct", dtype="float32")),
-        "--out", str(out), "--metrics", str(metrics)])
+        "--out", str(out), "--metrics", str(metrics), "--timings-root", str(tmp_path)])
     assert rc == 0
     m = json.loads(metrics.read_text())
     assert m["architecture"] == "LlamaForCausalLM" and 130e6 < m["num_parameters"] < 140e6
     assert m["weights_sha256"]["model.safetensors"] == sha256_file(out / "model.safetensors")
     assert "Paris" in m["smoke_reply"]                  # the dequantised weights are sane
+    assert "seconds" not in m and json.loads((tmp_path / "timings" / "base-model.json").read_text())["seconds"] > 0
     assert m["pad_token"] != m["eos_token"]             # the end-of-turn token stays learnable
 
     tok = AutoTokenizer.from_pretrained(out)
@@ -75,7 +82,7 @@ def test_local_hf_dir_is_copied_with_a_distinct_pad_token(tmp_path):
     out = tmp_path / "base"
     rc = load_stage("base_model").main([
         "--params", str(_params(tmp_path, name_or_path=str(src), dtype="bfloat16")), "--out", str(out),
-        "--metrics", str(tmp_path / "m.json"), "--no-smoke"])
+        "--metrics", str(tmp_path / "m.json"), "--no-smoke", "--timings-root", str(tmp_path)])
     assert rc == 0
     saved = AutoTokenizer.from_pretrained(out)
     assert saved.pad_token == "<|endoftext|>" and saved.pad_token_id != saved.eos_token_id

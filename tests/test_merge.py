@@ -48,14 +48,25 @@ def base_and_adapter(tmp_path_factory):
     return root, tok
 
 
+ROOT = Path(__file__).resolve().parents[1]
+
+
+def _write_params(path: Path, **merge) -> Path:
+    """The repository's params.yaml (every key: no defaults in code) with ``merge`` overrides."""
+    params = yaml.safe_load((ROOT / "params.yaml").read_text())
+    params["model"]["max_seq_len"] = 256
+    params["merge"].update(merge)
+    path.write_text(yaml.safe_dump(params))
+    return path
+
+
 def _run(root: Path, dtype: str, tolerance: float = 1e-3):
-    (root / f"params_{dtype}.yaml").write_text(yaml.safe_dump({
-        "model": {"max_seq_len": 256},
-        "merge": {"dtype": dtype, "verify_examples": 2, "tolerance": tolerance}}))
+    _write_params(root / f"params_{dtype}.yaml", dtype=dtype, verify_examples=2, tolerance=tolerance)
     return load_stage("merge").main([
         "--params", str(root / f"params_{dtype}.yaml"), "--base", str(root / "base"),
         "--adapter", str(root / "adapter"), "--val", str(root / "val.jsonl"),
-        "--out", str(root / f"merged_{dtype}"), "--metrics", str(root / f"merge_{dtype}.json")])
+        "--out", str(root / f"merged_{dtype}"), "--metrics", str(root / f"merge_{dtype}.json"),
+        "--timings-root", str(root / f"timings_{dtype}")])
 
 
 def test_merged_model_matches_adapter_model(base_and_adapter):
@@ -67,6 +78,8 @@ def test_merged_model_matches_adapter_model(base_and_adapter):
     assert _run(root, "float32") == 0
     m = json.loads((root / "merge_float32.json").read_text())
     assert m["max_abs_logit_diff"] <= 1e-3 and m["verified_examples"] == 2 and m["weights_sha256"]
+    assert "seconds" not in m                      # timings/merge.json, not a metric
+    assert json.loads((root / "timings_float32" / "timings" / "merge.json").read_text())["seconds"] > 0
 
     merged_dir = root / "merged_float32"
     assert not (merged_dir / "adapter_config.json").exists()         # standalone, no peft needed
@@ -99,9 +112,10 @@ def test_bf16_merge_saves_bf16_and_reports_cast_error(base_and_adapter):
 
 def test_merge_fails_clearly_without_adapter(base_and_adapter, tmp_path, capsys):
     root, _ = base_and_adapter
-    (tmp_path / "p.yaml").write_text(yaml.safe_dump({"model": {"max_seq_len": 256}, "merge": {}}))
+    _write_params(tmp_path / "p.yaml")
     rc = load_stage("merge").main(["--params", str(tmp_path / "p.yaml"), "--base", str(root / "base"),
                                     "--adapter", str(tmp_path / "nope"), "--val", str(root / "val.jsonl"),
-                                    "--out", str(tmp_path / "out"), "--metrics", str(tmp_path / "m.json")])
+                                    "--out", str(tmp_path / "out"), "--metrics", str(tmp_path / "m.json"),
+                                    "--timings-root", str(tmp_path)])
     assert rc == 2 and "adapter_config.json" in capsys.readouterr().err
     assert not (tmp_path / "out").exists()

@@ -69,16 +69,30 @@ def tiny_base(tmp_path_factory, tokenizer) -> Path:
     return d
 
 
+ROOT = Path(__file__).resolve().parents[1]
+
+
 def write_params(path: Path, **train_overrides) -> Path:
-    train = {"quantization": "nf4", "precision": "auto", "epochs": 1, "max_steps": 6, "learning_rate": 1e-3,
-             "lr_scheduler": "cosine", "warmup_ratio": 0.1, "per_device_batch_size": 2,
-             "gradient_accumulation_steps": 1, "packing": True, "eval_steps": 3, "save_steps": 2,
-             "save_total_limit": 5, "logging_steps": 1}
-    train.update(train_overrides)
-    params = {"seed": 7, "model": {"max_seq_len": 256},
-              "lora": {"r": 4, "alpha": 8, "dropout": 0.1, "target_modules": "all-linear"}, "train": train}
+    """The repository's params.yaml (every key: no defaults in code) with a tiny training run."""
+    params = yaml.safe_load((ROOT / "params.yaml").read_text())
+    params["seed"] = 7
+    params["model"]["max_seq_len"] = 256
+    params["lora"].update(r=4, alpha=8, dropout=0.1, target_modules="all-linear")
+    params["train"].update(quantization="nf4", precision="auto", epochs=1, max_steps=6, learning_rate=1e-3,
+                           lr_scheduler="cosine", warmup_ratio=0.1, per_device_batch_size=2,
+                           gradient_accumulation_steps=1, micro_batch_size="auto", packing=True, eval_steps=3,
+                           save_steps=2, save_total_limit=5, logging_steps=1, num_processes=1, cpu_threads=0)
+    params["train"].update(train_overrides)
     path.write_text(yaml.safe_dump(params))
     return path
+
+
+def sections(**train):
+    """Typed lora/train sections: params.yaml's, with ``train`` overrides."""
+    from llmpipe.config import load_params
+
+    p = load_params(ROOT / "params.yaml")
+    return p.lora, type(p.train)(**{**p.train.model_dump(), **train})
 
 
 @pytest.fixture()
@@ -92,7 +106,7 @@ def stage_args(wd: Path, base: Path, params: Path, tag: str = "") -> list[str]:
     return ["--params", str(params), "--base", str(base), "--train", str(wd / "train.jsonl"),
             "--val", str(wd / "val.jsonl"), "--adapter", str(wd / f"adapter{tag}"),
             "--checkpoints", str(wd / f"ckpt{tag}"), "--live-dir", str(wd / f"live{tag}"),
-            "--metrics", str(wd / f"train{tag}.json")]
+            "--metrics", str(wd / f"train{tag}.json"), "--timings-root", str(wd / f"timings{tag}")]
 
 
 # ---------------------------------------------------------------- assistant-only mask
@@ -172,61 +186,86 @@ def test_bad_record_error_names_file_and_line(tmp_path):
 
 
 def test_cpu_falls_back_from_nf4_and_says_so():
-    from llmpipe.train.config import LoraParams, TrainParams, resolve_runtime
+    from llmpipe.train.config import resolve_runtime
 
-    rt = resolve_runtime(TrainParams(quantization="nf4"), LoraParams(), cuda=False)
+    lora, tp = sections(quantization="nf4")
+    rt = resolve_runtime(tp, lora, seq_len=256, cuda=False)
     assert rt.mode == "lora" and rt.precision == "fp32" and rt.optimizer == "adamw_torch"
     assert any("falling back to LoRA" in n for n in rt.notes)
+    # CPU: the memory rule keeps every row of the step in one forward, nothing recomputed
+    assert (rt.gradient_checkpointing, rt.activation_offloading, rt.micro_batch_size) == (False, False, 2)
+    assert rt.gradient_accumulation_steps == 1 and rt.picked["reason"].startswith("no GPU")
+
+
+def test_train_section_rejects_bad_values_with_the_key_path(tmp_path):
+    """The checks that lived in TrainParams._check are the section model's now: the error names the key."""
+    from llmpipe.config import ParamsError, load_params
+
+    def check(match: str, **train) -> None:
+        with pytest.raises(ParamsError, match=match):
+            load_params(write_params(tmp_path / "p.yaml", **train))
+
+    check(r"train\.compile: .*'sometimes'", compile="sometimes")
+    check(r"train\.activation_offloading", activation_offloading="maybe")
+    check(r"train\.distributed", distributed="deepspeed")
+    check(r"train\.per_device_batch_size", per_device_batch_size=0)
+    check(r"micro_batch_size \(3\) must be 'auto' or a divisor", per_device_batch_size=4, micro_batch_size=3)
+    check(r"train\.epochz: unknown key \(did you mean 'train\.epochs'\?\)", epochz=1)
+    p = yaml.safe_load(write_params(tmp_path / "p.yaml").read_text())
+    p["lora"]["target_modules"] = []
+    (tmp_path / "p.yaml").write_text(yaml.safe_dump(p))
+    with pytest.raises(ParamsError, match=r"lora\.target_modules"):
+        load_params(tmp_path / "p.yaml")
+    assert load_params(write_params(tmp_path / "p.yaml", compile=False)).train.compile is False
 
 
 def test_compile_path_is_resolved_and_reported(monkeypatch):
     """train.compile: off on CPU (auto: silently, true: with a note), on for CUDA when triton is there."""
-    from llmpipe.params import ParamsError
     from llmpipe.train import config as cfg
-    from llmpipe.train.config import LoraParams, TrainParams, resolve_runtime
+    from llmpipe.train.config import resolve_runtime
 
-    assert TrainParams.from_params({"compile": False}).compile == "false"
-    with pytest.raises(ParamsError, match="train.compile"):
-        TrainParams.from_params({"compile": "sometimes"})
-    rt = resolve_runtime(TrainParams(), LoraParams(), cuda=False)
-    assert rt.compile is False and rt.to_dict()["compile"] is False and not rt.notes
-    rt = resolve_runtime(TrainParams(compile="true"), LoraParams(), cuda=False)
+    def rt_of(cuda: bool, **train):
+        lora, tp = sections(**train)
+        return resolve_runtime(tp, lora, seq_len=256, cuda=cuda)
+
+    rt = rt_of(False)
+    assert rt.compile is False and rt.to_dict()["compile"] is False
+    assert not [n for n in rt.notes if "compile" in n]
+    rt = rt_of(False, compile=True)
     assert rt.compile is False and any("train.compile=true needs CUDA" in n for n in rt.notes)
 
-    gpu = dict(precision="bf16", attn_implementation="sdpa")
+    gpu = dict(precision="bf16", attn_implementation="sdpa", quantization="none")
     monkeypatch.setattr(cfg, "_compile_available", lambda: None)
-    assert resolve_runtime(TrainParams(**gpu), LoraParams(), cuda=True).compile is True
-    assert resolve_runtime(TrainParams(compile="false", **gpu), LoraParams(), cuda=True).compile is False
-    rt = resolve_runtime(TrainParams(num_processes=2, distributed="fsdp", **gpu), LoraParams(), cuda=True)
+    assert rt_of(True, **gpu).compile is True
+    assert rt_of(True, compile=False, **gpu).compile is False
+    rt = rt_of(True, num_processes=2, distributed="fsdp", **gpu)
     assert rt.compile is False and any("FSDP" in n for n in rt.notes)
     monkeypatch.setattr(cfg, "_compile_available", lambda: "triton is not installed")
-    rt = resolve_runtime(TrainParams(**gpu), LoraParams(), cuda=True)
+    rt = rt_of(True, **gpu)
     assert rt.compile is False and any("triton is not installed; running eager" in n for n in rt.notes)
 
 
 def test_activation_offloading_is_resolved_and_reaches_trl(tmp_path):
-    """train.activation_offloading: off unless asked; asked for on CPU it stays off with a note; on
-    CUDA it becomes TRL's SFTConfig.activation_offloading. It changes no numbers, so it is left out
-    of the checkpoint fingerprint."""
-    from llmpipe.params import ParamsError
-    from llmpipe.train.config import LoraParams, TrainParams, resolve_runtime
-    from llmpipe.train.trainer import build_sft_config
-
-    assert TrainParams.from_params({"activation_offloading": True}).activation_offloading == "true"
-    with pytest.raises(ParamsError, match="train.activation_offloading"):
-        TrainParams.from_params({"activation_offloading": "maybe"})
-    gpu = dict(precision="bf16", attn_implementation="sdpa", compile="false")
-    assert resolve_runtime(TrainParams(**gpu), LoraParams(), cuda=True).activation_offloading is False
-    rt = resolve_runtime(TrainParams(activation_offloading="true", **gpu), LoraParams(), cuda=True)
-    assert rt.activation_offloading is True and rt.to_dict()["activation_offloading"] is True
-    rt_cpu = resolve_runtime(TrainParams(activation_offloading="true"), LoraParams(), cuda=False)
-    assert rt_cpu.activation_offloading is False
-    assert any("activation_offloading=true needs CUDA" in n for n in rt_cpu.notes)
-    assert build_sft_config(TrainParams(), rt_cpu, tmp_path, 256, has_eval=False).activation_offloading is False
+    """train.activation_offloading: asked for on CPU it stays off with a note; on CUDA it becomes
+    TRL's SFTConfig.activation_offloading. It changes no numbers, so it is left out of the
+    checkpoint fingerprint. (What "auto" picks on a GPU: tests/test_train_memory.py.)"""
     import dataclasses
 
+    from llmpipe.train.config import resolve_runtime
+    from llmpipe.train.trainer import NOT_FINGERPRINTED, build_sft_config
+
+    assert "activation_offloading" in NOT_FINGERPRINTED
+    gpu = dict(precision="bf16", attn_implementation="sdpa", compile=False, quantization="none")
+    lora, tp = sections(activation_offloading=True, **gpu)
+    rt = resolve_runtime(tp, lora, seq_len=256, cuda=True)       # no shape: the setting is kept as is
+    assert rt.activation_offloading is True and rt.to_dict()["activation_offloading"] is True
+    lora, tp_cpu = sections(activation_offloading=True)
+    rt_cpu = resolve_runtime(tp_cpu, lora, seq_len=256, cuda=False)
+    assert rt_cpu.activation_offloading is False
+    assert any("activation_offloading=true needs CUDA" in n for n in rt_cpu.notes)
+    assert build_sft_config(tp_cpu, rt_cpu, tmp_path, 256, has_eval=False, seed=0).activation_offloading is False
     rt_on = dataclasses.replace(rt_cpu, activation_offloading=True)
-    assert build_sft_config(TrainParams(), rt_on, tmp_path, 256, has_eval=False).activation_offloading is True
+    assert build_sft_config(tp_cpu, rt_on, tmp_path, 256, has_eval=False, seed=0).activation_offloading is True
 
 
 def test_regional_compile_wraps_every_decoder_layer():
@@ -259,8 +298,13 @@ def test_stage_trains_tiny_llama_and_writes_adapter_metrics_and_plots(workdir, t
     assert m["mode"] == "lora" and m["device"] == "cpu"          # nf4 requested, CPU fallback recorded
     assert m["compile"] is False                                 # CPU: eager, as before
     assert any("falling back" in n for n in m["fallback_notes"])
-    assert m["steps"] == 6 and m["tokens_seen"] > 0 and m["tokens_per_s"] > 0
-    assert m["val_loss"] is not None and m["train_loss"] is not None and m["peak_memory_gb"] > 0
+    assert m["steps"] == 6 and m["tokens_seen"] > 0
+    assert m["val_loss"] is not None and m["train_loss"] is not None
+    assert m["picked"]["micro_batch_size"] == 2 and m["gradient_accumulation_steps"] == 1
+    # wall-clock numbers are timings, not metrics (metrics/train.json is diffed by reviewers)
+    t = json.loads((workdir / "timings" / "timings" / "qlora-train.json").read_text())
+    assert t["tokens_per_s"] > 0 and t["peak_memory_gb"] > 0 and t["stage_seconds"] > 0
+    assert not [k for k in m if k.endswith(("_seconds", "_per_s", "_gb"))], sorted(m)
     assert (workdir / "adapter" / "adapter_model.safetensors").is_file()
     assert (workdir / "adapter" / "adapter_config.json").is_file()
     plots = workdir / "live" / "plots" / "metrics"
@@ -270,6 +314,31 @@ def test_stage_trains_tiny_llama_and_writes_adapter_metrics_and_plots(workdir, t
     # Random init: training must reduce the loss on the (tiny, repetitive) data.
     first = float(loss_tsv[1].split("\t")[1])
     assert m["train_loss"] < first
+
+
+def _tree_hashes(*dirs: Path) -> dict[str, str]:
+    from llmpipe.io import sha256_file
+
+    files = [(d, f) for d in dirs for f in ([d] if d.is_file() else sorted(d.rglob("*"))) if f.is_file()]
+    return {str(f.relative_to(d.parent)): sha256_file(f) for d, f in files}
+
+
+def test_two_runs_on_the_same_inputs_write_byte_identical_outputs(workdir, tiny_base):
+    """Adapter, checkpoints (trainer_state.json without the Trainer's *_runtime / *_per_second
+    fields, sorted target_modules), plots and metrics hash the same on a re-run, so DVC sees no
+    change; the timings go to timings/qlora-train.json."""
+    stage = load_stage("train")
+    args = stage_args(workdir, tiny_base, write_params(workdir / "params.yaml"))
+    outs = [workdir / n for n in ("adapter", "ckpt", "live", "train.json")]
+    assert stage.main(args) == 0
+    first = _tree_hashes(*outs)
+    state = json.loads((workdir / "ckpt" / "checkpoint-6" / "trainer_state.json").read_text())
+    assert state["log_history"] and not [k for h in state["log_history"] for k in h
+                                         if k.endswith(("_runtime", "_per_second"))]
+    assert stage.main(args) == 0     # the last checkpoint is a finished run: trains again from scratch
+    second = _tree_hashes(*outs)
+    assert any(k.startswith("ckpt/checkpoint-6/") for k in first)
+    assert first == second, {k for k in first.keys() | second.keys() if first.get(k) != second.get(k)}
 
 
 def _adapter_tensors(path: Path) -> dict:

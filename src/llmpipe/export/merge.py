@@ -18,6 +18,7 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any, Sequence
 
+from llmpipe.config.model import MergeSection
 from llmpipe.model.base import torch_dtype
 
 
@@ -59,13 +60,29 @@ def _max_diff(a, b) -> float:
     return max(float((x - y).abs().max()) for x, y in zip(a, b))
 
 
+def merge_with_val_check(base_dir: str | Path, adapter_dir: str | Path, out_dir: str | Path,
+                         val_path: str | Path, merge: MergeSection, max_seq_len: int) -> MergeResult:
+    """The merge stage's recipe: verify on the first ``merge.verify_examples`` validation examples
+    (tokenised like training), merge, and write the merged model to ``out_dir`` atomically."""
+    from llmpipe.io import atomic_dir
+    from llmpipe.model.base import load_base_tokenizer
+    from llmpipe.train.data import load_records, tokenize_records
+
+    tokenizer = load_base_tokenizer(base_dir)
+    val = tokenize_records(tokenizer, load_records(val_path), max_seq_len)
+    with atomic_dir(out_dir) as tmp:
+        return merge_adapter(base_dir, adapter_dir, tmp, val.input_ids[:merge.verify_examples], dtype=merge.dtype,
+                             tolerance=merge.tolerance)
+
+
 def merge_adapter(
     base_dir: str | Path,
     adapter_dir: str | Path,
     out_dir: str | Path,
     verify_ids: Sequence[list[int]],
-    dtype: str = "float32",
-    tolerance: float = 1e-3,
+    *,
+    dtype: str,
+    tolerance: float,
 ) -> MergeResult:
     """Merge ``adapter_dir`` into ``base_dir``; write the model to ``out_dir`` (filled in place)."""
     import torch

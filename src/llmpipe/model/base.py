@@ -29,6 +29,8 @@ from llmpipe.model.source import ModelSourceError, resolve
 DTYPES = ("float32", "bfloat16", "float16")
 # Candidates for a pad token that is distinct from EOS / end-of-turn, in order of preference.
 PAD_CANDIDATES = ("<|endoftext|>", "<|finetune_right_pad_id|>", "<pad>", "<|pad|>", "[PAD]")
+# The greedy smoke test the base-model stage records (metrics/base_model.json: smoke_reply).
+SMOKE_PROMPT = "What is the capital of France?"
 
 
 @dataclass(frozen=True)
@@ -91,7 +93,7 @@ def fix_pad_token(tokenizer) -> bool:
     return added
 
 
-def load_source_model(name_or_path: str, dtype: str = "float32"):
+def load_source_model(name_or_path: str, dtype: str):
     """Load ``model.name_or_path`` as a plain (non-quantised, serialisable) causal LM on CPU."""
     from transformers import AutoModelForCausalLM
 
@@ -157,8 +159,9 @@ def smoke_reply(model, tokenizer, prompt: str, max_new_tokens: int = 24) -> str:
 def materialise(
     name_or_path: str,
     out_dir: str | Path,
-    dtype: str = "float32",
-    smoke_prompt: str | None = "What is the capital of France?",
+    *,
+    dtype: str,
+    smoke_prompt: str | None,
 ) -> BaseModelInfo:
     """Write ``name_or_path`` as an HF safetensors dir (weights, tokenizer, chat template).
 

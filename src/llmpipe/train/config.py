@@ -1,7 +1,9 @@
-"""Training configuration: the ``lora:`` and ``train:`` sections of params.yaml, validated.
+"""The resolve step: ``lora:`` and ``train:`` (typed, from params.yaml) + this machine -> ``Runtime``.
 
-Everything "auto" is decided here from what the machine has (CUDA, bitsandbytes, bf16 support),
-and the decision is recorded (``resolve_runtime``) so metrics/train.json says which path ran.
+Everything "auto" is decided here from what the machine has (CUDA, bitsandbytes, bf16 support,
+free GPU memory: see ``llmpipe.train.memory``), and the decision is recorded (``Runtime``) so
+metrics/train.json says which path ran. Static checks (types, ranges, choices) live in the
+section models (``llmpipe.config.model``).
 """
 
 from __future__ import annotations
@@ -12,132 +14,10 @@ import json
 from dataclasses import asdict, dataclass, field
 from typing import Any
 
-from llmpipe.params import ParamsError
+from llmpipe.config.model import LoraSection, TrainSection
+from llmpipe.train.memory import MemoryPlan, ModelShape, plan_memory
 
-QUANTIZATIONS = ("none", "nf4")
-PRECISIONS = ("auto", "fp32", "bf16", "fp16")
-SCHEDULERS = ("cosine", "linear", "constant", "constant_with_warmup")
-DISTRIBUTED = ("ddp", "fsdp")
-
-
-@dataclass(frozen=True)
-class LoraParams:
-    r: int = 16
-    alpha: int = 32
-    dropout: float = 0.05
-    target_modules: str | tuple[str, ...] = "all-linear"
-    use_dora: bool = False
-
-    @classmethod
-    def from_params(cls, p: dict[str, Any]) -> "LoraParams":
-        tm = p.get("target_modules", cls.target_modules)
-        if isinstance(tm, list):
-            tm = tuple(str(x) for x in tm)
-        elif not isinstance(tm, str):
-            raise ParamsError("params.yaml: lora.target_modules must be 'all-linear' or a list of module names")
-        out = cls(
-            r=int(p.get("r", cls.r)),
-            alpha=int(p.get("alpha", cls.alpha)),
-            dropout=float(p.get("dropout", cls.dropout)),
-            target_modules=tm,
-            use_dora=bool(p.get("use_dora", cls.use_dora)),
-        )
-        if out.r <= 0 or out.alpha <= 0:
-            raise ParamsError(f"params.yaml: lora.r ({out.r}) and lora.alpha ({out.alpha}) must be > 0")
-        if not 0.0 <= out.dropout < 1.0:
-            raise ParamsError(f"params.yaml: lora.dropout ({out.dropout}) must be in [0, 1)")
-        return out
-
-    def peft_config(self):
-        from peft import LoraConfig
-
-        tm = self.target_modules if isinstance(self.target_modules, str) else list(self.target_modules)
-        return LoraConfig(
-            r=self.r, lora_alpha=self.alpha, lora_dropout=self.dropout, target_modules=tm,
-            use_dora=self.use_dora, bias="none", task_type="CAUSAL_LM",
-        )
-
-
-@dataclass(frozen=True)
-class TrainParams:
-    seed: int = 1234
-    quantization: str = "none"          # none | nf4 (QLoRA: CUDA + bitsandbytes only)
-    precision: str = "auto"             # auto | fp32 | bf16 | fp16
-    epochs: float = 1.0
-    max_steps: int = -1                 # > 0 overrides epochs
-    learning_rate: float = 2e-4
-    lr_scheduler: str = "cosine"
-    warmup_ratio: float = 0.05
-    weight_decay: float = 0.0
-    max_grad_norm: float = 1.0
-    per_device_batch_size: int = 8
-    gradient_accumulation_steps: int = 1
-    packing: bool = True                # padding-free packing (position ids, no cross-example attention)
-    gradient_checkpointing: str = "auto"  # auto (on for CUDA) | true | false
-    optimizer: str = "auto"             # auto: adamw_torch_fused on CUDA, adamw_torch on CPU; or paged_adamw_8bit...
-    attn_implementation: str = "auto"   # auto: sdpa | eager | flash_attention_2 ...
-    liger_kernel: str = "auto"          # auto: off (measured slower) | true (CUDA + liger-kernel) | false
-    compile: str = "auto"               # auto: torch.compile each decoder layer on CUDA | true | false
-    activation_offloading: str = "auto"  # auto: off | true: checkpointed activations to pinned CPU memory (CUDA)
-    eval_steps: int = 50
-    save_steps: int = 50
-    save_total_limit: int = 2
-    logging_steps: int = 5
-    num_processes: int = 1              # > 1: the stage re-launches itself via `accelerate launch`
-    distributed: str = "ddp"            # ddp | fsdp (only with num_processes > 1)
-    dataloader_workers: int = 0
-    cpu_threads: int = 0                # CPU only: torch.set_num_threads (0 = default)
-    extra: dict[str, Any] = field(default_factory=dict)
-
-    @classmethod
-    def from_params(cls, p: dict[str, Any], seed: int | None = None) -> "TrainParams":
-        known = {f for f in cls.__dataclass_fields__ if f != "extra"}
-        unknown = sorted(set(p) - known)
-        if unknown:
-            raise ParamsError(f"params.yaml: unknown train.* keys: {', '.join(unknown)}")
-        kw: dict[str, Any] = {}
-        for name in known:
-            if name in p:
-                default = cls.__dataclass_fields__[name].default
-                val = p[name]
-                if isinstance(default, bool):
-                    val = bool(val)
-                elif isinstance(default, int) and not isinstance(default, bool):
-                    val = int(val)
-                elif isinstance(default, float):
-                    val = float(val)
-                else:
-                    val = str(val).lower() if isinstance(val, bool) else str(val)
-                kw[name] = val
-        if "seed" not in kw and seed is not None:
-            kw["seed"] = int(seed)
-        out = cls(**kw)
-        out._check()
-        return out
-
-    def _check(self) -> None:
-        def bad(key: str, val: Any, allowed: tuple[str, ...]) -> ParamsError:
-            return ParamsError(f"params.yaml: train.{key} = {val!r}; expected one of {', '.join(allowed)}")
-
-        if self.quantization not in QUANTIZATIONS:
-            raise bad("quantization", self.quantization, QUANTIZATIONS)
-        if self.precision not in PRECISIONS:
-            raise bad("precision", self.precision, PRECISIONS)
-        if self.lr_scheduler not in SCHEDULERS:
-            raise bad("lr_scheduler", self.lr_scheduler, SCHEDULERS)
-        if self.distributed not in DISTRIBUTED:
-            raise bad("distributed", self.distributed, DISTRIBUTED)
-        for key in ("gradient_checkpointing", "liger_kernel", "compile", "activation_offloading"):
-            if getattr(self, key) not in ("auto", "true", "false"):
-                raise bad(key, getattr(self, key), ("auto", "true", "false"))
-        if self.max_steps <= 0 and self.epochs <= 0:
-            raise ParamsError("params.yaml: set train.epochs > 0 or train.max_steps > 0")
-        for key in ("per_device_batch_size", "gradient_accumulation_steps", "eval_steps", "save_steps",
-                    "logging_steps", "num_processes", "save_total_limit"):
-            if getattr(self, key) < 1:
-                raise ParamsError(f"params.yaml: train.{key} must be >= 1 (got {getattr(self, key)})")
-        if self.learning_rate <= 0:
-            raise ParamsError("params.yaml: train.learning_rate must be > 0")
+BYTES = {"fp32": 4, "bf16": 2, "fp16": 2}
 
 
 @dataclass(frozen=True)
@@ -151,9 +31,12 @@ class Runtime:
     gradient_checkpointing: bool
     liger_kernel: bool
     attn_implementation: str
+    micro_batch_size: int       # packed rows per forward
+    gradient_accumulation_steps: int   # forwards per optimizer step
     notes: tuple[str, ...] = ()
     compile: bool = False       # regional torch.compile of the decoder layers (CUDA + triton)
     activation_offloading: bool = False  # TRL: saved activations to pinned CPU memory, overlapped (CUDA)
+    picked: dict[str, Any] = field(default_factory=dict)   # the memory rule's choice and why
 
     def to_dict(self) -> dict[str, Any]:
         d = asdict(self)
@@ -171,8 +54,13 @@ def _varlen_available() -> bool:
     return attention.available()
 
 
-def resolve_runtime(tp: TrainParams, lp: LoraParams, cuda: bool | None = None) -> Runtime:
-    """Decide the device, mode, precision, optimizer and kernels; say why in ``notes``."""
+def resolve_runtime(tp: TrainSection, lp: LoraSection, *, seq_len: int, shape: ModelShape | None = None,
+                    cuda: bool | None = None, free_bytes: float | None = None) -> Runtime:
+    """Decide the device, mode, precision, optimizer, kernels and the memory plan; say why in ``notes``.
+
+    ``shape`` and ``free_bytes`` feed the memory rule on CUDA; without them (or on CPU) the
+    "auto" memory settings take their CPU values (see ``plan_memory``).
+    """
     import torch
 
     cuda = torch.cuda.is_available() if cuda is None else cuda
@@ -205,13 +93,12 @@ def resolve_runtime(tp: TrainParams, lp: LoraParams, cuda: bool | None = None) -
             notes.append(f"train.optimizer={optimizer} needs CUDA + bitsandbytes: using adamw_torch")
             optimizer = "adamw_torch"
 
-    gc = cuda if tp.gradient_checkpointing == "auto" else tp.gradient_checkpointing == "true"
     if tp.liger_kernel == "auto":
         # Measured on an H100 (benchmarks/results/train_throughput.json): Liger made this training
         # step slower, so "auto" leaves it off; set train.liger_kernel: true to force it.
         liger = False
     else:
-        liger = tp.liger_kernel == "true"
+        liger = bool(tp.liger_kernel)
         if liger and not (cuda and _has("liger_kernel")):
             notes.append("train.liger_kernel=true but Liger (or CUDA) is missing: using plain kernels")
             liger = False
@@ -219,7 +106,12 @@ def resolve_runtime(tp: TrainParams, lp: LoraParams, cuda: bool | None = None) -
     if compile_ and tp.compile == "auto" and tp.num_processes > 1 and tp.distributed == "fsdp":
         notes.append("train.compile=auto: off under FSDP (not measured there); set train.compile: true to force")
         compile_ = False
-    offload = _resolve_offloading(tp.activation_offloading, cuda, notes)
+    offload_setting = tp.activation_offloading
+    if offload_setting is True and not cuda:
+        notes.append("train.activation_offloading=true needs CUDA: keeping activations in memory")
+        offload_setting = False
+    mem = _plan(tp, lp, seq_len, shape, cuda, free_bytes, precision, quant == "nf4", offload_setting)
+    notes += mem.notes
     attn = tp.attn_implementation
     if attn == "auto":
         if cuda and _has("flash_attn"):
@@ -228,8 +120,21 @@ def resolve_runtime(tp: TrainParams, lp: LoraParams, cuda: bool | None = None) -
             attn = "llmpipe_varlen"     # torch's FlashAttention varlen kernel, see train/attention.py
         else:
             attn = "sdpa"
-    return Runtime("cuda" if cuda else "cpu", mode, precision, optimizer, gc, liger, attn, tuple(notes),
-                   compile=compile_, activation_offloading=offload)
+    return Runtime("cuda" if cuda else "cpu", mode, precision, optimizer, mem.gradient_checkpointing, liger, attn,
+                   mem.micro_batch_size, mem.gradient_accumulation_steps, tuple(notes), compile=compile_,
+                   activation_offloading=mem.activation_offloading, picked=mem.to_dict())
+
+
+def _plan(tp: TrainSection, lp: LoraSection, seq_len: int, shape: ModelShape | None, cuda: bool,
+          free_bytes: float | None, precision: str, quantized: bool, offload: Any) -> MemoryPlan:
+    """The memory rule on CUDA (with the model's shape); the CPU values elsewhere."""
+    if not cuda or shape is None:
+        free_bytes = None
+        shape = shape or ModelShape(1, 1, 1, 1, 1, 1, 1, True)   # not used without a GPU budget
+    return plan_memory(shape, seq_len=seq_len, rows_per_step=tp.rows_per_step, free_bytes=free_bytes,
+                       gradient_checkpointing=tp.gradient_checkpointing, activation_offloading=offload,
+                       micro_batch_size=tp.micro_batch_size, bytes_per_element=BYTES[precision],
+                       quantized=quantized, lora_r=lp.r, lora_dropout=lp.dropout > 0)
 
 
 def _compile_available() -> str | None:
@@ -243,12 +148,12 @@ def _compile_available() -> str | None:
     return None
 
 
-def _resolve_compile(setting: str, cuda: bool, notes: list[str]) -> bool:
+def _resolve_compile(setting: Any, cuda: bool, notes: list[str]) -> bool:
     """train.compile: auto = on for CUDA when triton is there (off on CPU: the demo path stays eager)."""
-    if setting == "false":
+    if setting is False:
         return False
     if not cuda:
-        if setting == "true":
+        if setting is True:
             notes.append("train.compile=true needs CUDA: running eager")
         return False
     why = _compile_available()
@@ -258,18 +163,8 @@ def _resolve_compile(setting: str, cuda: bool, notes: list[str]) -> bool:
     return True
 
 
-def _resolve_offloading(setting: str, cuda: bool, notes: list[str]) -> bool:
-    """train.activation_offloading: auto = off (see README: it trades PCIe traffic for memory)."""
-    if setting != "true":
-        return False
-    if not cuda:
-        notes.append("train.activation_offloading=true needs CUDA: keeping activations in memory")
-        return False
-    return True
-
-
 def fingerprint(*parts: Any) -> str:
     """Stable hash of configs/data hashes: checkpoints from a different config are not resumed."""
-    blob = json.dumps([p if not hasattr(p, "__dataclass_fields__") else asdict(p) for p in parts],
-                      sort_keys=True, default=str)
+    blob = json.dumps([p.model_dump() if hasattr(p, "model_dump") else asdict(p) if hasattr(
+        p, "__dataclass_fields__") else p for p in parts], sort_keys=True, default=str)
     return hashlib.sha256(blob.encode("utf-8")).hexdigest()[:16]

@@ -1,14 +1,26 @@
-"""Load the base model for training: full precision (LoRA) or 4-bit NF4 (QLoRA, CUDA only)."""
+"""Load the base model for training: full precision (LoRA) or 4-bit NF4 (QLoRA, CUDA only), and
+the peft LoRA/DoRA config of the ``lora:`` section."""
 
 from __future__ import annotations
 
 import sys
 from pathlib import Path
 
+from llmpipe.config.model import LoraSection
 from llmpipe.model.source import ModelSourceError
 from llmpipe.train.config import Runtime
 
 TORCH_DTYPES = {"fp32": "float32", "bf16": "bfloat16", "fp16": "float16"}
+
+
+def lora_config(lora: LoraSection):
+    """The peft ``LoraConfig`` of the ``lora:`` section (DoRA with ``use_dora``)."""
+    from peft import LoraConfig
+
+    return LoraConfig(
+        r=lora.r, lora_alpha=lora.alpha, lora_dropout=lora.dropout, target_modules=lora.target_modules_list(),
+        use_dora=lora.use_dora, bias="none", task_type="CAUSAL_LM",
+    )
 
 
 def compute_dtype(runtime: Runtime):
@@ -45,9 +57,9 @@ def load_for_training(model_dir: str | Path, runtime: Runtime):
             bnb_4bit_quant_storage=dtype if dtype != torch.float32 else torch.bfloat16,
         )
     if runtime.device == "cuda":
-        import os
+        from llmpipe.train.launch import local_rank
 
-        kwargs["device_map"] = {"": int(os.environ.get("LOCAL_RANK", 0))}
+        kwargs["device_map"] = {"": local_rank()}
     print(f"[train] loading {model_dir} ({runtime.mode}, {runtime.precision}, "
           f"attn={runtime.attn_implementation})", file=sys.stderr, flush=True)
     try:

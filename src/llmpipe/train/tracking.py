@@ -19,8 +19,13 @@ PLOT_KEYS = {
 }
 
 
-def make_dvclive_callback(directory: str, resume: bool):
-    """A TrainerCallback that logs every Trainer log event to dvclive at ``state.global_step``."""
+def make_dvclive_callback(directory: str):
+    """A TrainerCallback that logs every Trainer log event to dvclive at ``state.global_step``.
+
+    Whether the plots continue or start over is decided when training begins: a run resumed
+    from a checkpoint (``state.global_step > 0`` then) keeps the rows up to that step and drops
+    the ones the interrupted run logged after it; a fresh run starts new files.
+    """
     from dvclive import Live
     from transformers import TrainerCallback
 
@@ -30,6 +35,9 @@ def make_dvclive_callback(directory: str, resume: bool):
 
         def on_train_begin(self, args, state, control, **kw):
             if state.is_world_process_zero and self.live is None:
+                resume = state.global_step > 0
+                if resume:
+                    truncate_plots(directory, state.global_step)
                 # dvcyaml=None: the pipeline's dvc.yaml declares the plots; dvclive must not edit it.
                 self.live = Live(dir=directory, resume=resume, dvcyaml=None, save_dvc_exp=False,
                                  report=None)
@@ -57,3 +65,19 @@ def make_dvclive_callback(directory: str, resume: bool):
             self.live = None
 
     return DVCLiveCallback()
+
+
+def truncate_plots(directory: str, last_step: int) -> None:
+    """Drop the rows after ``last_step`` from every ``<directory>/plots/metrics/**/*.tsv``."""
+    from pathlib import Path
+
+    for tsv in sorted(Path(directory, "plots", "metrics").rglob("*.tsv")):
+        lines = tsv.read_text(encoding="utf-8").splitlines(keepends=True)
+        if not lines:
+            continue
+        col = lines[0].rstrip("\n").split("\t").index("step") if "step" in lines[0] else None
+        if col is None:
+            continue
+        kept = [lines[0]] + [ln for ln in lines[1:] if int(ln.split("\t")[col]) <= last_step]
+        if len(kept) != len(lines):
+            tsv.write_text("".join(kept), encoding="utf-8")

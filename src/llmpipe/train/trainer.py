@@ -8,6 +8,13 @@ Checkpoints go to ``checkpoint_dir`` together with ``fingerprint.json`` (hash of
 training params, the base weights and the tokenised data). A later run with the same fingerprint
 resumes from the last checkpoint (optimizer, scheduler, RNG and data position included); a run with
 a different fingerprint discards the stale checkpoints first and says so.
+
+Checkpoints and the adapter hold results only: the Trainer's wall-clock fields (``*_runtime``,
+``*_per_second`` in ``trainer_state.json``'s log history) are taken out as they are logged and
+returned as timings, so two runs on the same inputs write byte-identical checkpoint directories.
+
+Under several processes (``torchrun``, see ``llmpipe.train.launch``) every rank trains; rank 0
+alone prepares the checkpoint directory (the others wait) and writes the adapter.
 """
 
 from __future__ import annotations
@@ -22,10 +29,13 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any, Sequence
 
-from llmpipe.io import sha256_text
-from llmpipe.train.config import LoraParams, Runtime, TrainParams, fingerprint, resolve_runtime
+from llmpipe.config.model import LoraSection, TrainSection
+from llmpipe.io import atomic_dir, sha256_text
+from llmpipe.train import launch
+from llmpipe.train.config import Runtime, fingerprint, resolve_runtime
 from llmpipe.train.data import Tokenized
-from llmpipe.train.model import load_for_training
+from llmpipe.train.memory import free_gpu_bytes, read_model_shape
+from llmpipe.train.model import load_for_training, lora_config
 
 FINGERPRINT_FILE = "fingerprint.json"
 
@@ -83,7 +93,7 @@ class _Progress:
         TrainerCallback = _callbacks_base()
 
         class ProgressCallback(TrainerCallback):
-            """One line per logging step: step, loss, lr, tokens/s and ETA on stderr."""
+            """One line per logging step: step, loss, lr, tokens/s and ETA on stderr (rank 0)."""
 
             def __init__(self):
                 self.t0 = None
@@ -100,7 +110,7 @@ class _Progress:
 
             def on_log(self, args, state, control, logs=None, **kw):
                 logs = dict(logs or {})
-                if self.t0 is None:
+                if self.t0 is None or not state.is_world_process_zero:
                     return
                 elapsed = time.perf_counter() - self.t0
                 done = state.global_step - self.step0
@@ -126,18 +136,54 @@ class _Progress:
         return ProgressCallback()
 
 
+def is_timing_key(key: str) -> bool:
+    """Trainer log fields that measure wall-clock time (``train_runtime``, ``eval_samples_per_second``...)."""
+    return key.endswith(("_runtime", "_per_second"))
+
+
+def _timing_scrubber():
+    """A callback that moves the wall-clock fields out of ``state.log_history`` as they are logged.
+
+    ``Trainer.log`` appends a copy of the logs to ``state.log_history`` and then calls ``on_log``;
+    the copy is what ``trainer_state.json`` saves in every checkpoint. Dropping the timing fields
+    there keeps the checkpoints byte-stable (resume does not read them); they are kept in
+    ``self.timings`` for the stage's timings file.
+    """
+    TrainerCallback = _callbacks_base()
+
+    class TimingScrubber(TrainerCallback):
+        def __init__(self):
+            self.timings: dict[str, float] = {}
+
+        def on_log(self, args, state, control, logs=None, **kw):
+            if not state.log_history:
+                return
+            entry = state.log_history[-1]
+            for key in [k for k in entry if is_timing_key(k)]:
+                self.timings[key] = entry.pop(key)
+
+    return TimingScrubber()
+
+
 @dataclass
 class TrainOutput:
-    metrics: dict[str, Any]
+    metrics: dict[str, Any]         # results: diffed by reviewers, equal on equal inputs
+    timings: dict[str, Any]         # wall-clock and machine measurements (tokens/s, seconds, peak memory)
     runtime: Runtime
     adapter_dir: Path
     history: list[dict[str, Any]]
 
 
-def prepare_checkpoints(checkpoint_dir: Path, fp: str, resume: bool) -> str | None:
-    """Return the checkpoint to resume from (or None); discard stale ones from another config."""
+def prepare_checkpoints(checkpoint_dir: Path, fp: str, resume: bool, main: bool = True) -> str | None:
+    """Return the checkpoint to resume from (or None); discard stale ones from another config.
+
+    Only the main process (``main``) discards and writes; the others call it after it (see
+    ``launch.main_first``) and only look up the checkpoint to resume.
+    """
     from transformers.trainer_utils import get_last_checkpoint
 
+    if not main:
+        return get_last_checkpoint(str(checkpoint_dir)) if resume and checkpoint_dir.is_dir() else None
     checkpoint_dir.mkdir(parents=True, exist_ok=True)
     fp_file = checkpoint_dir / FINGERPRINT_FILE
     old = json.loads(fp_file.read_text())["fingerprint"] if fp_file.is_file() else None
@@ -185,6 +231,18 @@ def sort_target_modules(adapter_dir: Path) -> None:
         path.write_text(json.dumps(cfg, indent=2, sort_keys=True))   # peft's own layout
 
 
+def _stable_checkpoint_files():
+    """A callback that sorts ``target_modules`` in every checkpoint's adapter_config.json too (rank 0)."""
+    TrainerCallback = _callbacks_base()
+
+    class StableCheckpoint(TrainerCallback):
+        def on_save(self, args, state, control, **kw):
+            if state.is_world_process_zero:
+                sort_target_modules(Path(args.output_dir) / f"checkpoint-{state.global_step}")
+
+    return StableCheckpoint()
+
+
 def compile_decoder_layers(model) -> int:
     """Regional compilation: ``torch.compile`` each decoder layer (in place), not the whole model.
 
@@ -211,18 +269,18 @@ def compile_decoder_layers(model) -> int:
     return len(layers)
 
 
-def build_sft_config(tp: TrainParams, runtime: Runtime, checkpoint_dir: Path, max_seq_len: int,
-                     has_eval: bool):
+def build_sft_config(tp: TrainSection, runtime: Runtime, checkpoint_dir: Path, max_seq_len: int,
+                     has_eval: bool, seed: int):
     from trl import SFTConfig
 
     kw: dict[str, Any] = {}
     if tp.num_processes > 1 and tp.distributed == "fsdp":
         kw["fsdp"] = "full_shard auto_wrap"
-        kw["fsdp_config"] = {"activation_checkpointing": runtime.gradient_checkpointing}
+        kw["fsdp_config"] = {"activation_checkpointing": runtime.gradient_checkpointing, "use_orig_params": True}
     return SFTConfig(
         output_dir=str(checkpoint_dir),
-        seed=tp.seed,
-        data_seed=tp.seed,
+        seed=seed,
+        data_seed=seed,
         learning_rate=tp.learning_rate,
         lr_scheduler_type=tp.lr_scheduler,
         warmup_steps=tp.warmup_ratio,
@@ -230,9 +288,9 @@ def build_sft_config(tp: TrainParams, runtime: Runtime, checkpoint_dir: Path, ma
         max_grad_norm=tp.max_grad_norm,
         num_train_epochs=tp.epochs,
         max_steps=tp.max_steps,
-        per_device_train_batch_size=tp.per_device_batch_size,
+        per_device_train_batch_size=runtime.micro_batch_size,
         per_device_eval_batch_size=tp.per_device_batch_size,
-        gradient_accumulation_steps=tp.gradient_accumulation_steps,
+        gradient_accumulation_steps=runtime.gradient_accumulation_steps,
         max_length=max_seq_len,
         packing=tp.packing,
         packing_strategy="bfd",
@@ -262,12 +320,34 @@ def build_sft_config(tp: TrainParams, runtime: Runtime, checkpoint_dir: Path, ma
     )
 
 
+# Keys of train.* that change neither the numbers nor the data order (left out of the fingerprint,
+# so a checkpoint resumes across them). The micro-batch in use is in it, via the runtime.
+NOT_FINGERPRINTED = ("eval_steps", "save_steps", "save_total_limit", "logging_steps", "dataloader_workers",
+                     "cpu_threads", "compile", "activation_offloading", "gradient_checkpointing",
+                     "micro_batch_size")
+
+
+def machine_runtime(model_dir: str | Path, lora: LoraSection, tp: TrainSection, max_seq_len: int) -> Runtime:
+    """``resolve_runtime`` with this machine's facts: the model's shape and the free GPU memory
+    (the smallest over all ranks, so every process picks the same plan)."""
+    import torch
+
+    cuda = torch.cuda.is_available()
+    free = None
+    if cuda:
+        free = launch.world_min(free_gpu_bytes(launch.local_rank()))
+    return resolve_runtime(tp, lora, seq_len=max_seq_len, shape=read_model_shape(model_dir), cuda=cuda,
+                           free_bytes=free)
+
+
 def train(
     model_dir: str | Path,
     train_data: Tokenized,
     val_data: Tokenized | None,
-    lora: LoraParams,
-    tp: TrainParams,
+    lora: LoraSection,
+    tp: TrainSection,
+    *,
+    seed: int,
     max_seq_len: int,
     checkpoint_dir: str | Path,
     adapter_dir: str | Path,
@@ -276,50 +356,52 @@ def train(
     runtime: Runtime | None = None,
     model_fingerprint: str = "",
 ) -> TrainOutput:
-    """Train a LoRA adapter on ``train_data``; save it to ``adapter_dir`` (written in place:
-    the caller passes a temporary directory and renames it)."""
+    """Train a LoRA adapter on ``train_data``; rank 0 saves it to ``adapter_dir`` (atomically)."""
     import torch
     from transformers import set_seed
     from trl import SFTTrainer
 
     from llmpipe.model.base import load_base_tokenizer
 
-    runtime = runtime or resolve_runtime(tp, lora)
-    for note in runtime.notes:
-        log(f"NOTE: {note}")
-    log(f"path: device={runtime.device} mode={runtime.mode} precision={runtime.precision} "
-        f"optimizer={runtime.optimizer} grad_ckpt={runtime.gradient_checkpointing} "
-        f"liger={runtime.liger_kernel} attn={runtime.attn_implementation} compile={runtime.compile} "
-        f"offload={runtime.activation_offloading} packing={tp.packing}")
+    launch.init_distributed(torch.cuda.is_available())
+    main = launch.rank() == 0
+    runtime = runtime or machine_runtime(model_dir, lora, tp, max_seq_len)
+    if main:
+        for note in runtime.notes:
+            log(f"NOTE: {note}")
+        log(f"path: device={runtime.device} mode={runtime.mode} precision={runtime.precision} "
+            f"optimizer={runtime.optimizer} grad_ckpt={runtime.gradient_checkpointing} "
+            f"micro_batch={runtime.micro_batch_size}x{runtime.gradient_accumulation_steps} "
+            f"liger={runtime.liger_kernel} attn={runtime.attn_implementation} compile={runtime.compile} "
+            f"offload={runtime.activation_offloading} packing={tp.packing} processes={launch.world_size()}")
+        log(f"memory plan: {runtime.picked['reason']}")
     checkpoint_dir, adapter_dir = Path(checkpoint_dir), Path(adapter_dir)
-    fp = fingerprint(lora, {k: v for k, v in tp.__dict__.items()
-                            if k not in ("eval_steps", "save_steps", "save_total_limit", "logging_steps",
-                                         "dataloader_workers", "cpu_threads", "compile",
-                                         "activation_offloading")},
-                     runtime.mode, runtime.precision, max_seq_len, model_fingerprint,
+    fp = fingerprint(lora, {k: v for k, v in tp.model_dump().items() if k not in NOT_FINGERPRINTED}, seed,
+                     runtime.mode, runtime.precision, runtime.micro_batch_size, max_seq_len, model_fingerprint,
                      data_hash(train_data), data_hash(val_data) if val_data else None)
-    last = prepare_checkpoints(checkpoint_dir, fp, resume)
+    with launch.main_first():
+        last = prepare_checkpoints(checkpoint_dir, fp, resume, main=main)
 
-    set_seed(tp.seed)
+    set_seed(seed)
     if runtime.device == "cpu" and tp.cpu_threads > 0:
         torch.set_num_threads(tp.cpu_threads)
     tokenizer = load_base_tokenizer(model_dir)
     model = load_for_training(model_dir, runtime)
-    progress = _Progress.make()
-    args = build_sft_config(tp, runtime, checkpoint_dir, max_seq_len, has_eval=val_data is not None)
+    progress, scrubber = _Progress.make(), _timing_scrubber()
+    args = build_sft_config(tp, runtime, checkpoint_dir, max_seq_len, has_eval=val_data is not None, seed=seed)
     trainer = SFTTrainer(
         model=model,
         args=args,
         train_dataset=train_data.to_dataset(),
         eval_dataset=val_data.to_dataset() if val_data is not None else None,
         processing_class=tokenizer,
-        peft_config=lora.peft_config(),
-        callbacks=[progress, *callbacks],
+        peft_config=lora_config(lora),
+        callbacks=[scrubber, _stable_checkpoint_files(), progress, *callbacks],
     )
     if runtime.compile:
         n_layers = compile_decoder_layers(trainer.model)
         log(f"torch.compile: {n_layers} decoder layers compiled regionally (first steps include compile time)")
-    if trainer.is_world_process_zero():
+    if main:
         n_train = sum(p.numel() for p in trainer.model.parameters() if p.requires_grad)
         n_all = sum(p.numel() for p in trainer.model.parameters())
         log(f"{len(train_data.input_ids)} train examples ({train_data.num_tokens} tokens, "
@@ -352,6 +434,9 @@ def train(
         "attn_implementation": runtime.attn_implementation,
         "compile": runtime.compile,
         "activation_offloading": runtime.activation_offloading,
+        "micro_batch_size": runtime.micro_batch_size,
+        "gradient_accumulation_steps": runtime.gradient_accumulation_steps,
+        "picked": runtime.picked,
         "packing": tp.packing,
         "fallback_notes": list(runtime.notes),
         "train_loss": progress.last_train_loss,
@@ -360,9 +445,6 @@ def train(
         "steps": int(trainer.state.global_step),
         "epochs": round(float(trainer.state.epoch or 0.0), 4),
         "tokens_seen": tokens_seen,
-        "tokens_per_s": round((tokens_seen - tokens_before) / wall, 2) if wall > 0 else None,
-        "train_seconds": round(wall, 2),
-        "peak_memory_gb": peak_memory_gb(runtime.device),
         "resumed_from": Path(last).name if last else None,
         "train_examples": len(train_data.input_ids),
         "val_examples": len(val_data.input_ids) if val_data is not None else 0,
@@ -370,9 +452,16 @@ def train(
         "fingerprint": fp,
         "world_size": int(trainer.args.world_size),
     }
-    if trainer.is_world_process_zero():
-        adapter_dir.mkdir(parents=True, exist_ok=True)
-        trainer.model.save_pretrained(str(adapter_dir))
-        tokenizer.save_pretrained(str(adapter_dir))
-        sort_target_modules(adapter_dir)
-    return TrainOutput(metrics=metrics, runtime=runtime, adapter_dir=adapter_dir, history=progress.history)
+    timings = {
+        "tokens_per_s": round((tokens_seen - tokens_before) / wall, 2) if wall > 0 else None,
+        "train_seconds": round(wall, 2),
+        "peak_memory_gb": peak_memory_gb(runtime.device),
+        **{f"trainer_{k}": v for k, v in scrubber.timings.items()},
+    }
+    if main:
+        with atomic_dir(adapter_dir) as tmp:
+            trainer.model.save_pretrained(str(tmp))
+            tokenizer.save_pretrained(str(tmp))
+            sort_target_modules(tmp)
+    return TrainOutput(metrics=metrics, timings=timings, runtime=runtime, adapter_dir=adapter_dir,
+                       history=progress.history)
