@@ -16,8 +16,8 @@ SplitName = Literal["train", "val", "test"]
 class RepairSection(Section):
     """``validate.repair``: how a conversation is repaired before it is judged (see data/repair.py)."""
 
-    # Drop turns empty or whitespace-only anywhere but the final reply (an empty final reply is
-    # rejected: there is nothing to train on).
+    # Drop empty or whitespace-only turns anywhere but in the last place (an empty last turn,
+    # e.g. an empty final reply, is rejected: there is nothing to train on).
     drop_empty_turns: bool
     # Drop assistant turns before the first user turn (chunked ShareGPT dumps start with `gpt`).
     drop_leading_non_user: bool
