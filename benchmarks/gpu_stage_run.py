@@ -104,8 +104,10 @@ def main(argv=None) -> int:
 
     bindir = Path("/tmp/stagerun_bin")      # dvc.yaml's `python stages/...`: the interpreter running this
     bindir.mkdir(exist_ok=True)
-    if not (bindir / "python").exists():
-        (bindir / "python").symlink_to(sys.executable)
+    shim = bindir / "python"    # a wrapper, not a symlink: a venv's python must be started by its own path
+    shim.unlink(missing_ok=True)
+    shim.write_text(f'#!/bin/sh\nexec "{sys.executable}" "$@"\n')
+    shim.chmod(0o755)
     env = dict(os.environ, PATH=f"{bindir}:{os.environ.get('PATH', '')}", PYTHONUNBUFFERED="1",
                HF_HUB_OFFLINE="1", HF_DATASETS_OFFLINE="1", TOKENIZERS_PARALLELISM="false",
                PYTHONPATH=os.pathsep.join([str(work / "src"), os.environ.get("PYTHONPATH", "")]))

@@ -88,11 +88,20 @@ def worker(args) -> int:
     timing = tt._timing_callback(args.warmup, args.worker)
     work = Path(os.environ.get("BENCH_WORK", "/tmp/bench_work")) / f"{args.worker}_{os.getppid()}"
     t0 = time.perf_counter()
-    out = train(model_dir, data, None, lora, tp, seed=seed, max_seq_len=args.seq_len, checkpoint_dir=work / "ckpt",
-                adapter_dir=work / "adapter", callbacks=[timing], resume=False)
+    out, error = None, None
+    try:
+        out = train(model_dir, data, None, lora, tp, seed=seed, max_seq_len=args.seq_len,
+                    checkpoint_dir=work / "ckpt", adapter_dir=work / "adapter", callbacks=[timing], resume=False)
+    except Exception as exc:    # e.g. saving the adapter after the timed steps: report both
+        if not timing.times:
+            raise
+        import traceback
+
+        error = "".join(traceback.format_exception(exc))[-1500:]
+        log(f"{args.worker}: train() raised after the timed steps: {error}")
     wall = time.perf_counter() - t0
     cuda = torch.cuda.is_available()
-    peak = round(torch.cuda.max_memory_allocated() / 1e9, 3) if cuda else out.timings.get("peak_memory_gb")
+    peak = round(torch.cuda.max_memory_allocated() / 1e9, 3) if cuda else None
     reserved = round(torch.cuda.max_memory_reserved() / 1e9, 3) if cuda else None
     peaks, reserveds = [peak], [reserved]
     import torch.distributed as dist
@@ -114,7 +123,9 @@ def worker(args) -> int:
            "tokens_per_s_per_gpu": round(tps / launch.world_size(), 1), "step_s": round(elapsed / args.steps, 4),
            "mfu_per_gpu": round(tps / launch.world_size() * 4 * n / tt.PEAK_BF16_FLOPS, 4),
            "peak_mem_gb_per_gpu": peaks, "peak_reserved_gb_per_gpu": reserveds, "losses": timing.losses,
-           "runtime": out.runtime.to_dict(), "world_size_seen_by_trainer": out.metrics.get("world_size"),
+           "runtime": out.runtime.to_dict() if out else {"compile": tp.compile, "picked": {}},
+           "world_size_seen_by_trainer": out.metrics.get("world_size") if out else None,
+           "error_after_training": error,
            "num_parameters": n, "wall_s_in_train": round(wall, 1),
            "device": torch.cuda.get_device_name() if cuda else "cpu"}
     print("RESULT " + json.dumps(res), flush=True)
