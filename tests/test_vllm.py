@@ -192,7 +192,9 @@ def servers(models, tmp_path_factory):
     if not HAVE_VLLM:
         pytest.fail(f"vLLM not installed at {VLLM_PY}: CI must run `make setup-vllm` first")
     logs = tmp_path_factory.mktemp("vllm-logs")
-    serve = serve_section(max_model_len=1024, max_lora_rank=8)
+    # eager: no torch.compile warm-up at start-up (B's compile took 11 of its 19 minutes on the
+    # busy 2-core box); the compiled path is what benchmarks/serve_engines.py measures
+    serve = serve_section(max_model_len=1024, max_lora_rank=8, enforce_eager=True)
     b = EngineProcess(engine_spec(serve, model=str(models["merged"]), port=free_port(), api_key=KEY,
                                   served_model="v1.2.0"), logs / "b.log", name="vLLM B")
     stable = {"version": "v1.0.0", "model": str(models["base"])}
