@@ -27,7 +27,7 @@ from pathlib import Path
 
 ROOT = Path(__file__).resolve().parent.parent
 RESULTS = ROOT / "benchmarks" / "results" / "curation.json"
-STAGES = ("validate", "pii", "dedup")
+STAGES = ("validate", "pii", "dedup", "pii-long")
 
 
 def make_records(n: int, seed: int = 7, chars: int = 400) -> list[dict]:
@@ -53,6 +53,37 @@ def make_records(n: int, seed: int = 7, chars: int = 400) -> list[dict]:
     return out
 
 
+def make_long_records(n: int, seed: int = 11) -> list[dict]:
+    """n long multi-turn technical chats (ShareGPT-like: prose, code, stack traces; ~4-9 KB of
+    message text each) from benchmarks/pii_quality.py's generator, with PII planted in every
+    third user turn. The long-text corpus for pii-scrub's KB/s."""
+    import importlib.util
+
+    from llmpipe.data.records import make_record
+
+    spec = importlib.util.spec_from_file_location("pii_quality", ROOT / "benchmarks" / "pii_quality.py")
+    bench = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(bench)
+    convs = bench.tech_set(n=max(n, 50) * 3, seed=seed)
+    pii = [d.text for d in bench.pii_set(seed=seed)]
+    rng = random.Random(seed)
+    out = []
+    for k in range(n):
+        msgs = [{"role": "system", "content": "You are a helpful programming assistant."}]
+        for c in range(3):  # three generated conversations make one long chat
+            for i, turn in enumerate(convs[(3 * k + c) % len(convs)]):
+                text = turn.text
+                if i % 2 == 0 and rng.random() < 0.33:
+                    text = f"{rng.choice(pii)}\n\n{text}"
+                msgs.append({"role": "user" if i % 2 == 0 else "assistant", "content": text})
+        out.append(make_record(msgs, {}, {"file": "bench-long", "line": k + 1, "format": "messages"}))
+    return out
+
+
+def message_kb(records: list[dict]) -> float:
+    return sum(len(m["content"].encode("utf-8")) for r in records for m in r["messages"]) / 1000
+
+
 def peak_rss_mb() -> float:
     own = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss
     kids = resource.getrusage(resource.RUSAGE_CHILDREN).ru_maxrss
@@ -64,7 +95,7 @@ def run_one(stage: str, n: int) -> dict:
     from llmpipe.params import load_params
 
     params = load_params(ROOT / "params.yaml")
-    records = make_records(n)
+    records = make_long_records(n) if stage == "pii-long" else make_records(n)
     base_rss = peak_rss_mb()
     if stage == "validate":
         from llmpipe.data.formats import RawItem
@@ -81,15 +112,17 @@ def run_one(stage: str, n: int) -> dict:
         result = validate_items(items, cfg, max_seq_len, counter)
         seconds = time.perf_counter() - t0
         detail = {"valid": result.metrics["records_valid"], "rejected": result.metrics["records_rejected"]}
-    elif stage == "pii":
+    elif stage in ("pii", "pii-long"):
         from llmpipe.config import load_params as load_typed_params
         from llmpipe.data.pii import scrub_records
 
         cfg = load_typed_params(ROOT / "params.yaml").pii
         t0 = time.perf_counter()  # includes spaCy/Presidio start-up in each worker
-        _, metrics = scrub_records(records, cfg, progress=False)
+        _, metrics, _ = scrub_records(records, cfg, progress=False)
         seconds = time.perf_counter() - t0
-        detail = {"records_touched": metrics.get("records_touched"), "workers": cfg.workers}
+        detail = {"records_touched": metrics.get("records_touched"), "workers": cfg.workers,
+                  "message_kb": round(message_kb(records), 1),
+                  "kb_per_s": round(message_kb(records) / seconds, 1)}
     elif stage == "dedup":
         from llmpipe.config import load_params as load_typed_params
         from llmpipe.data.dedup import dedup_records
@@ -137,6 +170,8 @@ def main() -> int:
             med = statistics.median(x["seconds"] for x in runs)
             row = {"stage": stage, "records": n, "repeats": repeats, "median_seconds": med,
                    "median_records_per_s": round(n / med, 1),
+                   **({"median_kb_per_s": statistics.median(x["detail"]["kb_per_s"] for x in runs),
+                       "message_kb": runs[0]["detail"]["message_kb"]} if stage == "pii-long" else {}),
                    "peak_rss_mb": max(x["peak_rss_mb"] for x in runs), "runs": runs}
             rows.append(row)
             print(f"[bench] {stage:8s} {n:>7d} records: {row['median_records_per_s']:>9.1f} rec/s "

@@ -2,6 +2,8 @@
 
 in:  data/validated/records.jsonl (canonical records), params.yaml pii.*
 out: data/scrubbed/records.jsonl (same records, same order, scrubbed text, recomputed ids)
+     data/scrubbed/review.jsonl (sample of replaced spans with context, per entity: for review,
+       holds raw PII, a DVC out and never a metric)
      metrics/pii.json (records in/out/touched, messages touched, counts per entity and role)
      timings/pii-scrub.json (seconds, records/s, KB/s of message text; not a metric)
 """
@@ -25,6 +27,7 @@ def main(argv: list[str] | None = None) -> int:
     ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     ap.add_argument("--input", type=Path, default=Path("data/validated/records.jsonl"))
     ap.add_argument("--output", type=Path, default=Path("data/scrubbed/records.jsonl"))
+    ap.add_argument("--review", type=Path, default=Path("data/scrubbed/review.jsonl"))
     ap.add_argument("--metrics", type=Path, default=Path("metrics/pii.json"))
     ap.add_argument("--params", type=Path, default=None, help="params file (default params.yaml)")
     args = ap.parse_args(argv)
@@ -35,11 +38,12 @@ def main(argv: list[str] | None = None) -> int:
         records = read_records(args.input, PiiError)
         print(f"pii-scrub: {len(records)} records from {args.input}, entities {cfg.entities}, "
               f"{cfg.workers} worker(s), batch {cfg.batch_size}", file=sys.stderr, flush=True)
-        scrubbed, metrics = scrub_records(records, cfg, progress=True)
+        scrubbed, metrics, review = scrub_records(records, cfg, progress=True)
     except (PiiError, ParamsError) as exc:
         print(f"pii-scrub: error: {exc}", file=sys.stderr)
         return 2
     write_jsonl(args.output, scrubbed)
+    write_jsonl(args.review, review)
     write_json(args.metrics, metrics)
     seconds = time.monotonic() - start
     text_kb = sum(len(m["content"].encode("utf-8")) for r in records for m in r["messages"]) / 1000

@@ -192,6 +192,11 @@ def build_corpus():
             planted=[("STREET_ADDRESS", addr, "user")])
         n += 1
 
+    # A secret in a config snippet.
+    add("My deploy fails, here is the .env:\n```\nGITHUB_TOKEN=ghp_16C7e42F292c6912E7710c838347Ae178B4a\n```",
+        reply(n, None), planted=[("SECRET", "ghp_16C7e42F292c6912E7710c838347Ae178B4a", "user")])
+    n += 1
+
     # System turns carrying PII (an agent persona with contact details).
     for k in range(4):
         name, email, phone = NAMES[19 - k], EMAILS[7 - k], PHONES[14 - k]
@@ -293,6 +298,7 @@ EXPECTED_RECALL = {
     "IP_ADDRESS": 1.0,
     "IBAN_CODE": 1.0,
     "PHONE_NUMBER": 1.0,
+    "SECRET": 1.0,
     "PERSON": 38 / 39,
     "STREET_ADDRESS": 19 / 21,
 }
@@ -308,7 +314,7 @@ def test_recall_per_entity_type(corpus, scrubbed, cfg):
 def test_person_patterns_add_recall(corpus, scrubbed, cfg):
     """spaCy alone misses sign-offs and some introductions that pii.person_patterns catch."""
     spacy_only = cfg.model_copy(update={"person_patterns": False})
-    out, _ = scrub_records(corpus[0], spacy_only, progress=False, scrubber=PiiScrubber(spacy_only))
+    out, *_ = scrub_records(corpus[0], spacy_only, progress=False, scrubber=PiiScrubber(spacy_only))
     recall, misses = recall_by_type(corpus, out, spacy_only)
     with_patterns, _ = recall_by_type(corpus, scrubbed[0], cfg)
     assert recall["PERSON"] == 35 / 39, misses["PERSON"]
@@ -442,7 +448,7 @@ def test_metrics_counts_exact(cfg, scrubber):
         rec(SYSTEM + " Agent email: t.nguyen@proton.me", "My IP is 203.0.113.45 and ssn 536-22-1947.",
             "Sure, I will email liwei88@gmail.com now."),
     ]
-    out, m = scrub_records(records, cfg, progress=False, scrubber=scrubber)
+    out, m, _ = scrub_records(records, cfg, progress=False, scrubber=scrubber)
     assert (m["records_in"], m["records_out"], m["records_touched"]) == (3, 3, 2)
     assert (m["messages_total"], m["messages_touched"]) == (9, 4)
     assert m["entities"] == {e: 0 for e in cfg.entities} | {
@@ -461,7 +467,9 @@ def test_metrics_counts_exact(cfg, scrubber):
     assert out[0]["messages"][0]["content"] == SYSTEM  # "order_id" in the prompt is no PERSON
     # spaCy's PERSON false positives on identifiers: "order_id" in the system prompt (x3), the
     # reply value "smart_thermostat"; "Order KX482913" overlaps the order-id keep pattern.
-    assert m["discarded"] == {"keep_pattern": 1, "not_a_name": 4}
+    assert m["discarded"] == {"keep_pattern": 1, "not_a_name": 4, "in_code": 0, "public_figure": 0,
+                              "deny_list": 0, "not_in_lexicon": 0, "overlap": 0, "not_personal": 0,
+                              "place_context": 0}
 
 
 def params_with_pii(**changes):
@@ -515,7 +523,8 @@ def test_stage_end_to_end(tmp_path, corpus, scrubbed, cfg):
     env = dict(os.environ, PYTHONPATH=str(REPO / "src"))
     proc = subprocess.run(
         [sys.executable, str(REPO / "stages" / "pii_scrub.py"), "--input", str(src), "--output",
-         str(out), "--metrics", str(metrics), "--params", str(tmp_path / "params.yaml")],
+         str(out), "--metrics", str(metrics), "--review", str(tmp_path / "review.jsonl"),
+         "--params", str(tmp_path / "params.yaml")],
         cwd=tmp_path, env=env, capture_output=True, text=True, timeout=900,
     )
     assert proc.returncode == 0, proc.stderr
@@ -525,6 +534,8 @@ def test_stage_end_to_end(tmp_path, corpus, scrubbed, cfg):
     assert got == scrubbed[0]
     m = json.loads(metrics.read_text(encoding="utf-8"))
     assert m == scrubbed[1]  # workers/batch_size decide speed only, not the metrics
+    review = [json.loads(line) for line in (tmp_path / "review.jsonl").read_text(encoding="utf-8").splitlines()]
+    assert review == scrubbed[2] and review  # the same sample from two workers as from one
     timings = json.loads((tmp_path / "timings" / "pii-scrub.json").read_text(encoding="utf-8"))
     assert timings["records"] == len(records) and timings["kb_per_s"] > 0  # timings, not metrics
     assert not list(tmp_path.rglob("*.tmp"))

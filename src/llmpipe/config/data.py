@@ -49,6 +49,7 @@ PII_ENTITIES = (
     "IP_ADDRESS",
     "IBAN_CODE",
     "STREET_ADDRESS",
+    "SECRET",
 )
 
 
@@ -61,7 +62,16 @@ class PiiSection(Section):
     # Regions whose *national* phone formats are recognised (+CC numbers are found for all).
     phone_regions: list[str]
     person_patterns: bool
+    # PERSON from a name lexicon: "Call Aisha Petrova", "Dr. Okafor", "Hi Jonas,"; and spaCy's
+    # PERSON spans kept only with a lexicon given name (technical words are not people).
+    name_lexicon: bool
+    # Names are looked for in prose only, not in fenced/inline code, stack traces, code lines.
+    code_aware: bool
+    # Phone numbers by shape in any common format, valid in their numbering plan or not.
+    lenient_phones: bool
     keep_patterns: list[str]
+    # Replaced spans (with context) kept per entity type in the review file.
+    review_per_entity: int = Field(ge=0)
     workers: int = Field(ge=1)
     batch_size: int = Field(ge=1)
 
@@ -105,7 +115,7 @@ class PiiSection(Section):
 
     @model_validator(mode="after")
     def _phone_needs_regions(self) -> "PiiSection":
-        if "PHONE_NUMBER" in self.entities and not self.phone_regions:
+        if "PHONE_NUMBER" in self.entities and not self.lenient_phones and not self.phone_regions:
             raise ValueError("phone_regions: must list at least one region when PHONE_NUMBER is on")
         return self
 

@@ -37,15 +37,36 @@ Design notes
   was replaced. Keys, numbers and layout are never touched and the reply stays valid JSON.
   (The repeated enum values such as "order_status" then hit the cache below.)
 - Identical texts (e.g. the shared system prompt) are analysed once per worker (bounded cache).
-- Work is split into batches of ``pii.batch_size`` records over ``pii.workers`` processes; each
-  worker builds its own AnalyzerEngine once and runs spaCy over a batch with ``nlp.pipe``
-  (Presidio's BatchAnalyzerEngine).
+- Work is split into batches of ``pii.batch_size`` records over ``pii.workers`` processes. With
+  ``fork`` the scrubber is built once in the parent and inherited by the workers.
+- Speed (see ``PiiScrubber.analyze_texts``): spaCy runs NER only (no tagger/parser/lemmatizer),
+  with ``nlp.pipe`` over the batch, only on prose with a capital letter; Presidio gets
+  precomputed NLP artifacts (tokenizer-only doc, lowercased tokens as lemmas for context
+  words) and is asked only for the entity types a text can hold (no digit: no phone, card,
+  SSN, IBAN, IP or address; no '@': no email), and not at all when none is left.
+- Code awareness (``pii.code_aware``, llmpipe.data.pii_code): fenced and inline code, stack
+  traces and code lines get the structured recognizers but no PERSON (``discarded.in_code``).
+- Names (``pii.name_lexicon``, llmpipe.data.pii_names / pii_recognizers): spaCy PERSON spans
+  need evidence (a given name of gender-guesser's lexicon, a person cue such as "Mr."/"my
+  name is"/"spoke with", a sign-off position, or capitalised non-English words); public
+  figures, deny-listed technical words and names after a preposition/determiner or inside a
+  longer proper noun are dropped (``discarded.public_figure|deny_list|not_in_lexicon|
+  place_context``). A lexicon recognizer adds names spaCy misses ("Call Aisha Petrova at").
+- Phones (``pii.lenient_phones``): by shape in any common national/international format,
+  whether or not the number is valid in its numbering plan (Presidio's recognizer keeps only
+  numbers python-phonenumbers validates). A phone inside a card/IBAN/SSN/IP, a name inside an
+  address/email/secret, a card inside an IBAN, an email that is ``user:password@host`` are
+  dropped (``discarded.overlap``); loopback IPs identify no one (``discarded.not_personal``).
+- SECRET (llmpipe.data.pii_secrets): detect-secrets' detectors plus a few patterns.
+- A review sample (``pii.review_per_entity`` replaced spans per entity type with context,
+  chosen by hash so it does not depend on batching) goes to a DVC out, never to metrics.
 
 Heavy imports (presidio, spacy) happen lazily so that worker processes can be started cheaply.
 """
 
 from __future__ import annotations
 
+import hashlib
 import json
 import multiprocessing
 import os
@@ -58,11 +79,14 @@ from importlib import metadata
 from typing import Any, Iterable, Iterator, Sequence
 
 from llmpipe.config.data import PII_ENTITIES, PiiSection
+from llmpipe.data.pii_code import code_spans, prose_segments
+from llmpipe.data.pii_names import name_evidence, set_english_words
 from llmpipe.data.records import ROLES, record_id
 
 SUPPORTED_ENTITIES = PII_ENTITIES
 
 _CACHE_MAX = 20_000  # distinct texts remembered per scrubber (analysis results only)
+REVIEW_CONTEXT = 40  # characters of context either side of a replaced span in the review file
 
 
 class PiiError(ValueError):
@@ -80,13 +104,27 @@ def output_params(cfg: PiiSection) -> dict[str, Any]:
 # US-style street addresses: "1234 Maple Avenue", "77 W. 5th St, Apt 4B", "350 Fifth Avenue",
 # optionally followed by ", City, ST 12345". Street-name words must be capitalised (or an
 # ordinal like 5th), so ordinary phrases such as "3 days on the way" never match.
-_ADDR_NUMBER = r"\d{1,6}[A-Z]?"
+_ADDR_NUMBER = r"(?:\d{1,5}/)?\d{1,6}[A-Z]?"
 _ADDR_DIRECTION = r"(?:[NSEW]\.?|North|South|East|West|N\.?[EW]\.?|S\.?[EW]\.?)"
 _ADDR_NAME = r"(?:[A-Z][a-z]+(?:['-][A-Za-z]+)?|\d{1,4}(?:st|nd|rd|th)|[A-Z]{2,})"
+# USPS Publication 28 street suffixes (full names and standard abbreviations), plus the
+# British Close/Crescent/Mews/Top.
 _ADDR_SUFFIX = (
     r"(?i:Street|St|Avenue|Ave|Av|Road|Rd|Boulevard|Blvd|Lane|Ln|Drive|Dr|Court|Ct|Place|Pl|"
     r"Way|Terrace|Ter|Parkway|Pkwy|Circle|Cir|Highway|Hwy|Square|Sq|Trail|Trl|Plaza|Plz|Alley|"
-    r"Row|Loop|Crescent|Close)"
+    r"Row|Loop|Crescent|Close|Mews|Top|Thoroughfare|Annex|Arcade|Bayou|Beach|Bend|Bluffs?|Bottom|"
+    r"Branch|Bridge|Brooks?|Burgs?|Bypass|Camp|Canyon|Cape|Causeway|Centers?|Circles|Cliffs?|Club|"
+    r"Common|Corners?|Course|Courts|Coves?|Creek|Crest|Crossing|Crossroad|Curve|Dale|Dam|Divide|"
+    r"Drives|Estates?|Expressway|Extensions?|Falls?|Ferry|Fields?|Flats?|Fords?|Forest|Forges?|"
+    r"Forks?|Fort|Freeway|Gardens?|Gateway|Glens?|Greens?|Groves?|Harbors?|Haven|Heights|Hills?|"
+    r"Hollow|Inlet|Islands?|Isle|Junctions?|Keys?|Knolls?|Lakes?|Landing|Lights?|Loaf|Locks?|Lodge|"
+    r"Mall|Manors?|Meadows?|Mills?|Mission|Motorway|Mount|Mountains?|Neck|Orchard|Oval|Overpass|"
+    r"Parks|Parkways|Pass|Passage|Path|Pike|Pines?|Plains?|Points?|Ports?|Prairie|Radial|Ramp|Ranch|"
+    r"Rapids?|Rest|Ridges?|River|Roads|Route|Rue|Run|Shoals?|Shores?|Skyway|Springs?|Spurs?|"
+    r"Squares|Station|Stravenue|Stream|Streets|Summit|Throughway|Trace|Track|Trafficway|Trailer|"
+    r"Tunnel|Turnpike|Underpass|Unions?|Valleys?|Via|Viaduct|Views?|Villages?|Ville|Vista|Walks?|"
+    r"Wall|Ways|Wells?|Rise|Brow|Retreat|Gully|Concourse|Parade|Vale|Turn|Chase|Quad|Esplanade|"
+    r"Promenade|Trunkway|Deviation|Intersection|Land|Amble|Lookout|Walkway)"
 )
 _ADDR_UNIT = r"(?:,?\s+(?i:Apt|Apartment|Suite|Ste|Unit|Floor|Fl|Rm|Room)\.?\s*#?\s*[A-Za-z0-9-]{1,6}|,?\s+#\s*[A-Za-z0-9-]{1,6})"
 _ADDR_CITY = r"(?:,\s*[A-Z][a-z]+(?:\s[A-Z][a-z]+){0,2},?\s+[A-Z]{2}(?:\s+\d{5}(?:-\d{4})?)?)"
@@ -143,6 +181,8 @@ def _recognizers(cfg: PiiSection) -> list:
         UsSsnRecognizer,
     )
 
+    from llmpipe.data.pii_recognizers import LenientPhoneRecognizer, LexiconNameRecognizer, SecretRecognizer
+
     # Presidio's card pattern only knows Mastercard's 51-55 range; add the 2221-2720 series
     # (same weak score; Presidio's Luhn check still decides).
     MASTERCARD_2_SERIES = Pattern(
@@ -181,7 +221,16 @@ def _recognizers(cfg: PiiSection) -> list:
             global_regex_flags=re.MULTILINE,  # case matters: street names are capitalised
         ),
     }
+    # An IPv6 address followed by ":port" (Presidio's pattern needs a boundary after it)
+    ipv6_port = Pattern("IPv6 with port", r"\b(?:[0-9a-fA-F]{1,4}:){7}[0-9a-fA-F]{1,4}(?=:\d{1,5}\b)", 0.6)
+    factories["IP_ADDRESS"] = lambda: IpRecognizer(supported_language=lang,
+                                                   patterns=[*IpRecognizer.PATTERNS, ipv6_port])
+    if cfg.lenient_phones:
+        factories["PHONE_NUMBER"] = lambda: LenientPhoneRecognizer(supported_language=lang)
+    factories["SECRET"] = lambda: SecretRecognizer(supported_language=lang)
     recognizers = [factories[e]() for e in cfg.entities]
+    if "PERSON" in cfg.entities and cfg.name_lexicon:
+        recognizers.append(LexiconNameRecognizer(supported_language=lang))
     if "PERSON" in cfg.entities and cfg.person_patterns:
         recognizers.append(PatternRecognizer(
             supported_entity="PERSON",
@@ -213,8 +262,9 @@ def build_analyzer(cfg: PiiSection):
     }
     nlp_engine = NlpEngineProvider(nlp_configuration=nlp_configuration).create_engine()
     nlp = nlp_engine.nlp[cfg.language]
-    if "parser" in nlp.pipe_names:
-        nlp.disable_pipe("parser")
+    # Only NER (its own tok2vec in the en_core_web_* pipelines) is needed: tokens for context
+    # words come from the tokenizer, lemmas are replaced by lowercased tokens (see analyze_texts).
+    nlp.select_pipes(enable=[p for p in nlp.pipe_names if p == "ner"])
     registry = RecognizerRegistry(recognizers=_recognizers(cfg), supported_languages=[cfg.language])
     return AnalyzerEngine(
         registry=registry,
@@ -227,7 +277,54 @@ def build_analyzer(cfg: PiiSection):
 # --------------------------------------------------------------------------------------------
 # Scrubbing
 
-DISCARD_REASONS = ("keep_pattern", "not_a_name")
+DISCARD_REASONS = ("keep_pattern", "not_a_name", "in_code", "public_figure", "deny_list", "not_in_lexicon",
+                   "overlap", "not_personal", "place_context")
+_LOOPBACK = re.compile(r"^(?:127\.\d{1,3}\.\d{1,3}\.\d{1,3}|0\.0\.0\.0|::1?|0:0:0:0:0:0:0:[01])$")
+_UPPER = re.compile(r"[A-Z\u00c0-\u00de]")
+_DIGIT = re.compile(r"\d")
+_STRUCTURED_OVER_PHONE = ("CREDIT_CARD", "IBAN_CODE", "US_SSN", "IP_ADDRESS", "SECRET")
+
+
+class Analysis(list):
+    """Presidio results for one text, plus the text's code spans."""
+
+    def __init__(self, results: Iterable = (), code: list[tuple[int, int]] | None = None):
+        super().__init__(results)
+        self.code = code or []
+
+
+def _may_hold(entity: str, text: str, has_ner_person: bool) -> bool:
+    """Cheap pre-filter: can ``text`` hold ``entity`` at all?"""
+    if entity == "PERSON":
+        return has_ner_person or bool(_UPPER.search(text))
+    if entity == "EMAIL_ADDRESS":
+        return "@" in text
+    if entity == "SECRET":
+        return True  # pii_secrets pre-filters line by line
+    return bool(_DIGIT.search(text))
+
+
+def _person_reason(text: str, result) -> str | None:
+    """Discard reason for a PERSON detection without name evidence (llmpipe.data.pii_names).
+    Public figures apply to every PERSON; deny words and the lexicon requirement only to
+    spaCy's detections (the pattern recognizers carry their own evidence)."""
+    reason = name_evidence(text[result.start:result.end], text[max(0, result.start - 40):result.start],
+                           text[result.end:result.end + 20])
+    recognizer = (getattr(result, "recognition_metadata", None) or {}).get("recognizer_name")
+    if reason in ("not_in_lexicon", "deny_list") and recognizer != "SpacyRecognizer":
+        return None
+    if reason == "place_context" and recognizer not in ("SpacyRecognizer", "LexiconNameRecognizer"):
+        return None  # signatures and self-introductions carry their own evidence
+    return reason
+
+
+class _Ent:
+    """What Presidio's SpacyRecognizer reads of an entity span, in full-text offsets."""
+
+    __slots__ = ("label_", "start_char", "end_char")
+
+    def __init__(self, label: str, start: int, end: int):
+        self.label_, self.start_char, self.end_char = label, start, end
 _NOT_A_NAME = re.compile(r"[0-9_@]")
 _JSON_STRING = re.compile(r'"(?:[^"\\]|\\.)*"', re.DOTALL)
 
@@ -272,8 +369,35 @@ class ScrubStats:
     entities_by_role: dict[str, Counter] = field(default_factory=dict)
     messages_by_role: Counter = field(default_factory=Counter)
     messages_touched_by_role: Counter = field(default_factory=Counter)
+    # Review sample: per entity type, the review_limit replaced spans with the smallest hash
+    # keys (deterministic whatever the batching or the number of workers).
+    review_limit: int = 0
+    review: dict[str, list] = field(default_factory=dict)
+
+    def add_review(self, rec: dict[str, Any], message: int, role: str, replaced: list) -> None:
+        if not self.review_limit:
+            return
+        src = rec.get("source") if isinstance(rec.get("source"), dict) else {}
+        where = f"{src['file']}:{src.get('line')}" if src.get("file") else str(rec.get("id"))
+        for entity, start, end, text in replaced:
+            key = hashlib.sha1(f"{rec.get('id')}|{message}|{start}|{entity}".encode()).hexdigest()
+            item = {"entity": entity, "text": text[start:end], "record": where, "message": message,
+                    "role": role, "context": (f"{text[max(0, start - REVIEW_CONTEXT):start]}[[{text[start:end]}]]"
+                                              f"{text[end:end + REVIEW_CONTEXT]}")}
+            self._keep_review(entity, [(key, item)])
+
+    def _keep_review(self, entity: str, items: list) -> None:
+        merged = sorted(self.review.get(entity, []) + items, key=lambda x: x[0])
+        self.review[entity] = merged[: self.review_limit]
+
+    def review_items(self) -> list[dict[str, Any]]:
+        """The review sample: by entity type, then by hash key."""
+        return [item for e in sorted(self.review) for _, item in self.review[e]]
 
     def __iadd__(self, other: "ScrubStats") -> "ScrubStats":
+        self.review_limit = max(self.review_limit, other.review_limit)
+        for entity, items in other.review.items():
+            self._keep_review(entity, items)
         for name in ("records_in", "records_out", "records_touched", "messages_total",
                      "messages_touched"):
             setattr(self, name, getattr(self, name) + getattr(other, name))
@@ -307,6 +431,7 @@ class ScrubStats:
                 for role in roles
             },
             "discarded": {r: self.discarded.get(r, 0) for r in DISCARD_REASONS},
+            "review_sample": sum(len(v) for v in self.review.values()),
             "params": output_params(cfg),
             "versions": _versions(cfg),
         }
@@ -330,25 +455,36 @@ class PiiScrubber:
     """Holds one AnalyzerEngine + AnonymizerEngine and scrubs batches of records."""
 
     def __init__(self, cfg: PiiSection, analyzer=None):
-        from presidio_analyzer import BatchAnalyzerEngine
         from presidio_anonymizer import AnonymizerEngine
         from presidio_anonymizer.entities import ConflictResolutionStrategy, OperatorConfig
 
         self.cfg = cfg
         self.analyzer = analyzer if analyzer is not None else build_analyzer(cfg)
+        self.nlp = self.analyzer.nlp_engine.nlp[cfg.language]
+        if cfg.name_lexicon and "lemmatizer" in self.nlp.component_names:
+            # English common words: the lemma index (WordNet) the model's lemmatizer ships with
+            index = self.nlp.get_pipe("lemmatizer").lookups.get_table("lemma_index")
+            set_english_words({w for pos in index.values() for w in pos})
+        ner_cfg = getattr(self.analyzer.nlp_engine, "ner_model_configuration", None)
+        self._ner_score = float(getattr(ner_cfg, "default_score", 0.85))
         self._anonymizer = AnonymizerEngine()
         self._operators = {
             e: OperatorConfig("replace", {"new_value": cfg.replacement_for(e)}) for e in cfg.entities
         }
         self._conflicts = ConflictResolutionStrategy.REMOVE_INTERSECTIONS
         self._keep = [re.compile(p) for p in cfg.keep_patterns]
-        self._batch = BatchAnalyzerEngine(analyzer_engine=self.analyzer)
-        self._cache: dict[str, list] = {}
+        self._cache: dict[str, Analysis] = {}
 
     # -- analysis --------------------------------------------------------------------------
-    def analyze_texts(self, texts: Sequence[str]) -> list[list]:
-        """Presidio results for each text. spaCy runs over the batch with nlp.pipe; repeated
-        texts (the shared system prompt, the reply's enum values) are analysed once."""
+    def analyze_texts(self, texts: Sequence[str]) -> list["Analysis"]:
+        """Presidio results for each text (with the text's code spans). Repeated texts (the
+        shared system prompt, the reply's enum values) are analysed once.
+
+        Speed: spaCy runs NER only (nlp.pipe over the batch), only on prose (not on code, when
+        ``pii.code_aware``) and only on prose with a capital letter; Presidio is asked only for
+        the entity types the text can hold (no digit: no phone/card/SSN/IBAN/IP/address; no
+        '@': no email) and is skipped when none is left.
+        """
         todo = list(dict.fromkeys(t for t in texts if t not in self._cache))
         if todo and len(self._cache) + len(todo) > _CACHE_MAX:
             # Bounded memory: start afresh, and re-analyse every text of this batch (some of them
@@ -356,33 +492,93 @@ class PiiScrubber:
             self._cache.clear()
             todo = list(dict.fromkeys(texts))
         if todo:
-            results = self._batch.analyze_iterator(
-                todo,
-                language=self.cfg.language,
-                batch_size=self.cfg.batch_size,
-                entities=list(self.cfg.entities),
-                score_threshold=float(self.cfg.score_threshold),
-            )
-            for text, res in zip(todo, results):
-                self._cache[text] = res
+            for text, analysis in zip(todo, self._analyze(todo)):
+                self._cache[text] = analysis
         return [self._cache[t] for t in texts]
+
+    def _analyze(self, texts: list[str]) -> list["Analysis"]:
+        from presidio_analyzer.nlp_engine import NlpArtifacts
+
+        cfg = self.cfg
+        person = "PERSON" in cfg.entities
+        codes = [code_spans(t) if cfg.code_aware else [] for t in texts]
+        segments: list[tuple[int, int, str]] = []  # (text index, offset, prose) for NER
+        if person:
+            for i, (text, code) in enumerate(zip(texts, codes)):
+                for off, seg in (prose_segments(text, code) if code else [(0, text)]):
+                    if _UPPER.search(seg):
+                        segments.append((i, off, seg))
+        ents: list[list[_Ent]] = [[] for _ in texts]
+        docs = self.nlp.pipe((seg for _, _, seg in segments), batch_size=cfg.batch_size)
+        for (i, off, _), doc in zip(segments, docs):
+            ents[i].extend(_Ent("PERSON", off + e.start_char, off + e.end_char)
+                           for e in doc.ents if e.label_ in ("PERSON", "PER"))
+        out = []
+        for text, code, found in zip(texts, codes, ents):
+            wanted = [e for e in cfg.entities if _may_hold(e, text, bool(found))]
+            if not wanted:
+                out.append(Analysis([], code))
+                continue
+            doc = self.nlp.make_doc(text)  # tokens for Presidio's context words
+            artifacts = NlpArtifacts(entities=found, tokens=doc, tokens_indices=[t.idx for t in doc],
+                                     lemmas=[t.lower_ for t in doc], nlp_engine=self.analyzer.nlp_engine,
+                                     language=cfg.language, scores=[self._ner_score] * len(found))
+            results = self.analyzer.analyze(text, language=cfg.language, entities=wanted,
+                                            nlp_artifacts=artifacts,
+                                            score_threshold=float(cfg.score_threshold))
+            out.append(Analysis(results, code))
+        return out
 
     def _filter(self, text: str, results: list) -> tuple[list, Counter]:
         """Drop detections that must not be replaced; returns (kept results, reasons)."""
         keep_spans = [m.span() for rx in self._keep for m in rx.finditer(text)]
+        code = getattr(results, "code", [])
+        structured = [r for r in results if r.entity_type in _STRUCTURED_OVER_PHONE]
+        containers = [r for r in results if r.entity_type in ("STREET_ADDRESS", "EMAIL_ADDRESS", "SECRET")]
+        secrets = [r for r in results if r.entity_type == "SECRET"]
         out, discarded = [], Counter()
         for r in results:
+            reason = None
             if any(r.start < e and s < r.end for s, e in keep_spans):
-                discarded["keep_pattern"] += 1
-            elif r.entity_type == "PERSON" and _NOT_A_NAME.search(text, r.start, r.end):
-                discarded["not_a_name"] += 1
+                reason = "keep_pattern"
+            elif r.entity_type == "PERSON":
+                if _NOT_A_NAME.search(text, r.start, r.end):
+                    reason = "not_a_name"
+                elif any(r.start < e and s < r.end for s, e in code):
+                    reason = "in_code"
+                elif any(r.start < o.end and o.start < r.end for o in containers):
+                    reason = "overlap"  # "Parker" in "105 Parker Road", "maria" in an email
+                elif self.cfg.name_lexicon:
+                    reason = _person_reason(text, r)
+            elif r.entity_type == "CREDIT_CARD" and any(o.entity_type == "IBAN_CODE" and r.start < o.end and o.start < r.end
+                                                        for o in results):
+                reason = "overlap"  # card-like digit groups inside an IBAN
+            elif r.entity_type == "EMAIL_ADDRESS" and any(r.start < o.end and o.start < r.end for o in secrets):
+                reason = "overlap"  # "user:PASSWORD@host" is a credential, not an email address
+            elif r.entity_type == "IP_ADDRESS" and _LOOPBACK.match(text[r.start:r.end]):
+                reason = "not_personal"  # loopback/unspecified addresses identify no one
+            elif r.entity_type == "PHONE_NUMBER" and any(r.start < o.end and o.start < r.end for o in structured):
+                reason = "overlap"  # a card, IBAN, SSN or IP number is not also a phone
+            if reason:
+                discarded[reason] += 1
             else:
                 out.append(r)
         return out, discarded
 
-    def scrub_text(self, text: str, results: list) -> tuple[str, Counter, Counter]:
+    def warm_up(self) -> None:
+        """Load what the first text would load lazily (name lexicon, detect-secrets plugins)."""
+        self.analyze_texts(["Hi, I am Maria Lopez, call 415-555-0132. password=Xy7kQ2pLm9aB3c"])
+        self._cache.clear()
+
+    def detect(self, texts: Sequence[str]) -> list[list[tuple[int, int, str]]]:
+        """The spans that scrubbing would replace, per text: (start, end, entity type)."""
+        return [[(r.start, r.end, r.entity_type) for r in self._filter(t, a)[0]]
+                for t, a in zip(texts, self.analyze_texts(texts))]
+
+    def scrub_text(self, text: str, results: list, replaced: list | None = None) -> tuple[str, Counter, Counter]:
         """Apply the replacements for one analysed text; returns (new text, replacements per
-        entity type, discarded detections per reason)."""
+        entity type, discarded detections per reason). ``replaced`` collects (entity, start,
+        end, text) of each replaced span, for the review sample."""
         results, discarded = self._filter(text, results)
         if not results:
             return text, Counter(), discarded
@@ -393,17 +589,23 @@ class PiiScrubber:
             conflict_resolution=self._conflicts,
         )
         counts = Counter(item.entity_type for item in engine_result.items)
+        if replaced is not None:
+            kept = sorted(results, key=lambda r: (r.start, -r.end))
+            for r in kept:  # outermost span per position (the anonymizer merged the nested ones)
+                if not any(o is not r and o.start <= r.start and r.end <= o.end and (o.start, -o.end) < (r.start, -r.end)
+                           for o in kept):
+                    replaced.append((r.entity_type, r.start, r.end, text))
         return engine_result.text, counts, discarded
 
     # -- records ---------------------------------------------------------------------------
     def scrub_message(self, text: str, units: list[tuple[int, int, str]] | None,
-                      analyses: Iterator[list]) -> tuple[str, Counter, Counter]:
+                      analyses: Iterator[list], replaced: list | None = None) -> tuple[str, Counter, Counter]:
         """Scrub one message given its JSON units (see :func:`json_units`) and their analyses."""
         if units is None:
-            return self.scrub_text(text, next(analyses))
+            return self.scrub_text(text, next(analyses), replaced)
         parts, pos, counts, discarded = [], 0, Counter(), Counter()
         for start, end, value in units:
-            new_value, c, d = self.scrub_text(value, next(analyses))
+            new_value, c, d = self.scrub_text(value, next(analyses), replaced)
             counts.update(c)
             discarded.update(d)
             if c:
@@ -423,12 +625,14 @@ class PiiScrubber:
                 texts.extend([m["content"]] if u is None else [v for _, _, v in u])
         analyses = iter(self.analyze_texts(texts))
         message_units = iter(units)
-        stats = ScrubStats()
+        stats = ScrubStats(review_limit=self.cfg.review_per_entity)
         out = []
         for rec in records:
             messages, touched = [], False
-            for m in rec["messages"]:
-                new_text, counts, discarded = self.scrub_message(m["content"], next(message_units), analyses)
+            for k, m in enumerate(rec["messages"]):
+                replaced: list = []
+                new_text, counts, discarded = self.scrub_message(m["content"], next(message_units), analyses,
+                                                                 replaced)
                 role = m["role"]
                 stats.messages_total += 1
                 stats.messages_by_role[role] += 1
@@ -439,6 +643,7 @@ class PiiScrubber:
                     stats.messages_touched_by_role[role] += 1
                     stats.entities.update(counts)
                     stats.entities_by_role.setdefault(role, Counter()).update(counts)
+                    stats.add_review(rec, k, role, replaced)
                 messages.append({**m, "content": new_text})
             new = dict(rec)
             new["messages"] = messages
@@ -492,15 +697,16 @@ def _batches(records: Iterable[dict[str, Any]], size: int) -> Iterator[list[dict
         yield batch
 
 
-def _pool_context():
-    """``fork`` where available: workers inherit the imported presidio/spaCy/transformers
-    modules (importing them costs seconds per process); each still builds its own engine."""
+def _start_pool(cfg: PiiSection, workers: int):
+    """A pool of scrubbing workers. With ``fork`` (Linux) the scrubber - spaCy model, name
+    lexicon, detect-secrets plugins - is built once here and inherited by every worker
+    (start-up is paid once, not per worker); with ``spawn`` each worker builds its own."""
+    global _WORKER
     if "fork" in multiprocessing.get_all_start_methods():
-        import presidio_analyzer  # noqa: F401  (imported once here, inherited by the workers)
-        import presidio_anonymizer  # noqa: F401
-
-        return multiprocessing.get_context("fork")
-    return multiprocessing.get_context("spawn")
+        _WORKER = PiiScrubber(cfg)
+        _WORKER.warm_up()
+        return multiprocessing.get_context("fork").Pool(workers)
+    return multiprocessing.get_context("spawn").Pool(workers, initializer=_worker_init, initargs=(cfg,))
 
 
 class _Progress:
@@ -533,8 +739,9 @@ def scrub_records(
     cfg: PiiSection,
     progress: bool = True,
     scrubber: PiiScrubber | None = None,
-) -> tuple[list[dict[str, Any]], dict[str, Any]]:
-    """Scrub canonical records; returns (scrubbed records in input order, metrics dict).
+) -> tuple[list[dict[str, Any]], dict[str, Any], list[dict[str, Any]]]:
+    """Scrub canonical records; returns (scrubbed records in input order, metrics dict,
+    review sample of replaced spans with context).
 
     Given a ``scrubber`` (tests and benchmarks pass one to load the model once), the work runs
     here on it. Otherwise, with ``cfg.workers > 1`` and more than one batch of input, the
@@ -546,7 +753,8 @@ def scrub_records(
     records = list(records)
     total = len(records)
     report = _Progress(total, progress)
-    stats = ScrubStats()
+    global _WORKER
+    stats = ScrubStats(review_limit=cfg.review_per_entity)
     out: list[dict[str, Any]] = []
     batches = list(_batches(records, cfg.batch_size))
     workers = 1 if scrubber is not None else min(cfg.workers, len(batches))
@@ -561,7 +769,7 @@ def scrub_records(
         # A failing pool initializer makes multiprocessing respawn workers forever: check the
         # one thing likely to fail (the spaCy model) here first, with a clear error.
         _check_spacy_model(cfg.spacy_model)
-        pool = _pool_context().Pool(workers, initializer=_worker_init, initargs=(cfg,))
+        pool = _start_pool(cfg, workers)
         try:
             for recs, st in pool.imap(_worker_scrub, batches):
                 out.extend(recs)
@@ -571,7 +779,8 @@ def scrub_records(
         finally:
             pool.terminate()
             pool.join()
+            _WORKER = None
     report.update(0, final=True)
     if stats.records_out != total or len(out) != total:
         raise RuntimeError(f"pii-scrub lost records: {total} in, {len(out)} out")
-    return out, stats.to_metrics(cfg)
+    return out, stats.to_metrics(cfg), stats.review_items()
