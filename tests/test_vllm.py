@@ -237,7 +237,7 @@ def rollout(store, stable: dict, canary: dict, *, steps, max_requests: int, conc
         port = await router.start("127.0.0.1", 0)
         try:
             return await drive(f"http://127.0.0.1:{port}", PROMPTS, concurrency=concurrency,
-                               max_requests=max_requests, max_seconds=400, stop=ctl.finished, max_tokens=48)
+                               max_requests=max_requests, max_seconds=900, stop=ctl.finished, max_tokens=48)
         finally:
             await router.stop()
 
@@ -262,7 +262,8 @@ def test_vllm_good_lora_canary_loaded_at_run_time_is_promoted(servers, models, t
         unload_lora(a.url, "v1.1.0", api_key=KEY)
     state, events = store.load(), [d["event"] for d in store.decisions()]
     assert state["phase"] == "promoted" and events == ["start", "roll_forward", "promote"], store.decisions()[-1]
-    assert traffic.failed == 0 and traffic.by_version.get("v1.1.0", 0) >= 6 and router.counts["retries"] == 0
+    assert traffic.failed == 0 and traffic.by_version.get("v1.1.0", 0) >= 6, (traffic.failures, traffic.by_version)
+    assert router.counts["retries"] == 0
     assert "v1.1.0" not in served_models(a.url, KEY)
 
 
@@ -280,7 +281,7 @@ def test_vllm_format_breaking_lora_canary_is_rolled_back(servers, models, tmp_pa
     assert store.load()["phase"] == "rolled_back" and rb["event"] == "rollback" and rb["step"] == 0, rb
     assert any(r.startswith("FAIL format compliance") for r in rb["reasons"])
     assert rb["numbers"]["canary"]["compliance"] < rb["numbers"]["stable"]["compliance"]
-    assert traffic.failed == 0 and router.counts["canary"] <= THR["min_requests"] + 2
+    assert traffic.failed == 0 and router.counts["canary"] <= THR["min_requests"] + 2, traffic.failures
 
 
 @pytest.mark.slow
@@ -297,7 +298,8 @@ def test_vllm_controller_killed_and_restarted_resumes(servers, tmp_path: Path) -
     a, b = servers["a"], servers["b"]
     (tmp_path / "schema.json").write_text(json.dumps(DEMO_SCHEMA))
     raw = yaml.safe_load((ROOT / "params.yaml").read_text())
-    raw["serve"]["host"] = "127.0.0.1"
+    # generous timeouts: a 2-core box shared with other jobs can take a minute per reply
+    raw["serve"].update(host="127.0.0.1", timeout_s=600, canary_timeout_s=300)
     raw["deploy"].update(steps=[0.5, 1.0], reply_schema=str(tmp_path / "schema.json"), thresholds=THR)
     (tmp_path / "params.yaml").write_text(yaml.safe_dump(raw))
     env = {**os.environ, "PYTHONPATH": str(ROOT / "src"), "ENGINE_KEY": KEY}
@@ -328,7 +330,7 @@ def test_vllm_controller_killed_and_restarted_resumes(servers, tmp_path: Path) -
     try:
         url = start_router()
         first = send(url, 8)                     # >= 3 canary requests at 50%: step 1 passes
-        assert first.failed == 0
+        assert first.failed == 0, first.failures
         assert httpx.get(url + "/v1/deploy/state").json()["step"] == 1
         procs[-1].send_signal(signal.SIGKILL)    # crash: no chance to clean up
         procs[-1].wait(10)
@@ -336,7 +338,7 @@ def test_vllm_controller_killed_and_restarted_resumes(servers, tmp_path: Path) -
         state = httpx.get(url + "/v1/deploy/state").json()
         assert (state["phase"], state["step"], state["canary_weight"], state["restarts"]) == ("canary", 1, 1.0, 1)
         second = send(url, 3)                    # step 2 (100%) completes: promoted
-        assert second.failed == 0 and second.by_version == {"v1.2.0": 3}
+        assert second.failed == 0 and second.by_version == {"v1.2.0": 3}, (second.failures, second.by_version)
         final = httpx.get(url + "/v1/deploy/state").json()
         assert final["phase"] == "promoted" and final["stable"]["version"] == "v1.2.0"
     finally:
@@ -360,7 +362,7 @@ def test_vllm_canary_server_killed_mid_rollout_is_rolled_back(servers, models, t
     killed: dict[str, float] = {}
 
     def killer() -> None:
-        deadline = time.monotonic() + 400
+        deadline = time.monotonic() + 900
         while time.monotonic() < deadline and not killed:
             if any(d["event"] == "roll_forward" for d in store.decisions()):
                 os.killpg(b.proc.pid, signal.SIGKILL)
@@ -379,4 +381,4 @@ def test_vllm_canary_server_killed_mid_rollout_is_rolled_back(servers, models, t
     assert killed and b.proc.poll() is not None
     assert events == ["start", "roll_forward", "rollback"], rb
     assert rb["step"] == 1 and "connection" in json.dumps(rb["reasons"])
-    assert traffic.failed == 0 and router.counts["retries"] >= 1
+    assert traffic.failed == 0 and router.counts["retries"] >= 1, (traffic.failures, router.counts)
