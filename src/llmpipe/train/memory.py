@@ -22,14 +22,16 @@ t = tokens per forward (micro-batch rows x max_seq_len), L layers, H hidden, I i
   activations  = L x per layer                                    (no checkpointing)
                = L x t x H x b  +  per layer                       (checkpointing: the layer inputs,
                                                                     plus one layer recomputed)
-               = 2 x per layer                                     (checkpointing + offloading: the
-                                                                    inputs live in CPU memory)
+               = 2 x t x H x b  +  per layer                       (checkpointing + offloading: the
+                                                                    inputs live in CPU memory, two
+                                                                    in flight)
   peak         = weights + lora state + activations + 1 GB workspace (TRL's chunked LM head means
                  no full-vocabulary logits)
 
-Against the H200 measurements (8B shape, 4 x 2048 tokens, bf16, LoRA dropout 0.05) the estimate is
-88 GB for no checkpointing (measured 76.2 GB) and 21 GB with checkpointing + offloading (19.5 GB,
-dropout 0): on the safe side. The budget is the free memory (``torch.cuda.mem_get_info``, capped
+Against the H200 measurements (8B shape, 4 x 2048 tokens per forward, bf16) the estimate is 89.7 GB
+for no checkpointing (measured 76.2 GB, LoRA dropout 0.05), 19.5 GB for checkpointing + offloading
+(measured 19.5 GB, dropout 0) and 12.1 GB for QLoRA with checkpointing (measured 11.0 GB): on the
+safe side. The budget is the free memory (``torch.cuda.mem_get_info``, capped
 by ``torch.cuda.set_per_process_memory_fraction`` when set) x 0.9, minus 1.5 GB for the CUDA
 context, the allocator's fragmentation and torch.compile's workspace.
 
@@ -132,7 +134,7 @@ def estimate_peak_bytes(shape: ModelShape, *, tokens: int, gradient_checkpointin
     if not gradient_checkpointing:
         acts = shape.num_layers * per_layer
     elif activation_offloading:
-        acts = 2 * per_layer
+        acts = 2 * tokens * shape.hidden_size * b + per_layer
     else:
         acts = shape.num_layers * tokens * shape.hidden_size * b + per_layer
     return weights + lora + acts + WORKSPACE_BYTES
@@ -186,8 +188,9 @@ def plan_memory(shape: ModelShape, *, seq_len: int, rows_per_step: int, free_byt
                                    f"forward, estimated {c.estimate_gb} GB <= budget {budget / GB:.1f} GB")
     last = min(order, key=lambda c: c.estimate_gb)
     note = (f"estimated peak {last.estimate_gb} GB exceeds the GPU memory budget {budget / GB:.1f} GB even with "
-            f"checkpointing, offloading and 1 row per forward: training may run out of memory (shorten "
-            f"model.max_seq_len or use train.quantization: nf4)")
+            f"the leanest allowed setting (checkpointing={last.gradient_checkpointing}, offloading="
+            f"{last.activation_offloading}, {last.micro_batch_size} row(s) per forward): training may run out of "
+            f"memory (shorten model.max_seq_len, use train.quantization: nf4, or leave the memory knobs on auto)")
     return plan(last, budget, "nothing fits: smallest estimate", (note,))
 
 
