@@ -126,6 +126,7 @@ def worker(args) -> int:
            "runtime": out.runtime.to_dict() if out else {"compile": tp.compile, "picked": {}},
            "world_size_seen_by_trainer": out.metrics.get("world_size") if out else None,
            "error_after_training": error,
+           "adapter_files": sorted(f.name for f in (work / "adapter").iterdir()) if (work / "adapter").is_dir() else [],
            "num_parameters": n, "wall_s_in_train": round(wall, 1),
            "device": torch.cuda.get_device_name() if cuda else "cpu"}
     print("RESULT " + json.dumps(res), flush=True)
