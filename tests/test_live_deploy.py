@@ -81,6 +81,29 @@ def test_deploy_target_is_local_or_a_control_url() -> None:
         parse_params(repo_params(deploy={"target": "prod"}))
 
 
+def test_stack_refuses_to_start_without_its_control_key(tmp_path: Path) -> None:
+    env = {k: v for k, v in os.environ.items() if k != "LLMPIPE_CONTROL_KEY"}
+    proc = subprocess.run([sys.executable, "-m", "llmpipe.cli", "serve-stack", "up", "--params", str(ROOT / "params.yaml"),
+                           "--state-dir", str(tmp_path / "stack"), "--stable-url", "http://127.0.0.1:9",
+                           "--stable-version", "v0"], env={**env, "PYTHONPATH": SRC}, capture_output=True, text=True,
+                          timeout=120, check=False)
+    assert proc.returncode == 1 and "$LLMPIPE_CONTROL_KEY is empty: the control API needs its own key" in proc.stderr
+    assert not (tmp_path / "stack").exists()
+
+
+@pytest.mark.skipif(shutil.which("systemd-analyze") is None, reason="systemd-analyze not installed")
+@pytest.mark.parametrize("unit", ["llmpipe-stack.service", "llmpipe-engine@.service"])
+def test_systemd_units_verify(tmp_path: Path, unit: str) -> None:
+    """The shipped units parse and their commands exist (paths pointed at this checkout)."""
+    text = (ROOT / "ops/systemd" / unit).read_text().replace("/opt/llmpipe", str(ROOT))
+    name = unit.replace("@.", "@v1.0.0.") if "@" in unit else unit
+    (tmp_path / unit).write_text(text)
+    proc = subprocess.run(["systemd-analyze", "verify", "--man=no", str(tmp_path / name)], capture_output=True,
+                          text=True, timeout=120, check=False)
+    assert proc.returncode == 0 and "ignoring" not in proc.stderr, proc.stderr   # no unknown or bad settings
+    assert "llmpipe.cli serve-stack up" in text or "llmpipe.cli serve " in text
+
+
 def git(repo: Path, *args: str) -> str:
     return subprocess.run(["git", *args], cwd=repo, check=True, capture_output=True, text=True).stdout
 
