@@ -83,7 +83,7 @@ def bench_engine(name: str, serve, model: str, prompts: list, args, log_dir: Pat
     t0 = time.monotonic()
     eng.start()
     try:
-        eng.wait_healthy(startup_timeout_s(serve))
+        eng.wait_healthy(args.startup_timeout or startup_timeout_s(serve))
         startup = time.monotonic() - t0
         print(f"[bench] {name}: healthy after {startup:.1f}s", file=sys.stderr)
         # warm-up (first-request costs are not throughput)
@@ -123,6 +123,7 @@ def main() -> int:
     ap.add_argument("--vllm-model", help="HF model dir (default: the embedded model's bf16 weights, cached)")
     ap.add_argument("--gguf", default="embedded:smollm2-135m-instruct")
     ap.add_argument("--engines", nargs="+", default=["llamacpp", "vllm"], choices=["llamacpp", "vllm"])
+    ap.add_argument("--startup-timeout", type=float, help="seconds (default: serve.* of params.yaml)")
     ap.add_argument("--out", default=str(ROOT / "benchmarks/results/serve_engines.json"))
     args = ap.parse_args()
 
