@@ -78,7 +78,7 @@ def _wait_for_signal() -> None:
 
 
 def _cmd_serve(args: argparse.Namespace) -> int:
-    from llmpipe.serve.engines import EngineError, EngineProcess, LlamaCppSpec, VllmSpec
+    from llmpipe.serve.engines import EngineError, EngineProcess, LlamaCppSpec, engine_spec, startup_timeout_s
     from llmpipe.serve.rollout import gguf_path
 
     scfg = load_typed_params(args.params).serve
@@ -87,9 +87,9 @@ def _cmd_serve(args: argparse.Namespace) -> int:
     args.port = args.port or (scfg.stable_port if args.role == "stable" else scfg.canary_port)
     if args.engine == "vllm":
         loras = dict(item.split("=", 1) for item in args.lora)
-        spec = VllmSpec(model=args.model, host=host, port=args.port, api_key=key, served_model=args.served_model,
-                        loras=loras, max_lora_rank=scfg.vllm.max_lora_rank, max_model_len=scfg.vllm.max_model_len,
-                        gpu_memory_utilization=scfg.vllm.gpu_memory_utilization)
+        scfg = scfg.model_copy(update={"engine": "vllm"})
+        spec = engine_spec(scfg.model_copy(update={"host": host}), model=args.model, port=args.port, api_key=key,
+                           served_model=args.served_model, loras=loras)
     else:
         spec = LlamaCppSpec(model=gguf_path(args.model), host=host, port=args.port, api_key=key,
                             served_model=args.served_model, n_ctx=scfg.n_ctx, n_threads=scfg.n_threads)
@@ -98,7 +98,7 @@ def _cmd_serve(args: argparse.Namespace) -> int:
         return 0
     eng = EngineProcess(spec, Path(args.log or f"deploy/logs/{args.role}.log"), name=f"{args.engine} engine")
     try:
-        eng.start().wait_healthy(scfg.startup_timeout_s)
+        eng.start().wait_healthy(startup_timeout_s(scfg))
         print(f"serving {args.model} at {eng.url}/v1 (Ctrl-C to stop)", file=sys.stderr)
         _wait_for_signal()
     except EngineError as exc:
