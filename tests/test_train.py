@@ -406,3 +406,35 @@ def test_changed_params_discard_stale_checkpoints(workdir, tiny_base):
     assert cfg["r"] == 8
     # peft stores target_modules from a set; the stage sorts it so the adapter is byte-reproducible
     assert cfg["target_modules"] == sorted(cfg["target_modules"]) and len(cfg["target_modules"]) > 3
+
+
+def test_launch_command_and_what_the_processes_run(tmp_path, monkeypatch):
+    """train.num_processes > 1: torchrun on this machine, unless already inside a launched worker.
+    FSDP is what accelerate builds for GPU process groups; on CPU the processes run DDP and the
+    runtime says so (tests/test_train_multiprocess.py runs the CPU path for real)."""
+    import sys
+
+    from llmpipe.train.config import resolve_runtime
+    from llmpipe.train.launch import launch_command, needs_relaunch
+    from llmpipe.train.trainer import build_sft_config
+
+    script = str(ROOT / "stages" / "train.py")
+    assert launch_command(4, script, ["--params", "p.yaml"]) == [
+        sys.executable, "-m", "torch.distributed.run", "--standalone", "--nnodes", "1", "--nproc-per-node", "4",
+        script, "--params", "p.yaml"]
+    lora, tp = sections(num_processes=2, distributed="fsdp", precision="fp32", attn_implementation="sdpa",
+                        compile=False, quantization="none")
+    monkeypatch.delenv("LOCAL_RANK", raising=False)
+    assert needs_relaunch(tp) and not needs_relaunch(sections(num_processes=1)[1])
+
+    rt = resolve_runtime(tp, lora, seq_len=256, cuda=True)
+    assert rt.distributed == "fsdp" and not rt.notes
+    args = build_sft_config(tp, rt, tmp_path, 256, has_eval=False, seed=0)
+    assert args.fsdp and args.fsdp_config["use_orig_params"] is True
+    rt = resolve_runtime(tp, lora, seq_len=256, cuda=False)
+    assert rt.distributed == "ddp" and any("the CPU processes run DDP" in n for n in rt.notes)
+    assert not build_sft_config(tp, rt, tmp_path, 256, has_eval=False, seed=0).fsdp
+    lora1, tp1 = sections()
+    assert resolve_runtime(tp1, lora1, seq_len=256, cuda=False).distributed == "none"
+    monkeypatch.setenv("LOCAL_RANK", "0")     # inside a torchrun worker: no second relaunch
+    assert not needs_relaunch(tp)

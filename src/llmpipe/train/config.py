@@ -37,6 +37,7 @@ class Runtime:
     compile: bool = False       # regional torch.compile of the decoder layers (CUDA + triton)
     activation_offloading: bool = False  # TRL: saved activations to pinned CPU memory, overlapped (CUDA)
     picked: dict[str, Any] = field(default_factory=dict)   # the memory rule's choice and why
+    distributed: str = "none"   # none (one process) | ddp | fsdp: what the processes run
 
     def to_dict(self) -> dict[str, Any]:
         d = asdict(self)
@@ -106,6 +107,11 @@ def resolve_runtime(tp: TrainSection, lp: LoraSection, *, seq_len: int, shape: M
     if compile_ and tp.compile == "auto" and tp.num_processes > 1 and tp.distributed == "fsdp":
         notes.append("train.compile=auto: off under FSDP (not measured there); set train.compile: true to force")
         compile_ = False
+    distributed = "none" if tp.num_processes == 1 else tp.distributed
+    if distributed == "fsdp" and not cuda:
+        # accelerate builds its FSDP plugin for GPU process groups only (MULTI_CPU stays DDP)
+        notes.append("train.distributed=fsdp needs CUDA (accelerate shards on GPUs only): the CPU processes run DDP")
+        distributed = "ddp"
     offload_setting = tp.activation_offloading
     if offload_setting is True and not cuda:
         notes.append("train.activation_offloading=true needs CUDA: keeping activations in memory")
@@ -122,7 +128,7 @@ def resolve_runtime(tp: TrainSection, lp: LoraSection, *, seq_len: int, shape: M
             attn = "sdpa"
     return Runtime("cuda" if cuda else "cpu", mode, precision, optimizer, mem.gradient_checkpointing, liger, attn,
                    mem.micro_batch_size, mem.gradient_accumulation_steps, tuple(notes), compile=compile_,
-                   activation_offloading=mem.activation_offloading, picked=mem.to_dict())
+                   activation_offloading=mem.activation_offloading, picked=mem.to_dict(), distributed=distributed)
 
 
 def _plan(tp: TrainSection, lp: LoraSection, seq_len: int, shape: ModelShape | None, cuda: bool,

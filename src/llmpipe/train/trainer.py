@@ -274,7 +274,7 @@ def build_sft_config(tp: TrainSection, runtime: Runtime, checkpoint_dir: Path, m
     from trl import SFTConfig
 
     kw: dict[str, Any] = {}
-    if tp.num_processes > 1 and tp.distributed == "fsdp":
+    if runtime.distributed == "fsdp":
         kw["fsdp"] = "full_shard auto_wrap"
         kw["fsdp_config"] = {"activation_checkpointing": runtime.gradient_checkpointing, "use_orig_params": True}
     return SFTConfig(
@@ -438,6 +438,7 @@ def train(
         "gradient_accumulation_steps": runtime.gradient_accumulation_steps,
         "picked": runtime.picked,
         "packing": tp.packing,
+        "distributed": runtime.distributed,
         "fallback_notes": list(runtime.notes),
         "train_loss": progress.last_train_loss,
         "train_loss_mean": float(result.training_loss),
@@ -458,9 +459,12 @@ def train(
         "peak_memory_gb": peak_memory_gb(runtime.device),
         **{f"trainer_{k}": v for k, v in scrubber.timings.items()},
     }
+    # Under FSDP the parameters are sharded across the ranks: gathering them is a collective that
+    # every rank joins; rank 0 then saves the adapter from the gathered state dict.
+    full_state = trainer.accelerator.get_state_dict(trainer.model) if trainer.is_fsdp_enabled else None
     if main:
         with atomic_dir(adapter_dir) as tmp:
-            trainer.model.save_pretrained(str(tmp))
+            trainer.model.save_pretrained(str(tmp), **({"state_dict": full_state} if full_state is not None else {}))
             tokenizer.save_pretrained(str(tmp))
             sort_target_modules(tmp)
     return TrainOutput(metrics=metrics, timings=timings, runtime=runtime, adapter_dir=adapter_dir,
