@@ -98,14 +98,12 @@ def peak_rss_mb() -> float:
 
 def run_one(stage: str, n: int) -> dict:
     """Measure one stage on n records in this process; returns the measurement."""
-    from llmpipe.params import load_params
+    from llmpipe.config import load_params as load_typed_params
 
-    params = load_params(ROOT / "params.yaml")
     records = make_long_records(n) if stage == "pii-long" else make_records(n)
     base_rss = peak_rss_mb()
     if stage == "validate":
         from llmpipe.data.formats import RawItem
-        from llmpipe.config import load_params as load_typed_params
         from llmpipe.data.validate import TokenCounter, validate_items
         from llmpipe.model.source import load_tokenizer
 
@@ -119,7 +117,6 @@ def run_one(stage: str, n: int) -> dict:
         seconds = time.perf_counter() - t0
         detail = {"valid": result.metrics["records_valid"], "rejected": result.metrics["records_rejected"]}
     elif stage in ("pii", "pii-long"):
-        from llmpipe.config import load_params as load_typed_params
         from llmpipe.data.pii import scrub_records
 
         cfg = load_typed_params(ROOT / "params.yaml").pii
@@ -134,7 +131,6 @@ def run_one(stage: str, n: int) -> dict:
                   # On a shared box wall time says little; CPU seconds are the scrubber's own.
                   "cpu_seconds": round(cpu, 2), "kb_per_cpu_s": round(message_kb(records) / cpu, 1)}
     elif stage == "dedup":
-        from llmpipe.config import load_params as load_typed_params
         from llmpipe.data.dedup import dedup_records
 
         cfg = load_typed_params(ROOT / "params.yaml").dedup

@@ -23,9 +23,8 @@ import signal
 import sys
 from pathlib import Path
 
-from llmpipe.config import ParamsError as TypedParamsError
+from llmpipe.config import ParamsError
 from llmpipe.config import load_params as load_typed_params
-from llmpipe.params import ParamsError
 
 
 def _cmd_promote(args: argparse.Namespace) -> int:
@@ -243,8 +242,6 @@ def _cmd_report(args: argparse.Namespace) -> int:
 
 
 def _cmd_params_check(args: argparse.Namespace) -> int:
-    from llmpipe.config import load_params as load_typed_params
-
     params = load_typed_params(args.params)  # ParamsError -> exit 2 with every problem, in main()
     sections = [name for name in type(params).model_fields if name != "seed"]
     print(f"{args.params or 'params.yaml'}: ok ({len(sections)} sections)")
@@ -355,7 +352,7 @@ def main(argv: list[str] | None = None) -> int:
     args = build_parser().parse_args(argv)
     try:
         return args.func(args)
-    except (ParamsError, TypedParamsError) as exc:
+    except ParamsError as exc:
         print(f"llmpipe {args.cmd}: {exc}", file=sys.stderr)
         return 2
 
