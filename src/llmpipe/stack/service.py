@@ -59,6 +59,7 @@ from llmpipe.serve.router import Backend, Router
 from llmpipe.stack.state import StackState, append_event
 
 Handler = Callable[[web.Request], Awaitable[web.Response]]
+UNHEALTHY_AFTER = 3   # consecutive failed health checks before an engine counts as down
 
 
 class StackError(RuntimeError):
@@ -88,6 +89,7 @@ class Engine:
     proc: EngineProcess | None = None
     healthy: bool = True
     restarts: int = 0
+    failed_checks: int = 0      # consecutive; a busy single-threaded engine may miss one check
 
     @property
     def version(self) -> str:
@@ -299,9 +301,10 @@ class ServingStack:
             self.c_restarts.labels(role).inc()
         try:
             await loop.run_in_executor(None, self._models, engine)
-            ok = True
+            engine.failed_checks = 0
         except StackError:
-            ok = False
+            engine.failed_checks += 1
+        ok = engine.failed_checks < UNHEALTHY_AFTER
         if ok != engine.healthy:
             self.event("engine_healthy" if ok else "engine_unhealthy", role=role, version=engine.version)
         engine.healthy = ok
