@@ -90,6 +90,7 @@ class Engine:
     healthy: bool = True
     restarts: int = 0
     failed_checks: int = 0      # consecutive; a busy single-threaded engine may miss one check
+    retired: bool = False       # left the router (promote/rollback): never restarted again
 
     @property
     def version(self) -> str:
@@ -178,7 +179,15 @@ class ServingStack:
             return Engine(role, release, proc.url, key, proc)
         key = os.environ.get(release["api_key_env"]) if release.get("api_key_env") else None
         engine = Engine(role, release, release["url"].rstrip("/"), key)
-        served = self._models(engine)
+        deadline = time.monotonic() + self.serve.startup_timeout_s
+        while True:     # a remote engine (its own service) may still be starting
+            try:
+                served = self._models(engine)
+                break
+            except StackError:
+                if time.monotonic() >= deadline:
+                    raise
+                time.sleep(1.0)
         want = release.get("served_model") or release["version"]
         if want not in served:
             raise StackError(f"{engine.url} serves {served}, not '{want}' (the served model name must be the version)")
@@ -208,6 +217,7 @@ class ServingStack:
     async def retire(self, engine: Engine) -> None:
         """Stop an engine that left the router, once its in-flight requests are done."""
         assert self.router is not None
+        engine.retired = True
         drained = await self.router.drain(engine.url, self.serve.stack.drain_timeout_s)
         if engine.proc is not None:
             await asyncio.get_running_loop().run_in_executor(None, engine.proc.stop)
@@ -286,6 +296,8 @@ class ServingStack:
 
     async def check_engine(self, role: str, engine: Engine) -> None:
         loop = asyncio.get_running_loop()
+        if engine.retired or self.engines.get(role) is not engine:
+            return      # replaced or removed since the supervisor listed it
         if engine.proc is not None and engine.proc.proc is not None and engine.proc.proc.poll() is not None:
             engine.healthy = False
             self.g_up.labels(role, engine.version).set(0)
@@ -299,12 +311,17 @@ class ServingStack:
                 return
             engine.restarts += 1
             self.c_restarts.labels(role).inc()
+            if engine.retired:      # retired while it restarted
+                await loop.run_in_executor(None, engine.proc.stop)
+                return
         try:
             await loop.run_in_executor(None, self._models, engine)
             engine.failed_checks = 0
         except StackError:
             engine.failed_checks += 1
         ok = engine.failed_checks < UNHEALTHY_AFTER
+        if engine.retired:
+            return
         if ok != engine.healthy:
             self.event("engine_healthy" if ok else "engine_unhealthy", role=role, version=engine.version)
         engine.healthy = ok
