@@ -28,6 +28,17 @@ _CODE_LINE = re.compile(
 )
 
 
+def merge_spans(spans: list[tuple[int, int]]) -> list[tuple[int, int]]:
+    """Sorted (start, end) spans with overlapping or touching ones joined."""
+    merged: list[tuple[int, int]] = []
+    for s, e in sorted(spans):
+        if merged and s <= merged[-1][1]:
+            merged[-1] = (merged[-1][0], max(e, merged[-1][1]))
+        else:
+            merged.append((s, e))
+    return merged
+
+
 def code_spans(text: str) -> list[tuple[int, int]]:
     """Sorted, non-overlapping (start, end) spans of code in ``text``."""
     if not any(c in text for c in "`;{}()=:>|"):
@@ -40,14 +51,7 @@ def code_spans(text: str) -> list[tuple[int, int]]:
 
     spans += [m.span() for m in _INLINE.finditer(text) if outside(*m.span())]
     spans += [m.span() for m in _CODE_LINE.finditer(text) if outside(*m.span())]
-    spans.sort()
-    merged: list[tuple[int, int]] = []
-    for s, e in spans:
-        if merged and s <= merged[-1][1]:
-            merged[-1] = (merged[-1][0], max(e, merged[-1][1]))
-        else:
-            merged.append((s, e))
-    return merged
+    return merge_spans(spans)
 
 
 def prose_segments(text: str, code: list[tuple[int, int]]) -> list[tuple[int, str]]:

@@ -21,6 +21,8 @@ from __future__ import annotations
 import re
 from functools import lru_cache
 
+from llmpipe.data.pii_code import merge_spans
+
 PLUGINS = (
     "AWSKeyDetector", "ArtifactoryDetector", "AzureStorageKeyDetector", "BasicAuthDetector",
     "CloudantDetector", "DiscordBotTokenDetector", "GitHubTokenDetector", "GitLabTokenDetector",
@@ -112,11 +114,4 @@ def find_secrets(text: str) -> list[tuple[int, int]]:
                 value = m.group("v")
                 if _looks_random(value) if rx is _EXTRA[0] else not _PLACEHOLDER.match(value):
                     spans.append((base + m.start("v"), base + m.end("v")))
-    spans.sort()
-    merged: list[tuple[int, int]] = []
-    for s, e in spans:
-        if merged and s <= merged[-1][1]:
-            merged[-1] = (merged[-1][0], max(e, merged[-1][1]))
-        else:
-            merged.append((s, e))
-    return merged
+    return merge_spans(spans)
