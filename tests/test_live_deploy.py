@@ -33,6 +33,7 @@ from llmpipe.stack.state import StackState
 ROOT = Path(__file__).resolve().parents[1]
 SRC = str(ROOT / "src")
 KEY = "control-key-for-tests"
+ENGINE_KEY = "engine-key-for-tests"
 SYSTEM = ("You are a support triage assistant. Read the customer's message and answer with only a JSON "
           "object with the keys \"intent\", \"product\", \"urgency\" and \"order_id\".")
 SHOTS = [("My robot vacuum order LM204817 still has not shipped, where is it?",
@@ -176,8 +177,8 @@ def free_port() -> int:
 class Stack:
     """One `llmpipe serve-stack up` process; restartable on the same ports and state dir."""
 
-    def __init__(self, workdir: Path, params_file: Path, base_gguf: str) -> None:
-        self.dir, self.params_file, self.base = workdir, params_file, base_gguf
+    def __init__(self, workdir: Path, params_file: Path, stable_url: str) -> None:
+        self.dir, self.params_file, self.stable_url = workdir, params_file, stable_url
         self.router_port, self.control_port = free_port(), free_port()
         self.proc: subprocess.Popen | None = None
         self.router = f"http://127.0.0.1:{self.router_port}"
@@ -185,11 +186,13 @@ class Stack:
         self.http = httpx.Client(headers={"Authorization": f"Bearer {KEY}"}, timeout=30)
 
     def start(self) -> None:
-        env = {**os.environ, "PYTHONPATH": SRC, "LLMPIPE_CONTROL_KEY": KEY}
+        env = {**os.environ, "PYTHONPATH": SRC, "LLMPIPE_CONTROL_KEY": KEY, "LLMPIPE_ENGINE_KEY": ENGINE_KEY}
         log = open(self.dir / "stack.log", "ab")
+        # the first stable is a remote engine (by URL, with its own key); the canaries it starts itself
         self.proc = subprocess.Popen(
             [sys.executable, "-m", "llmpipe.cli", "serve-stack", "up", "--params", str(self.params_file),
-             "--state-dir", str(self.dir / "stack"), "--stable-model", self.base, "--stable-version", "v0-base",
+             "--state-dir", str(self.dir / "stack"), "--stable-url", self.stable_url, "--stable-version", "v0-base",
+             "--stable-key-env", "LLMPIPE_ENGINE_KEY",
              "--router-port", str(self.router_port), "--control-port", str(self.control_port)],
             env=env, stdout=log, stderr=subprocess.STDOUT)
         log.close()
@@ -263,8 +266,16 @@ def live(tmp_path_factory):
     stack_params = work / "stack-params.yaml"
     stack_params.write_text(yaml.safe_dump(repo_params(
         serve=serve, deploy={"reply_schema": str(ROOT / "data/task/support_triage.schema.json")})))
-    stack = Stack(work, stack_params, base)
-    stack.start()
+    # v0-base runs as its own service (`llmpipe serve`, e.g. a GPU host's engine unit)
+    engine_port = free_port()
+    engine = subprocess.Popen(
+        [sys.executable, "-m", "llmpipe.cli", "serve", "--params", str(stack_params), "--model", base,
+         "--served-model", "v0-base", "--port", str(engine_port), "--api-key-env", "LLMPIPE_ENGINE_KEY",
+         "--log", str(work / "engine-v0-base.log")],
+        env={**os.environ, "PYTHONPATH": SRC, "LLMPIPE_ENGINE_KEY": ENGINE_KEY},
+        stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+    stack = Stack(work, stack_params, f"http://127.0.0.1:{engine_port}")
+    stack.start()       # waits until /health answers, i.e. the remote engine serves v0-base
     params = repo_params(
         registry={"model_path": "models/gguf/model-q4_k_m.gguf", "check_dvc_status": False},
         serve=serve,
@@ -281,6 +292,8 @@ def live(tmp_path_factory):
     checkout = make_checkout(work / "checkout", params)
     yield {"stack": stack, "checkout": checkout, "models": variants, "work": work}
     stack.stop()
+    engine.send_signal(signal.SIGTERM)
+    engine.wait(60)
 
 
 def build(live: dict, model: str, message: str) -> str:
@@ -314,6 +327,8 @@ def stage_registry(checkout: Path, stage: str) -> str | None:
 @pytest.mark.slow
 def test_good_canary_promoted_then_bad_canary_rolled_back_on_live_traffic(live) -> None:
     stack, checkout = live["stack"], live["checkout"]
+    assert stack.state()["health"]["engines"]["stable"] == {"version": "v0-base", "healthy": True, "restarts": 0,
+                                                            "managed": False}      # a remote engine by URL
     users = Users(stack, checkout / "data/split/test.jsonl", live["work"] / "users1.json")
     try:
         version = build(live, "good1", "run 1: good model")
@@ -431,3 +446,4 @@ def test_concurrent_deploy_refused_and_killed_deploy_resumed_across_a_stack_rest
     assert events[-3:] == ["resume", "promote", "registry"]
     stack_events = [e["event"] for e in stack.events()]
     assert "lock_refused" in stack_events and "lock_expired" in stack_events
+    assert "engine_died" not in stack_events and "engine_restart_failed" not in stack_events   # retired engines stay stopped
