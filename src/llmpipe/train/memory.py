@@ -163,7 +163,9 @@ def plan_memory(shape: ModelShape, *, seq_len: int, rows_per_step: int, free_byt
 
     def plan(c: Candidate, budget: float | None, reason: str, notes: tuple[str, ...] = ()) -> MemoryPlan:
         return MemoryPlan(c.gradient_checkpointing, c.activation_offloading, c.micro_batch_size,
-                          rows_per_step // c.micro_batch_size, c.estimate_gb,
+                          rows_per_step // c.micro_batch_size,
+                          # no GPU: a GPU-memory estimate means nothing (and the shape may be a placeholder)
+                          None if budget is None else c.estimate_gb,
                           None if budget is None else round(budget / GB, 1), reason, notes)
 
     def cand(ckpt: bool, off: bool, mb: int) -> Candidate:
