@@ -76,7 +76,7 @@ def sh(cmd: list[str], cwd: Path, env: dict[str, str]) -> subprocess.CompletedPr
 @pytest.fixture(scope="module")
 def project(tmp_path_factory) -> tuple[Path, dict[str, str]]:
     repo = tmp_path_factory.mktemp("pipeline")
-    for item in ("dvc.yaml", "params.yaml", ".gitignore"):
+    for item in ("dvc.yaml", "params.yaml", ".gitignore", ".dvcignore"):
         shutil.copy(ROOT / item, repo / item)
     for item in ("stages", "src"):
         shutil.copytree(ROOT / item, repo / item, ignore=shutil.ignore_patterns("__pycache__"))

@@ -56,7 +56,7 @@ def ran(stdout: str) -> list[str]:
 @pytest.fixture(scope="module")
 def project(tmp_path_factory):
     repo = tmp_path_factory.mktemp("full")
-    for item in ("dvc.yaml", "params.yaml", ".gitignore"):
+    for item in ("dvc.yaml", "params.yaml", ".gitignore", ".dvcignore"):
         shutil.copy(ROOT / item, repo / item)
     for item in ("stages", "src", "scripts", "data/eval", "data/task"):
         shutil.copytree(ROOT / item, repo / item, ignore=shutil.ignore_patterns("__pycache__"))
@@ -133,7 +133,8 @@ def test_forced_rerun_gives_empty_metrics_diff_and_same_outputs(project):
     assert json.loads(diff.stdout or "{}") == {}, diff.stdout
     after = _lock_without_deploy_log(repo)
     changed = [name for name in before["stages"] if before["stages"][name] != after["stages"].get(name)]
-    assert not changed, f"a forced re-run changed the outputs of {changed}"
+    detail = {name: {"before": before["stages"][name], "after": after["stages"].get(name)} for name in changed}
+    assert not changed, f"a forced re-run changed the lock entries of {changed}:\n{yaml.safe_dump(detail)}"
     assert (repo / "timings" / "qlora-train.json").is_file() or any((repo / "timings").glob("*.json"))
     status = sh(["git", "status", "--porcelain", "--", "metrics", "reports", "dvclive"], repo, env).stdout
     assert status.strip() == "", status

@@ -189,7 +189,8 @@ def team(tmp_path_factory, s3):
 
     a = base / "a"
     a.mkdir()
-    shutil.copy(ROOT / ".gitignore", a / ".gitignore")
+    for item in (".gitignore", ".dvcignore"):    # .dvcignore: __pycache__ must not change dir deps
+        shutil.copy(ROOT / item, a / item)
     for item in ("stages", "src"):
         shutil.copytree(ROOT / item, a / item, ignore=shutil.ignore_patterns("__pycache__"))
     tiny_raw(a / "data" / "raw")
@@ -443,6 +444,50 @@ def test_unreachable_endpoint_fails_with_a_clear_error(faulty, s3, kind):
     assert expected in proc.stderr, proc.stderr[-2000:]
     assert took < limit, f"{kind}: dvc pull took {took:.1f} s"
     _assert_untouched(fresh, env)
+
+
+# `llmpipe remote check`: one request, botocore retries off, the remote's timeouts (3 s / 5 s here)
+CHECK = [sys.executable, "-m", "llmpipe.cli", "remote", "check"]
+CHECK_LIMIT_S = 15    # Python + botocore start-up (~2 s on the busy box) + one read_timeout
+CHECK_ERRORS = {"refuses": "could not connect to", "drops": "connect timeout after 3 s",
+                "never_answers": "read timeout after 5 s"}
+
+
+def _timed_check(clone_dir: Path, env: dict[str, str]) -> tuple[subprocess.CompletedProcess, float]:
+    t0 = time.monotonic()
+    proc = run(CHECK, clone_dir, {**env, "PYTHONPATH": str(ROOT / "src")}, timeout=120)
+    return proc, time.monotonic() - t0
+
+
+@pytest.mark.parametrize("kind", list(UNREACHABLE))
+def test_remote_check_fails_fast_on_an_unreachable_endpoint(faulty, s3, kind):
+    """The slow `dvc pull` case (never answers: ~2 min) is caught in seconds before the pull."""
+    fresh = _fresh(faulty, s3, f"check-{kind}")
+    good, took_good = _timed_check(fresh, faulty["env"])
+    assert good.returncode == 0 and "reachable, credentials accepted" in good.stdout, good.stderr
+    endpoint = Unreachable(kind)
+    try:
+        sh(DVC + ["remote", "modify", "--local", "storage", "endpointurl", endpoint.url], fresh, faulty["env"])
+        proc, took = _timed_check(fresh, faulty["env"])
+    finally:
+        endpoint.close()
+    print(f"remote check: ok in {took_good:.1f} s; {kind}: failed in {took:.1f} s")
+    assert proc.returncode == 2
+    assert CHECK_ERRORS[kind] in proc.stderr and endpoint.url in proc.stderr, proc.stderr
+    assert took < CHECK_LIMIT_S, f"{kind}: remote check took {took:.1f} s"
+
+
+def test_remote_check_names_refused_credentials_and_a_missing_bucket(faulty, s3):
+    fresh = _fresh(faulty, s3, "check-credentials")
+    env = faulty["env"]
+    set_credentials(fresh, env, s3.key_id, "not-the-secret")
+    proc, took = _timed_check(fresh, env)
+    assert proc.returncode == 2 and "refused the credentials" in proc.stderr and "403" in proc.stderr, proc.stderr
+    assert took < CHECK_LIMIT_S
+    set_credentials(fresh, env, s3.key_id, s3.secret)
+    sh(DVC + ["remote", "modify", "--local", "storage", "url", "s3://no-such-bucket/x"], fresh, env)
+    proc, _ = _timed_check(fresh, env)
+    assert proc.returncode == 2 and "bucket 'no-such-bucket' does not exist" in proc.stderr, proc.stderr
 
 
 def test_wrong_credentials_fail_fast_with_a_clear_error(faulty, s3):

@@ -11,6 +11,8 @@
 - user-traffic: a bounded user-traffic generator (tests, demos).
 - deploy: one canary rollout of the pipeline's model (what ``stages/deploy.py`` runs).
 - report: the pull-request report (Markdown): metrics, params and gate vs a base revision, plots.
+- remote check: one request to a DVC remote (no retries): a clear error in seconds when the
+  endpoint is unreachable or the credentials are refused, before ``dvc pull``/``dvc push``.
 """
 
 from __future__ import annotations
@@ -248,6 +250,18 @@ def _cmd_params_check(args: argparse.Namespace) -> int:
     return 0
 
 
+def _cmd_remote_check(args: argparse.Namespace) -> int:
+    from llmpipe.remote import RemoteCheckError, check_remote
+
+    try:
+        res = check_remote(Path(args.repo), args.remote, args.timeout)
+    except RemoteCheckError as exc:
+        print(f"remote check failed: {exc}", file=sys.stderr)
+        return 2
+    print(f"remote '{res.name}' ok in {res.seconds:.1f} s: {res.detail}")
+    return 0
+
+
 def build_parser() -> argparse.ArgumentParser:
     p = argparse.ArgumentParser(prog="llmpipe", description=__doc__.splitlines()[0])
     sub = p.add_subparsers(dest="cmd", required=True)
@@ -345,6 +359,15 @@ def build_parser() -> argparse.ArgumentParser:
     s.add_argument("--out", help="write the Markdown here (default: stdout)")
     s.add_argument("--link", action="append", default=[], help="extra Markdown line (e.g. a link to the plots HTML)")
     s.set_defaults(func=_cmd_report)
+
+    s = sub.add_parser("remote", help="DVC remote tools: `remote check` fails fast on a bad endpoint or credentials")
+    rsub = s.add_subparsers(dest="remote_cmd", required=True)
+    c = rsub.add_parser("check", help="one request to the remote, no retries; exit 2 with the reason on failure")
+    c.add_argument("remote", nargs="?", default=None, help="remote name (default: the repo's default remote)")
+    c.add_argument("--repo", default=".")
+    c.add_argument("--timeout", type=float, default=10.0,
+                   help="cap on the connect and read timeouts in seconds (the remote's own are used when lower)")
+    c.set_defaults(func=_cmd_remote_check)
     return p
 
 
