@@ -17,7 +17,7 @@ from llmpipe.config import ParamsError, load_stage_params
 from llmpipe.data.dedup import DedupError, dedup_records, read_records
 from llmpipe.io import write_json, write_jsonl, write_timings
 
-PARAMS = ["dedup"]
+PARAMS = ["dedup", "curation"]
 
 
 def _progress(msg: str) -> None:
@@ -38,7 +38,15 @@ def main(argv: list[str] | None = None) -> int:
         cfg = load_stage_params(PARAMS, args.params)
         records = read_records(args.input)
         _progress(f"read {len(records)} records from {args.input}")
-        kept, clusters, metrics = dedup_records(records, cfg.dedup, progress=_progress)
+        if cfg.curation.engine == "ray":  # same outputs, on Ray Data (docs/curation.md "Engines")
+            from llmpipe.curation.ray_dedup import dedup_records_ray
+            from llmpipe.curation.ray_runtime import ray_session
+
+            with ray_session(cfg.curation) as where:
+                _progress(f"engine ray ({where})")
+                kept, clusters, metrics = dedup_records_ray(records, cfg.dedup, cfg.curation, progress=_progress)
+        else:
+            kept, clusters, metrics = dedup_records(records, cfg.dedup, progress=_progress)
     except (DedupError, ParamsError) as exc:
         print(f"[dedup] error: {exc}", file=sys.stderr)
         return 2

@@ -20,7 +20,7 @@ from llmpipe.data.pii import PiiError, scrub_records
 from llmpipe.data.records import read_records
 from llmpipe.io import write_json, write_jsonl, write_timings
 
-PARAMS = ["pii"]
+PARAMS = ["pii", "curation"]
 
 
 def main(argv: list[str] | None = None) -> int:
@@ -34,11 +34,21 @@ def main(argv: list[str] | None = None) -> int:
 
     start = time.monotonic()
     try:
-        cfg = load_stage_params(PARAMS, args.params).pii
+        params = load_stage_params(PARAMS, args.params)
+        cfg = params.pii
         records = read_records(args.input, PiiError)
         print(f"pii-scrub: {len(records)} records from {args.input}, entities {cfg.entities}, "
-              f"{cfg.workers} worker(s), batch {cfg.batch_size}", file=sys.stderr, flush=True)
-        scrubbed, metrics, review = scrub_records(records, cfg, progress=True)
+              f"{cfg.workers} worker(s), batch {cfg.batch_size}, engine {params.curation.engine}",
+              file=sys.stderr, flush=True)
+        if params.curation.engine == "ray":  # same outputs, on Ray Data (docs/curation.md "Engines")
+            from llmpipe.curation.ray_pii import scrub_records_ray
+            from llmpipe.curation.ray_runtime import ray_session
+
+            with ray_session(params.curation) as where:
+                print(f"pii-scrub: engine ray ({where})", file=sys.stderr, flush=True)
+                scrubbed, metrics, review = scrub_records_ray(records, cfg)
+        else:
+            scrubbed, metrics, review = scrub_records(records, cfg, progress=True)
     except (PiiError, ParamsError) as exc:
         print(f"pii-scrub: error: {exc}", file=sys.stderr)
         return 2

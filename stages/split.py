@@ -19,7 +19,7 @@ from llmpipe.data.dedup import DedupError, read_records
 from llmpipe.data.split import SPLITS, split_records
 from llmpipe.io import atomic_path, write_json, write_jsonl, write_timings
 
-PARAMS = ["split"]
+PARAMS = ["split", "curation"]
 
 
 def _progress(msg: str) -> None:
@@ -43,7 +43,15 @@ def main(argv: list[str] | None = None) -> int:
         cfg = load_stage_params(PARAMS, args.params)
         records = read_records(args.input)
         _progress(f"read {len(records)} records from {args.input}")
-        result = split_records(records, cfg.split, progress=_progress)
+        if cfg.curation.engine == "ray":  # same outputs, on Ray Data (docs/curation.md "Engines")
+            from llmpipe.curation.ray_runtime import ray_session
+            from llmpipe.curation.ray_split import split_records_ray
+
+            with ray_session(cfg.curation) as where:
+                _progress(f"engine ray ({where})")
+                result = split_records_ray(records, cfg.split, cfg.curation, progress=_progress)
+        else:
+            result = split_records(records, cfg.split, progress=_progress)
     except (DedupError, ParamsError, ValueError) as exc:
         print(f"[split] error: {exc}", file=sys.stderr)
         return 2

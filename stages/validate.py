@@ -17,7 +17,7 @@ from llmpipe.data.validate import StrictValidationError, TokenCounter, stderr_pr
 from llmpipe.io import write_json, write_jsonl, write_timings
 from llmpipe.model.source import ModelSourceError, load_tokenizer
 
-PARAMS = ["model.name_or_path", "model.max_seq_len", "validate"]
+PARAMS = ["model.name_or_path", "model.max_seq_len", "validate", "curation"]
 
 
 def main(argv: list[str] | None = None) -> int:
@@ -32,12 +32,20 @@ def main(argv: list[str] | None = None) -> int:
     t0 = time.perf_counter()
     try:
         cfg = load_stage_params(PARAMS, args.params)
-        counter = TokenCounter(load_tokenizer(cfg.model.name_or_path))
+        if cfg.curation.engine == "ray":  # same outputs, on Ray Data (docs/curation.md "Engines")
+            from llmpipe.curation.ray_runtime import ray_session
+            from llmpipe.curation.ray_validate import validate_inputs_ray
+
+            with ray_session(cfg.curation) as where:
+                print(f"[validate] engine ray ({where})", file=sys.stderr)
+                result = validate_inputs_ray(cfg.validate, cfg.model.max_seq_len, cfg.model.name_or_path,
+                                             cfg.curation, lambda msg: print(f"[validate] {msg}", file=sys.stderr))
+        else:
+            counter = TokenCounter(load_tokenizer(cfg.model.name_or_path))
+            result = validate_inputs(cfg.validate, cfg.model.max_seq_len, counter, stderr_progress())
     except (ParamsError, ModelSourceError) as exc:
         print(f"[validate] error: {exc}", file=sys.stderr)
         return 2
-    try:
-        result = validate_inputs(cfg.validate, cfg.model.max_seq_len, counter, stderr_progress())
     except (StrictValidationError, FileNotFoundError) as exc:
         print(f"[validate] error: {exc}", file=sys.stderr)
         return 1

@@ -161,3 +161,23 @@ class SplitSection(Section):
         if abs(sum(value.values()) - 1.0) > 1e-6:
             raise ValueError(f"ratios must sum to 1, got {sum(value.values())!r}")
         return {k: value[k] for k in names}
+
+
+class CurationSection(Section):
+    """``curation``: which engine runs validate, pii-scrub, minhash-dedup and split.
+
+    Both engines write the same bytes (records, rejects, clusters, splits, metrics); the engine
+    only decides where the work runs (docs/curation.md "Engines").
+    """
+
+    engine: Literal["local", "ray"]
+    # Ray cluster to join ("host:port", "ray://host:10001" or "auto"); null: $RAY_ADDRESS when set,
+    # else an embedded local Ray started for the stage and stopped after it.
+    ray_address: str | None = Field(min_length=1)
+    # Logical CPUs of the embedded local Ray (null: the machine's); ignored on a cluster.
+    num_cpus: int | None = Field(ge=1)
+    # Records per Ray Data batch for validate, minhash-dedup and split (pii-scrub: pii.batch_size,
+    # over an actor pool of pii.workers analyzers).
+    batch_size: int = Field(ge=1)
+    # Ray workers (validate: actors, each with its own tokenizer; minhash/split: tasks) per step.
+    workers: int = Field(ge=1)

@@ -17,7 +17,7 @@ import yaml
 from pydantic import BaseModel, Field, ValidationError
 
 from llmpipe.config.base import ParamsError, Section, format_errors
-from llmpipe.config.data import DedupSection, PiiSection, SplitSection, ValidateSection
+from llmpipe.config.data import CurationSection, DedupSection, PiiSection, SplitSection, ValidateSection
 from llmpipe.config.evaluate import EvalSection, GateSection
 from llmpipe.config.export import QuantizeSection
 from llmpipe.config.model import LoraSection, MergeSection, ModelSection, TrainSection
@@ -31,6 +31,7 @@ class Params(Section):
 
     seed: int
     model: ModelSection
+    curation: CurationSection
     validate_: ValidateSection = Field(alias="validate")  # `validate` is a BaseModel method name
     pii: PiiSection
     dedup: DedupSection

@@ -383,6 +383,26 @@ def _dedup(
                 continue
         lsh.insert(pos, mh, check_duplication=False)
         kept_rep_pos.append(pos)
+    return assemble(records, cfg, rep_index, exact_copies, near_of, kept_rep_pos, empty, say)
+
+
+def assemble(
+    records: Sequence[Mapping[str, Any]],
+    cfg: DedupSection,
+    rep_index: Sequence[int],
+    exact_copies: Mapping[int, list[int]],
+    near_of: Mapping[int, tuple[int, float]],
+    kept_rep_pos: Sequence[int],
+    empty: int,
+    say: Progress,
+) -> tuple[list[dict[str, Any]], list[dict[str, Any]], dict[str, Any]]:
+    """Kept records, clusters and metrics from the two passes' decisions (shared by the local and
+    the Ray engine): ``rep_index`` the record index of each exact representative (input order),
+    ``exact_copies`` rep -> its later identical records, ``near_of`` removed rep -> (kept record
+    index, Jaccard), ``kept_rep_pos`` positions in ``rep_index`` of the kept reps, ``empty`` reps
+    without text."""
+    n = len(records)
+    lsh_bands, lsh_rows = lsh_params(cfg.threshold, cfg.num_perm)
 
     # 3. Clusters, keyed by the kept record. A removed record is "exact" when its normalised
     #    content equals the kept record's; copies of a removed near duplicate are "near" too.
@@ -436,8 +456,8 @@ def _dedup(
             "minhash_seed": MINHASH_SEED,
             "minhash_scheme": MINHASH_SCHEME,
             "shingle_hash": "fnv1a32-codepoints",
-            "lsh_bands": lsh.b,
-            "lsh_rows": lsh.r,
+            "lsh_bands": lsh_bands,
+            "lsh_rows": lsh_rows,
         },
     }
     say(

@@ -39,7 +39,7 @@ import json
 import math
 from dataclasses import dataclass
 from fractions import Fraction
-from typing import Any, Mapping, Sequence
+from typing import Any, Callable, Mapping, Sequence
 
 from llmpipe.config.data import SplitSection
 from llmpipe.data.dedup import (
@@ -219,19 +219,26 @@ def find_contamination(
                 if sim >= cfg.contamination_threshold
             ]
             for jac, c in sorted(hits, key=lambda t: (-t[0], t[1])):
-                pairs.append({
-                    "split": name,
-                    "id": recs[i].get("id"),
-                    "source": recs[i].get("source"),
-                    "train_id": train[c].get("id"),
-                    "train_source": train[c].get("source"),
-                    "jaccard": jac,
-                    "reason": f"near duplicate of a train record (Jaccard {jac:.3f} >= "
-                    f"{cfg.contamination_threshold}); reported, not dropped",
-                })
+                pairs.append(contamination_pair(name, recs[i], train[c], jac, cfg))
         if progress is not None:
             progress(f"contamination check {name}: {len(recs)} records vs {len(train)} train")
     return pairs
+
+
+def contamination_pair(
+    name: str, rec: Mapping[str, Any], train_rec: Mapping[str, Any], jac: float, cfg: SplitSection
+) -> dict[str, Any]:
+    """One line of the contamination report."""
+    return {
+        "split": name,
+        "id": rec.get("id"),
+        "source": rec.get("source"),
+        "train_id": train_rec.get("id"),
+        "train_source": train_rec.get("source"),
+        "jaccard": jac,
+        "reason": f"near duplicate of a train record (Jaccard {jac:.3f} >= "
+        f"{cfg.contamination_threshold}); reported, not dropped",
+    }
 
 
 # --------------------------------------------------------------------------- all together
@@ -241,8 +248,12 @@ def split_records(
     records: Sequence[Mapping[str, Any]],
     cfg: SplitSection,
     progress: Progress | None = None,
+    contamination_check: Callable[..., list[dict[str, Any]]] = find_contamination,
 ) -> SplitResult:
-    """Split, hash and contamination-check ``records`` (nothing is written here)."""
+    """Split, hash and contamination-check ``records`` (nothing is written here).
+
+    ``contamination_check(splits, cfg, progress=...)`` finds the contamination pairs
+    (:func:`find_contamination`; the Ray engine passes its distributed version)."""
     say = progress or (lambda _msg: None)
     for i, rec in enumerate(records):
         if not isinstance(rec, Mapping) or not isinstance(rec.get("id"), str):
@@ -253,7 +264,7 @@ def split_records(
     files = {s: serialize(splits[s]) for s in SPLITS}
     hashes = {s: hashlib.sha256(files[s]).hexdigest() for s in SPLITS}
     with gc_paused():
-        contamination = find_contamination(splits, cfg, progress=say)
+        contamination = contamination_check(splits, cfg, progress=say)
     metrics = {
         "dataset_version": dataset_version(hashes),
         "records": len(records),
@@ -276,6 +287,7 @@ __all__ = [
     "SplitResult",
     "allocate",
     "assign",
+    "contamination_pair",
     "dataset_version",
     "find_contamination",
     "pinned_split",
