@@ -463,8 +463,14 @@ class PiiScrubber:
         self.nlp = self.analyzer.nlp_engine.nlp[cfg.language]
         if cfg.name_lexicon and "lemmatizer" in self.nlp.component_names:
             # English common words: the lemma index (WordNet) the model's lemmatizer ships with
+            # (keys are part-of-speech hashes; WordNet's proper names - Adrian, Joyce, Hart - are
+            # nouns, so the verb/adjective/adverb tables are the plainly common words).
+            from spacy.strings import get_string_id
+
             index = self.nlp.get_pipe("lemmatizer").lookups.get_table("lemma_index")
-            set_english_words({w for pos in index.values() for w in pos})
+            noun = get_string_id("noun")
+            set_english_words({w for pos in index.values() for w in pos},
+                              {w for key, pos in index.items() if key != noun for w in pos})
         ner_cfg = getattr(self.analyzer.nlp_engine, "ner_model_configuration", None)
         self._ner_score = float(getattr(ner_cfg, "default_score", 0.85))
         self._anonymizer = AnonymizerEngine()

@@ -13,7 +13,12 @@ that a name is a name:
   (Ruby, Julia, Max, Chase, Lo, ...) or that NER takes for a name; a detection made only of
   such words is not a person.
 - ``PUBLIC_FIGURES``: well-known people (computing, science, business, politics) whose names
-  in technical chat are not personal data of the writer; they are kept.
+  in technical chat are not personal data of the writer; they are kept. A full name cited as
+  the author or speaker of a public work ("a talk by ...", "the book by ...") or as the source
+  of a quote ("As ... put it") is kept the same way, whether or not it is on the list.
+- A lexicon name that is also a common English verb, adjective or adverb ("Run", "Chase",
+  "Grace") is evidence only as the first word of a span: "Cloud Run" is not a person, "Grace
+  Baker" is.
 """
 
 from __future__ import annotations
@@ -111,7 +116,41 @@ def is_public_figure(text: str) -> bool:
     return " ".join(words(text)).lower() in PUBLIC_FIGURES
 
 
-_ENGLISH: set[str] = set()
+# A full name cited as the author/speaker of a public work or as the source of a quote: "a talk
+# by ...", "the book written by ...", "As ... put it". Published authors and quoted speakers
+# are public in that role; a personal cue ("my colleague ...") never matches (anchored at the
+# name).
+_WORKS = (r"talks?|keynotes?|lectures?|speech(?:es)?|presentations?|books?|papers?|articles?|essays?|"
+          r"(?:blog )?posts?|blogs?|videos?|podcasts?|courses?|tutorials?|interviews?|quotes?|tweets?|"
+          r"novels?|albums?|songs?|films?|movies?|documentar(?:y|ies)|paintings?|theorems?|proofs?")
+_CITED_BEFORE = re.compile(
+    rf"(?i)(?:\b(?:{_WORKS})[ \t]+by|\b(?:written|authored|coined|invented|created|designed|"
+    rf"popularized|popularised|founded|directed|composed|painted|proposed|proved|formulated)[ \t]+by|"
+    rf"\bin the words of|\bquot(?:e|ing) from)[ \t]+$")
+_AS_BEFORE = re.compile(r"(?:^|[.!?]\s+|\n|,[ \t]+)[Aa]s[ \t]+$")
+_QUOTE_AFTER = re.compile(r"^[ \t]+(?:once[ \t]+|famously[ \t]+)?(?:put it|said|says|wrote|writes|noted|"
+                          r"observed|remarked|quipped)\b")
+
+
+def is_cited(text: str, before: str, after: str) -> bool:
+    """A full name (two or more capitalised words) cited as the author or speaker of a public
+    work, or as the source of a quote ("As Rob Pike put it")."""
+    ws = [w for w in words(text) if w.lower() not in NAME_PARTICLES]
+    if len(ws) < 2 or not all(w[:1].isupper() for w in ws):
+        return False
+    return bool(_CITED_BEFORE.search(before) or (_AS_BEFORE.search(before) and _QUOTE_AFTER.match(after)))
+
+
+def has_given_name(lowered: list[str]) -> bool:
+    """Lowercased words of a span hold a given name of the lexicon: the first word, or a later
+    word that is not also a common English verb/adjective/adverb ("Cloud Run" holds none,
+    "Email Adrian Andersson" and "Aisha Petrova" do)."""
+    names = first_names()
+    return any(w in names and (i == 0 or w not in _COMMON) for i, w in enumerate(lowered))
+
+
+_ENGLISH: set[str] = set()  # English words (WordNet lemma index)
+_COMMON: set[str] = set()  # of those, the verbs/adjectives/adverbs
 # Words right before/after a span that say it names a person ("Mr.", "my name is", "Dear",
 # "Call", "spoke with", "my colleague", "... said").
 _CUE_BEFORE = re.compile(
@@ -128,10 +167,13 @@ _PROPER_BEFORE = re.compile(r"\b[a-z]+[ \t]+([A-Z][\w-]*)[ \t]+$")
 _CUE_AFTER = re.compile(r"^(?:['\u2019]s\b|[ \t]+(?:here|said|says|reported|wrote|called|asked|needs|and I|will)\b|,? who\b)")
 
 
-def set_english_words(english: set[str]) -> None:
-    """English common words (the spaCy model's WordNet lemma index), for ``name_evidence``."""
+def set_english_words(english: set[str], common: set[str] = frozenset()) -> None:
+    """English words (the spaCy model's WordNet lemma index), for ``name_evidence``; ``common``:
+    those that are also verbs, adjectives or adverbs (WordNet's proper names are nouns only)."""
     _ENGLISH.clear()
     _ENGLISH.update(english)
+    _COMMON.clear()
+    _COMMON.update(common)
 
 
 def name_evidence(text: str, before: str = "", after: str = "") -> str | None:
@@ -146,7 +188,7 @@ def name_evidence(text: str, before: str = "", after: str = "") -> str | None:
     ws = words(text)
     if not ws:
         return "not_a_name"
-    if is_public_figure(text):
+    if is_public_figure(text) or is_cited(text, before, after):
         return "public_figure"
     if not _CUE_BEFORE.search(before):
         if _PLACE_BEFORE.search(before):
@@ -157,7 +199,7 @@ def name_evidence(text: str, before: str = "", after: str = "") -> str | None:
     lowered = [w.lower() for w in ws if w.lower() not in NAME_PARTICLES] or [ws[0].lower()]
     if all(w in DENY_WORDS for w in lowered):
         return "deny_list"
-    if any(w in first_names() for w in lowered):
+    if has_given_name(lowered):
         return None
     if len(lowered) > 1 and any(w in _denied_names() for w in lowered):
         return None  # "Julia Roberts": a given name that is also a deny word, with a surname

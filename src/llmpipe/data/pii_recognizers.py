@@ -11,7 +11,7 @@ import re
 from spacy.lang.en.stop_words import STOP_WORDS
 from presidio_analyzer import AnalysisExplanation, EntityRecognizer, RecognizerResult
 
-from llmpipe.data.pii_names import _ENGLISH, DENY_WORDS, NAME_PARTICLES, TITLES, first_names
+from llmpipe.data.pii_names import _ENGLISH, DENY_WORDS, NAME_PARTICLES, TITLES, first_names, has_given_name
 from llmpipe.data.pii_secrets import find_secrets
 
 # --------------------------------------------------------------------------------------------
@@ -147,7 +147,7 @@ class LexiconNameRecognizer(LenientPhoneRecognizer):
                     and ws[0].group().lower() not in names:
                 ws.pop(0)  # "Call Ngeni Naomi": the sentence-initial verb is no part of the name
             low = [w.group().lower() for w in ws]
-            if len(ws) >= 2 and (any(w in names for w in low)
+            if len(ws) >= 2 and (has_given_name(low)
                                  or not any(w in _ENGLISH or w in DENY_WORDS for w in low)):
                 out.append(self._result("PERSON", m.start() + ws[0].start(), m.start() + ws[-1].end(), 0.6))
         for m in _BEFORE_CUE.finditer(text):  # "Katalin and I", "Kiptoo Musili's laptop"
