@@ -1,12 +1,15 @@
 """DVC stage ``deploy``: one canary rollout of the pipeline's model, decided on measured requests.
 
-``deploy.target: local`` rehearses on loopback (own llama.cpp engines, router and generated
-traffic); a serve-stack control API URL rolls the registry's ``canary`` version out on a live
-router's user traffic (refused inside ``dvc exp run`` and from a dirty workspace).
+``deploy.target: local`` rehearses on loopback (own engines, router and generated traffic):
+``serve.engine: llamacpp`` serves GGUF files, ``serve.engine: vllm`` HF dirs (``deploy.vllm``: the
+merged model, or the LoRA adapter on the base model's server). A serve-stack control API URL rolls
+the registry's ``canary`` version out on a live router's user traffic (refused inside ``dvc exp
+run`` and from a dirty workspace).
 
-in:  models/gguf/support-triage-q4_k_m.gguf, metrics/gate.json, data/split/test.jsonl, the registry (git
-     tags), params registry / serve / deploy / validate.default_system_prompt
-out: deploy/state.json, deploy/decisions.jsonl, deploy/releases/ (the stable GGUF; persisted),
+in:  models/gguf/support-triage-q4_k_m.gguf (vLLM: models/merged or models/adapter, models/base),
+     metrics/gate.json, data/split/test.jsonl, the registry (git tags),
+     params registry / serve / deploy / validate.default_system_prompt
+out: deploy/state.json, deploy/decisions.jsonl, deploy/releases/ (the stable model; persisted),
      metrics/deploy.json (decision, versions, steps, client failures, registry update)
      timings/deploy.json (duration, request counts, latencies; not a metric)
 """

@@ -16,20 +16,15 @@ from llmpipe.serve.controller import CanaryController
 from llmpipe.serve.router import Backend
 from llmpipe.serve.state import StateError, StateStore
 
+# shared with tests/test_vllm.py
+from canary_support import PROMPTS, SYSTEM, commit_pipeline_run, deploy_checkout, git, repo_params, rollout, \
+    run_deploy_stage
+from canary_support import REAL_THR as REAL_THR_VALUES
+
 THR = Thresholds(min_requests=4, min_stable_requests=4, max_error_rate=0.05, max_error_rate_increase=0.02,
                  max_p50_ratio=1.5, max_p95_ratio=2.0, latency_slack_ms=50.0, max_compliance_drop=0.1,
                  min_compliance=0.0)
 ROOT = Path(__file__).resolve().parents[1]
-
-
-def repo_params(**sections) -> dict:
-    """The repository's params.yaml as a dict, with ``sections`` merged in (one level deep)."""
-    import yaml
-
-    params = yaml.safe_load((ROOT / "params.yaml").read_text())
-    for name, override in sections.items():
-        params[name] = {**params[name], **override}
-    return params
 STABLE = {"version": "v1.0.0", "url": "http://127.0.0.1:1", "sha256": "aaa", "model": "a.gguf", "api_key": "k1"}
 CANARY = {"version": "v1.1.0", "url": "http://127.0.0.1:2", "sha256": "bbb", "model": "b.gguf", "api_key": "k2"}
 
@@ -158,20 +153,10 @@ import subprocess  # noqa: E402
 
 llama_required = pytest.mark.skipif(importlib.util.find_spec("llama_cpp") is None,
                                     reason="llama-cpp-python not installed (scripts/install_llama_cpp.sh)")
-SYSTEM = ("You are a support triage assistant. Read the customer's message and answer with only a JSON "
-          "object with the keys \"intent\", \"product\", \"urgency\" and \"order_id\".")
-SHOTS = [("My robot vacuum order LM204817 still has not shipped, where is it?",
-          '{"intent": "order_status", "product": "robot_vacuum", "urgency": "medium", "order_id": "LM204817"}'),
-         ("I was charged twice for my fitness tracker. Please fix this now!",
-          '{"intent": "billing_question", "product": "fitness_tracker", "urgency": "high", "order_id": null}')]
-# One few-shot prompt, greedy decoding: the base model answers it with schema-valid JSON, a good
-# canary (same weights) answers exactly like stable, and llama.cpp reuses the cached prompt.
-PROMPTS = [[{"role": "system", "content": SYSTEM},
-            *[m for u, a in SHOTS for m in ({"role": "user", "content": u}, {"role": "assistant", "content": a})],
-            {"role": "user", "content": "Where is my order KX482913? My e-reader has not arrived."}]]
-REAL_THR = Thresholds(min_requests=3, min_stable_requests=3, max_error_rate=0.05, max_error_rate_increase=0.02,
-                      max_p50_ratio=3.0, max_p95_ratio=4.0, latency_slack_ms=3000.0, max_compliance_drop=0.1,
-                      min_compliance=0.0)
+# PROMPTS (canary_support): one few-shot prompt, greedy decoding: the base model answers it with
+# schema-valid JSON, a good canary (same weights) answers exactly like stable, and llama.cpp
+# reuses the cached prompt.
+REAL_THR = Thresholds(**REAL_THR_VALUES)
 
 
 def base_gguf() -> str:
@@ -200,29 +185,6 @@ def engine(tmp_path: Path, name: str, model: str):
 def release(eng, version: str, sha: str) -> dict:
     return {"version": version, "url": eng.url, "served_model": eng.spec.served_model,
             "api_key": eng.spec.api_key, "sha256": sha, "model": eng.spec.model}
-
-
-def rollout(store: StateStore, stable: dict, canary: dict, *, steps, max_requests: int,
-            canary_timeout_s: float = 60.0, concurrency: int = 2):
-    """Router + controller + generated traffic until a decision (or the request budget)."""
-    from llmpipe.serve.compliance import DEMO_SCHEMA, ReplyValidator
-    from llmpipe.serve.router import Backend, Router
-    from llmpipe.serve.traffic import drive
-
-    ctl = CanaryController.open(store, REAL_THR, stable=stable, canary=canary, steps=steps, baseline_size=200)
-    router = Router(Backend(stable["version"], stable["url"]), None, validator=ReplyValidator(DEMO_SCHEMA),
-                    canary_timeout_s=canary_timeout_s)
-    ctl.attach(router)
-
-    async def go():
-        port = await router.start("127.0.0.1", 0)
-        try:
-            return await drive(f"http://127.0.0.1:{port}", PROMPTS, concurrency=concurrency,
-                               max_requests=max_requests, max_seconds=150, stop=ctl.finished, max_tokens=48)
-        finally:
-            await router.stop()
-
-    return ctl, router, asyncio.run(go())
 
 
 @pytest.mark.slow
@@ -298,10 +260,6 @@ def test_real_crashing_and_slow_canaries_rolled_back_and_retried_on_stable(tmp_p
     assert router.counts["canary"] <= 3          # early rollback on the first canary error
 
 
-def _git(repo: Path, *args: str) -> str:
-    return subprocess.run(["git", *args], cwd=repo, check=True, capture_output=True, text=True).stdout
-
-
 @pytest.mark.slow
 @llama_required
 def test_deploy_stage_promotes_then_rolls_back_with_registry(tmp_path: Path, broken_gguf: str) -> None:
@@ -309,18 +267,10 @@ def test_deploy_stage_promotes_then_rolls_back_with_registry(tmp_path: Path, bro
     broken one back (registry: canary unassigned), then do nothing for the same broken model."""
     import shutil
 
-    import yaml
-
     from llmpipe.registry import Registry, promote
-    from llmpipe.serve.compliance import DEMO_SCHEMA
     from llmpipe.serve.rollout import md5_file
 
     root = tmp_path / "checkout"
-    root.mkdir()
-    _git(root, "init", "-q", "-b", "main")
-    _git(root, "config", "user.email", "ci@example.com")
-    _git(root, "config", "user.name", "CI")
-    (root / ".gitignore").write_text("models/\ndeploy/\ntimings/\n")
     params = repo_params(
         validate={"default_system_prompt": SYSTEM},
         registry={"model_path": "models/gguf/model-q4_k_m.gguf", "check_dvc_status": False},
@@ -336,38 +286,22 @@ def test_deploy_stage_promotes_then_rolls_back_with_registry(tmp_path: Path, bro
     from llmpipe.config import parse_params
 
     reg_cfg = parse_params(params).registry
-    (root / "params.yaml").write_text(yaml.safe_dump(params))
-    (root / "data/split").mkdir(parents=True)
-    record = {"id": "t1", "messages": PROMPTS[0] + [{"role": "assistant", "content": SHOTS[0][1]}], "metadata": {}}
-    (root / "data/split/test.jsonl").write_text(json.dumps(record) + "\n")
-    (root / "data/task").mkdir(parents=True)
-    (root / "data/task/support_triage.schema.json").write_text(json.dumps(DEMO_SCHEMA))
-    (root / "metrics").mkdir()
-    (root / "metrics/gate.json").write_text(json.dumps({"passed": True, "checks": []}))
+    deploy_checkout(root, params)
     model = root / "models/gguf/model-q4_k_m.gguf"
     model.parent.mkdir(parents=True)
 
     def pipeline_run(source: str, message: str, do_promote: bool = True) -> str | None:
         shutil.copyfile(source, model)
-        lock = {"schema": "2.0", "stages": {"quantize": {"cmd": "x", "outs": [
-            {"path": "models/gguf/model-q4_k_m.gguf", "hash": "md5", "md5": md5_file(model)}]}}}
-        (root / "dvc.lock").write_text(yaml.safe_dump(lock))
-        _git(root, "add", "-A")
-        _git(root, "commit", "-qm", message)
+        commit_pipeline_run(root, {"models/gguf/model-q4_k_m.gguf": md5_file(model)}, message)
         return promote(root, reg_cfg).version if do_promote else None
 
-    def deploy() -> dict:
-        env = {**os.environ, "PYTHONPATH": str(Path(__file__).resolve().parents[1] / "src")}
-        proc = subprocess.run([sys.executable, str(Path(__file__).resolve().parents[1] / "stages/deploy.py")],
-                              cwd=root, env=env, capture_output=True, text=True, timeout=900)
-        assert proc.returncode == 0, proc.stderr[-3000:]
-        return json.loads((root / "metrics/deploy.json").read_text())
+    deploy = run_deploy_stage
 
     reg = Registry(root)
     # 1) `dvc repro` deploys the pipeline's (good) model before anyone promoted it; stable is the
     #    broken bootstrap model: rolled out under an unregistered label
     pipeline_run(base_gguf(), "run 1", do_promote=False)
-    m = deploy()
+    m = deploy(root)
     assert m["decision"] == "promoted" and m["client_failures"] == 0, m
     assert m["canary_version"].startswith("unregistered-") and "skipped" in m["registry"]
     timings = json.loads((root / "timings/deploy.json").read_text())       # wall clock is not a metric
@@ -378,23 +312,23 @@ def test_deploy_stage_promotes_then_rolls_back_with_registry(tmp_path: Path, bro
     assert release.stat().st_size == model.stat().st_size
     #    promoted afterwards: the next deploy records it as v1.0.0 and assigns prod, no new rollout
     assert promote(root, reg_cfg).version == "v1.0.0"
-    m = deploy()
+    m = deploy(root)
     assert m["decision"] == "noop" and m["registry"] == {"assigned": "prod", "version": "v1.0.0"}
     assert reg.stage_version("model", "prod") == "v1.0.0" and reg.stage_version("model", "canary") is None
     assert json.loads((root / "deploy/state.json").read_text())["stable"]["version"] == "v1.0.0"
     # 2) the next pipeline run produces a broken model: rolled back, no client failure
     assert pipeline_run(broken_gguf, "run 2") == "v1.1.0"
     assert reg.stage_version("model", "canary") == "v1.1.0"
-    m = deploy()
+    m = deploy(root)
     assert m["decision"] == "rolled_back" and m["client_failures"] == 0, m
     assert m["stable_version"] == "v1.0.0" and m["canary_version"] == "v1.1.0"
     assert m["registry"] == {"unassigned": "canary", "version": "v1.1.0"}
     assert reg.stage_version("model", "canary") is None and reg.stage_version("model", "prod") == "v1.0.0"
-    assert any("!" in t for t in _git(root, "tag", "-l").split())      # model#canary!#N records it
+    assert any("!" in t for t in git(root, "tag", "-l").split())      # model#canary!#N records it
     events = [json.loads(line)["event"] for line in (root / "deploy/decisions.jsonl").read_text().splitlines()]
     assert events.count("promote") == 1 and events.count("rollback") == 1 and events.count("registry") == 3
     # 3) the same broken model again: nothing to do
-    assert deploy()["decision"] == "noop_rolled_back"
+    assert deploy(root)["decision"] == "noop_rolled_back"
 
 
 @pytest.mark.slow

@@ -39,6 +39,10 @@ from llmpipe.serve.engines import (EngineError, EngineProcess, VllmSpec, engine_
                                    start_release_engines)
 from llmpipe.serve.vllm_engine import model_dir_sha256, resolve_python
 
+from canary_support import PROMPTS, REAL_THR, SYSTEM, commit_pipeline_run, deploy_checkout, git, repo_params, \
+    run_deploy_stage
+from canary_support import rollout as shared_rollout
+
 ROOT = Path(__file__).resolve().parents[1]
 
 
@@ -126,6 +130,126 @@ def test_model_dir_hash_covers_names_and_bytes(tmp_path: Path) -> None:
 
 
 # ------------------------------------------------------------------------------------------------
+# the deploy stage with vLLM: which releases, how they are identified and kept (no server)
+# ------------------------------------------------------------------------------------------------
+def fake_model_dir(path: Path, payload: bytes, adapter: bool = False) -> Path:
+    """A directory with an HF model's (or a PEFT adapter's) file names; the bytes are ``payload``."""
+    path.mkdir(parents=True)
+    (path / ("adapter_config.json" if adapter else "config.json")).write_text('{"r": 8}' if adapter else "{}")
+    (path / ("adapter_model.safetensors" if adapter else "model.safetensors")).write_bytes(payload)
+    return path
+
+
+def dvc_hash(path: Path) -> str:
+    """The hash DVC itself writes into dvc.lock for a directory output (dvc-data, no repo needed)."""
+    from dvc_data.hashfile.build import build
+    from dvc_data.hashfile.db import HashFileDB
+    from dvc_objects.fs.local import LocalFileSystem
+
+    fs = LocalFileSystem()
+    _, _, obj = build(HashFileDB(fs, str(path.parent / ".dvc-odb")), str(path), fs, "md5", dry_run=True)
+    return obj.hash_info.value
+
+
+def vllm_deploy_params(**deploy) -> dict:
+    return repo_params(serve={"engine": "vllm"}, registry={"model_path": "models/gguf/model.gguf",
+                                                           "check_dvc_status": False},
+                       deploy={"update_registry": True, **deploy})
+
+
+def test_identify_version_matches_model_dirs_by_their_dvc_hash(tmp_path: Path) -> None:
+    """A vLLM canary (merged model or adapter dir) is labelled with the registered version whose
+    lineage (the dvc.lock outputs at promotion) holds the directory's DVC hash."""
+    from llmpipe.config import parse_params
+    from llmpipe.registry import promote
+    from llmpipe.serve.rollout import dvc_dir_md5, identify_version
+
+    root = tmp_path / "checkout"
+    params = vllm_deploy_params()
+    deploy_checkout(root, params)
+    merged = fake_model_dir(root / "models/merged", b"merged weights v1")
+    adapter = fake_model_dir(root / "models/adapter", b"adapter weights v1", adapter=True)
+    (merged / "sub").mkdir()
+    (merged / "sub/extra.txt").write_text("nested files count too")
+    assert dvc_dir_md5(merged) == dvc_hash(merged) and dvc_dir_md5(adapter) == dvc_hash(adapter)
+    commit_pipeline_run(root, {"models/merged": dvc_hash(merged), "models/adapter": dvc_hash(adapter)}, "run 1")
+    assert promote(root, parse_params(params).registry).version == "v1.0.0"
+    for model in (merged, adapter):
+        version, registered, note = identify_version(root, model, "model", "canary")
+        assert (version, registered) == ("v1.0.0", True) and "lineage" in note
+    # another run's model: not that version
+    (merged / "model.safetensors").write_bytes(b"merged weights v2")
+    version, registered, note = identify_version(root, merged, "model", "canary")
+    assert (version, registered) == (f"unregistered-{dvc_hash(merged)[:8]}", False) and "promote it first" in note
+
+
+def test_keep_release_copies_model_dirs_and_drops_older_releases(tmp_path: Path) -> None:
+    from llmpipe.serve.rollout import keep_release
+    from llmpipe.serve.state import StateStore, initial_state
+
+    root = tmp_path
+    releases = root / "deploy/releases"
+    fake_model_dir(releases / "v0.9.0", b"old stable")                  # a previous vLLM release
+    (releases / "v0.8.0.gguf").write_bytes(b"GGUF older llama.cpp release")
+    merged = fake_model_dir(root / "models/merged", b"new weights")
+    store = StateStore(root / "deploy/state.json", root / "deploy/decisions.jsonl")
+    state = {**initial_state({"version": "v1.0.0", "model": "models/merged"}, None, [1.0]), "phase": "promoted"}
+    keep_release(store, state, merged, root, releases)
+    assert sorted(p.name for p in releases.iterdir()) == ["v1.0.0"]
+    assert model_dir_sha256(releases / "v1.0.0") == model_dir_sha256(merged)
+    assert store.load()["stable"]["model"] == "deploy/releases/v1.0.0"
+    # promoted again under the same label (e.g. re-run after a registry change): replaced whole
+    (merged / "model.safetensors").write_bytes(b"newer weights")
+    keep_release(store, state, merged, root, releases)
+    assert model_dir_sha256(releases / "v1.0.0") == model_dir_sha256(merged)
+    # back to llama.cpp: a GGUF release replaces the directory
+    gguf = root / "model.gguf"
+    gguf.write_bytes(b"GGUF")
+    state = {**initial_state({"version": "v1.1.0", "model": "models/gguf/x.gguf"}, None, [1.0]), "phase": "promoted"}
+    keep_release(store, state, gguf, root, releases)
+    assert sorted(p.name for p in releases.iterdir()) == ["v1.1.0.gguf"]
+
+
+def test_stable_release_is_one_the_engine_can_serve(tmp_path: Path) -> None:
+    """vLLM: the state's stable if it is a model dir, else the bootstrap HF dir (a GGUF stable
+    left by llama.cpp cannot run on vLLM); llama.cpp: the state's GGUF, else the bootstrap GGUF."""
+    from llmpipe.config import parse_params
+    from llmpipe.serve.rollout import DeployError, stable_release
+
+    cfg = parse_params(vllm_deploy_params())
+    vllm, llamacpp = cfg.serve, cfg.serve.model_copy(update={"engine": "llamacpp"})
+    root = tmp_path
+    with pytest.raises(DeployError, match=r"models/base: the bootstrap stable model dir \(deploy.vllm.bootstrap_stable\)"):
+        stable_release(None, cfg.deploy, root, vllm)
+    base = fake_model_dir(root / "models/base", b"base")
+    boot = stable_release(None, cfg.deploy, root, vllm)
+    assert boot == {"version": "base-models-base", "model": "models/base", "sha256": model_dir_sha256(base),
+                    "registered": False}
+    (root / "deploy/releases").mkdir(parents=True)
+    (root / "deploy/releases/v1.0.0.gguf").write_bytes(b"GGUF")
+    gguf_state = {"stable": {"version": "v1.0.0", "model": "deploy/releases/v1.0.0.gguf", "sha256": "x",
+                             "registered": True}}
+    assert stable_release(gguf_state, cfg.deploy, root, vllm) == boot
+    assert stable_release(gguf_state, cfg.deploy, root, llamacpp)["version"] == "v1.0.0"
+    fake_model_dir(root / "deploy/releases/v1.1.0", b"merged")
+    dir_state = {"stable": {"version": "v1.1.0", "model": "deploy/releases/v1.1.0", "sha256": "y",
+                            "registered": True}}
+    assert stable_release(dir_state, cfg.deploy, root, vllm)["version"] == "v1.1.0"
+    assert stable_release(dir_state, cfg.deploy, root, llamacpp)["version"] == "base-smollm2-135m-instruct"
+
+
+def test_vllm_deploy_without_the_merged_model_is_a_clear_error(tmp_path: Path) -> None:
+    from llmpipe.config import parse_params
+    from llmpipe.serve.rollout import DeployError, run_deploy
+
+    root = tmp_path / "checkout"
+    deploy_checkout(root, vllm_deploy_params())
+    cfg = parse_params(vllm_deploy_params())
+    with pytest.raises(DeployError, match=r"models/merged: the pipeline's HF model or LoRA adapter directory"):
+        run_deploy(cfg.deploy, cfg.serve, cfg.registry, system_prompt=SYSTEM, root=root)
+
+
+# ------------------------------------------------------------------------------------------------
 # real vLLM servers on loopback (slow)
 # ------------------------------------------------------------------------------------------------
 VLLM_PY = resolve_python(load_params(ROOT / "params.yaml").serve.vllm.python)
@@ -133,25 +257,8 @@ HAVE_VLLM = Path(VLLM_PY).is_file() and any(Path(VLLM_PY).parent.parent.glob("li
 vllm_required = pytest.mark.skipif(not HAVE_VLLM and not os.environ.get("LLMPIPE_REQUIRE_VLLM"),
                                    reason=f"vLLM not installed at {VLLM_PY} (make setup-vllm)")
 
-SYSTEM = ("You are a support triage assistant. Read the customer's message and answer with only a JSON "
-          "object with the keys \"intent\", \"product\", \"urgency\" and \"order_id\".")
-SHOTS = [("My robot vacuum order LM204817 still has not shipped, where is it?",
-          '{"intent": "order_status", "product": "robot_vacuum", "urgency": "medium", "order_id": "LM204817"}'),
-         ("I was charged twice for my fitness tracker. Please fix this now!",
-          '{"intent": "billing_question", "product": "fitness_tracker", "urgency": "high", "order_id": null}')]
-PROMPTS = [[{"role": "system", "content": SYSTEM},
-            *[m for u, a in SHOTS for m in ({"role": "user", "content": u}, {"role": "assistant", "content": a})],
-            {"role": "user", "content": "Where is my order KX482913? My e-reader has not arrived."}]]
-THR = dict(min_requests=3, min_stable_requests=3, max_error_rate=0.05, max_error_rate_increase=0.02,
-           max_p50_ratio=3.0, max_p95_ratio=4.0, latency_slack_ms=3000.0, max_compliance_drop=0.1,
-           min_compliance=0.0)
+THR = REAL_THR
 KEY = "vllm-test-key"
-
-
-def thresholds():
-    from llmpipe.serve.analysis import Thresholds
-
-    return Thresholds(**THR)
 
 
 def make_adapter(base: Path, out: Path, *, b_std: float, seed: int) -> Path:
@@ -186,6 +293,88 @@ def models(tmp_path_factory) -> dict[str, Path]:
     return {"base": root / "base", "merged": root / "merged",
             "good": make_adapter(root / "base", root / "good", b_std=1e-5, seed=1),
             "broken": make_adapter(root / "base", root / "broken", b_std=0.5, seed=2)}
+
+
+@pytest.mark.slow
+@vllm_required
+def test_vllm_deploy_stage_promotes_merged_then_lora_canaries(models, tmp_path: Path) -> None:
+    """stages/deploy.py with serve.engine=vllm on a fresh checkout (its own vLLM servers, started
+    by the stage through start_release_engines; runs before the shared servers below start):
+
+    1. canary = models/merged (the pipeline's merge of a good adapter, float32), stable = the
+       bootstrap models/base: two servers; promoted, the registry assigns prod, the merged dir is
+       kept as deploy/releases/v1.0.0/;
+    2. the next pipeline run's canary is its LoRA adapter (deploy.vllm.model: models/adapter): the
+       base model with LoRA on serves the adapter, the merged stable runs on its own server;
+       promoted, v1.1.0 replaces v1.0.0 in deploy/releases/.
+    Clients see no failure; the decision log and the registry are those of the llama.cpp path."""
+    import yaml
+
+    from llmpipe.config import parse_params
+    from llmpipe.export.merge import merge_adapter
+    from llmpipe.registry import Registry, promote
+    from llmpipe.serve.rollout import dvc_dir_md5
+
+    if not HAVE_VLLM:
+        pytest.fail(f"vLLM not installed at {VLLM_PY}: run `make setup-vllm` first")
+    root = tmp_path / "checkout"
+    params = repo_params(
+        validate={"default_system_prompt": SYSTEM},
+        registry={"model_path": "models/gguf/model-q4_k_m.gguf", "check_dvc_status": False},
+        # generous request timeouts: a 2-core box shared with other jobs took 30-100 s per reply
+        serve={"engine": "vllm", "host": "127.0.0.1", "timeout_s": 900, "canary_timeout_s": 600},
+        deploy={"target": "local", "steps": [0.5, 1.0], "update_registry": True,
+                # latency bounds wide enough for the box's noise; format and errors decide here
+                "thresholds": {**REAL_THR, "max_p50_ratio": 5.0, "max_p95_ratio": 8.0},
+                "traffic": {"concurrency": 2, "max_tokens": 48, "max_requests": 40, "max_seconds": 1800}})
+    # eager: no torch.compile warm-up (minutes on this box; the compiled path is the benchmark's)
+    params["serve"]["vllm"].update(max_model_len=1024, max_lora_rank=8, enforce_eager=True, startup_timeout_s=2400)
+    reg_cfg = parse_params(params).registry
+    deploy_checkout(root, params)
+    shutil.copytree(models["base"], root / "models/base", copy_function=os.link)   # the base-model stage's output
+    merged, adapter = root / "models/merged", root / "models/adapter"
+    merged.mkdir()
+    tok = [[1, 504, 3145, 314, 957, 30]]
+    merge_adapter(models["base"], models["good"], merged, tok, dtype="float32", tolerance=1e-3)  # the merge stage
+    shutil.copytree(models["good"], adapter)
+
+    def pipeline_run(message: str) -> str:
+        commit_pipeline_run(root, {p: dvc_dir_md5(root / p) for p in ("models/base", "models/adapter", "models/merged")},
+                            message)
+        return promote(root, reg_cfg).version
+
+    reg = Registry(root)
+    # 1) the merged canary against the bootstrap stable (models/base)
+    assert pipeline_run("run 1") == "v1.0.0"
+    t0 = time.monotonic()
+    m = run_deploy_stage(root, timeout_s=5400)
+    print(f"[test_vllm] deploy 1 (merged canary, 2 servers) {time.monotonic() - t0:.0f}s", file=sys.stderr)
+    assert m["decision"] == "promoted" and m["client_failures"] == 0, m
+    assert (m["stable_version"], m["canary_version"]) == ("base-models-base", "v1.0.0")
+    assert m["registry"] == {"assigned": "prod", "version": "v1.0.0"} and m["steps_passed"] == 2
+    assert reg.stage_version("model", "prod") == "v1.0.0" and reg.stage_version("model", "canary") is None
+    state = json.loads((root / "deploy/state.json").read_text())
+    assert state["phase"] == "promoted" and state["stable"]["model"] == "deploy/releases/v1.0.0"
+    assert model_dir_sha256(root / "deploy/releases/v1.0.0") == model_dir_sha256(merged)
+    timings = json.loads((root / "timings/deploy.json").read_text())
+    assert timings["served_by"].get("v1.0.0", 0) >= 6 and timings["canary_retried_on_stable"] == 0, timings
+    # 2) the next run's LoRA adapter as canary, on the base model's server; stable: the kept merged dir
+    shutil.rmtree(adapter)
+    make_adapter(models["base"], adapter, b_std=1e-5, seed=3)
+    params["deploy"]["vllm"]["model"] = "models/adapter"
+    (root / "params.yaml").write_text(yaml.safe_dump(params))
+    assert pipeline_run("run 2: deploy the LoRA adapter") == "v1.1.0"
+    t0 = time.monotonic()
+    m = run_deploy_stage(root, timeout_s=5400)
+    print(f"[test_vllm] deploy 2 (LoRA canary, 2 servers) {time.monotonic() - t0:.0f}s", file=sys.stderr)
+    assert m["decision"] == "promoted" and m["client_failures"] == 0, m
+    assert (m["stable_version"], m["canary_version"]) == ("v1.0.0", "v1.1.0")
+    assert reg.stage_version("model", "prod") == "v1.1.0"
+    assert sorted(p.name for p in (root / "deploy/releases").iterdir()) == ["v1.1.0"]
+    assert (root / "deploy/releases/v1.1.0/adapter_config.json").is_file()
+    assert (root / "deploy/logs/vllm-lora.log").is_file() and (root / "deploy/logs/stable.log").is_file()
+    events = [json.loads(line)["event"] for line in (root / "deploy/decisions.jsonl").read_text().splitlines()]
+    assert events == ["start", "roll_forward", "promote", "registry"] * 2, events
 
 
 @pytest.fixture(scope="module")
@@ -223,28 +412,10 @@ def release(eng: EngineProcess, version: str, served_model: str, sha: str) -> di
             "sha256": sha, "model": eng.spec.model}
 
 
-def rollout(store, stable: dict, canary: dict, *, steps, max_requests: int, concurrency: int = 2,
-            during=None):
-    """Router + controller + generated traffic until a decision (or the request budget)."""
-    from llmpipe.serve.compliance import DEMO_SCHEMA, ReplyValidator
-    from llmpipe.serve.controller import CanaryController
-    from llmpipe.serve.router import Backend, Router
-    from llmpipe.serve.traffic import drive
-
-    ctl = CanaryController.open(store, thresholds(), stable=stable, canary=canary, steps=steps, baseline_size=200)
-    router = Router(Backend(stable["version"], stable["url"]), None, validator=ReplyValidator(DEMO_SCHEMA),
-                    canary_timeout_s=120)
-    ctl.attach(router)
-
-    async def go():
-        port = await router.start("127.0.0.1", 0)
-        try:
-            return await drive(f"http://127.0.0.1:{port}", PROMPTS, concurrency=concurrency,
-                               max_requests=max_requests, max_seconds=900, stop=ctl.finished, max_tokens=48)
-        finally:
-            await router.stop()
-
-    return ctl, router, asyncio.run(go())
+def rollout(store, stable: dict, canary: dict, *, steps, max_requests: int):
+    """canary_support.rollout with bounds for vLLM on the busy box (replies of 30-100 s seen)."""
+    return shared_rollout(store, stable, canary, steps=steps, max_requests=max_requests, canary_timeout_s=120,
+                          max_seconds=900)
 
 
 @pytest.mark.slow

@@ -98,6 +98,14 @@ class LiveSection(Section):
     max_seconds: float = Field(gt=0)
 
 
+class DeployVllmSection(Section):
+    """What the local rehearsal serves with ``serve.engine: vllm``: HF directories, not GGUF files."""
+
+    model: str                 # the canary: the merged model dir, or a LoRA adapter dir (served on lora_base)
+    lora_base: str             # the base model dir that LoRA adapter releases are served on (--enable-lora)
+    bootstrap_stable: str      # stable on a fresh checkout (no deploy state yet): an HF model dir
+
+
 class DeploySection(Section):
     target: str
     model: str
@@ -109,6 +117,7 @@ class DeploySection(Section):
     thresholds: ThresholdsSection
     traffic: TrafficSection
     live: LiveSection
+    vllm: DeployVllmSection
     update_registry: bool
 
     @field_validator("target")

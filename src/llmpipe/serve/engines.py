@@ -215,36 +215,35 @@ def start_release_engines(serve: "ServeSection", stable: dict, canary: dict | No
       base model with LoRA on; each adapter release is loaded into it at run time under its version
       name, a release whose model is ``lora_base`` itself is the base model. Stable and canary share
       the server and its batches (multi-LoRA): no second start-up, no second copy of the weights.
+      A release that is another full model (e.g. a merged stable next to an adapter canary) gets
+      its own server.
     - otherwise one engine per release (merged models / GGUF files), each on its own port.
 
-    ``api_key``: the engines' key (None: a fresh random key per engine).
+    All engines start at once and are then waited for. ``api_key``: the engines' key (None: a
+    fresh random key per engine).
     """
     releases = [("stable", stable)] + ([("canary", canary)] if canary is not None else [])
     log_dir = Path(log_dir)
     timeout = startup_timeout_s(serve)
     engines: list[EngineProcess] = []
     try:
-        if serve.engine == "vllm" and lora_base and any(is_lora_adapter(r["model"]) for _, r in releases):
-            base = Path(lora_base).resolve()
-            key = api_key or secrets.token_hex(16)
+        shared: EngineProcess | None = None
+        base = Path(lora_base).resolve() if lora_base else None
+        if serve.engine == "vllm" and base and any(is_lora_adapter(r["model"]) for _, r in releases):
+            shared_key = api_key or secrets.token_hex(16)
             base_name = next((r["version"] for _, r in releases if Path(r["model"]).resolve() == base), "base")
-            eng = EngineProcess(engine_spec(serve, model=str(lora_base), port=free_port(serve.host), api_key=key,
-                                            served_model=base_name, enable_lora=True),
-                                log_dir / "vllm-lora.log", name=f"vLLM {base_name} + LoRA")
-            engines.append(eng.start())
-            eng.wait_healthy(timeout)
-            for _, rel in releases:
-                if is_lora_adapter(rel["model"]):
-                    load_lora(eng.url, rel["version"], rel["model"], api_key=key)
-                    served = rel["version"]
-                elif Path(rel["model"]).resolve() == base:
-                    served = base_name
-                else:
-                    raise EngineError(f"{rel['model']}: with a LoRA canary every release is the base model "
-                                      f"({lora_base}) or a LoRA adapter of it")
-                rel.update(url=eng.url, served_model=served, api_key=key)
-            return engines
+            shared = EngineProcess(engine_spec(serve, model=str(lora_base), port=free_port(serve.host),
+                                               api_key=shared_key, served_model=base_name, enable_lora=True),
+                                   log_dir / "vllm-lora.log", name=f"vLLM {base_name} + LoRA")
+            engines.append(shared.start())
+        on_shared = []
         for role, rel in releases:
+            if shared is not None and (is_lora_adapter(rel["model"]) or Path(rel["model"]).resolve() == base):
+                on_shared.append(rel)
+                continue
+            if is_lora_adapter(rel["model"]):
+                raise EngineError(f"{rel['model']}: a LoRA adapter release needs serve.engine=vllm and its "
+                                  "base model (lora_base)")
             key = api_key or secrets.token_hex(16)
             eng = EngineProcess(engine_spec(serve, model=str(rel["model"]), port=free_port(serve.host), api_key=key,
                                             served_model=rel["version"]),
@@ -253,6 +252,12 @@ def start_release_engines(serve: "ServeSection", stable: dict, canary: dict | No
             rel.update(url=eng.url, served_model=rel["version"], api_key=key)
         for eng in engines:
             eng.wait_healthy(timeout)
+        if shared is not None:
+            for rel in on_shared:
+                if is_lora_adapter(rel["model"]):
+                    load_lora(shared.url, rel["version"], rel["model"], api_key=shared.spec.api_key)
+                rel.update(url=shared.url, served_model=rel["version"] if is_lora_adapter(rel["model"]) else base_name,
+                           api_key=shared.spec.api_key)
         return engines
     except BaseException:
         for eng in engines:

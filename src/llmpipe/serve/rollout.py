@@ -3,13 +3,15 @@
 ``run_deploy`` runs four named steps:
 
 1. ``gate_blocker``: nothing is deployed unless metrics/gate.json says the gate passed;
-2. ``identify_canary`` / ``stable_release``: which model is the canary (the pipeline's GGUF,
-   labelled with the registry version whose lineage hash matches it) and which is stable (the
+2. ``identify_canary`` / ``stable_release``: which model is the canary (the pipeline's GGUF for
+   llama.cpp; for vLLM the merged HF model dir or the LoRA adapter dir, ``deploy.vllm.model``),
+   labelled with the registry version whose lineage hash matches it, and which is stable (the
    deployment state, or the bootstrap model on a fresh checkout);
 3. the rollout itself:
-   - ``deploy.target: local`` (``rehearse``): start both llama.cpp engines and the router on
-     loopback, drive generated traffic until the controller promotes or rolls back (or the
-     traffic budget is spent: rollback), stop everything;
+   - ``deploy.target: local`` (``rehearse``): start the engines ``serve.engine`` names (llama.cpp:
+     one per GGUF; vLLM: one per HF model dir, a LoRA adapter joins its base model's server) and
+     the router on loopback, drive generated traffic until the controller promotes or rolls back
+     (or the traffic budget is spent: rollback), stop everything;
    - ``deploy.target: <URL>``: a live rollout on a running serve-stack (``llmpipe.serve.live``);
 4. ``update_registry``: promote => assign ``registry.prod_stage``; rollback => unassign the canary.
 
@@ -20,9 +22,9 @@ numbers (``timings``); the decision log keeps every decision with its numbers.
 from __future__ import annotations
 
 import hashlib
+import json
 import os
 import re
-import secrets
 import shutil
 import sys
 import time
@@ -35,10 +37,11 @@ from llmpipe.io import read_json, sha256_file
 from llmpipe.model.source import resolve
 from llmpipe.serve.compliance import ReplyValidator
 from llmpipe.serve.controller import CanaryController
-from llmpipe.serve.engines import EngineProcess, LlamaCppSpec, free_port
+from llmpipe.serve.engines import EngineProcess, start_release_engines
 from llmpipe.serve.router import Backend, Router, run_async
 from llmpipe.serve.state import StateStore
 from llmpipe.serve.traffic import TrafficResult, drive, load_prompts
+from llmpipe.serve.vllm_engine import VllmError, model_dir_sha256
 
 
 class DeployError(RuntimeError):
@@ -70,6 +73,30 @@ def md5_file(path: str | Path) -> str:
     return h.hexdigest()
 
 
+def dvc_dir_md5(path: str | Path) -> str:
+    """DVC 3's hash of a directory output, as dvc.lock records it (``<md5>.dir``): the md5 of the
+    sorted ``[{"md5": file md5, "relpath": ...}]`` list as JSON."""
+    root = Path(path)
+    entries = sorted(({"md5": md5_file(p), "relpath": p.relative_to(root).as_posix()}
+                      for p in root.rglob("*") if p.is_file()), key=lambda e: e["relpath"])
+    return hashlib.md5(json.dumps(entries, sort_keys=True).encode()).hexdigest() + ".dir"
+
+
+def release_sha256(path: str | Path) -> str:
+    """A release's identity: the file's sha256 (GGUF), or the content hash of a model/adapter dir."""
+    return model_dir_sha256(path) if Path(path).is_dir() else sha256_file(path)
+
+
+def canary_model(deploy: DeploySection, serve: ServeSection) -> str:
+    """The pipeline's model the engine serves: the GGUF (llama.cpp) or an HF/adapter dir (vLLM)."""
+    return deploy.vllm.model if serve.engine == "vllm" else deploy.model
+
+
+def serves(serve: ServeSection, path: Path) -> bool:
+    """Whether ``serve.engine`` can serve this release model (a GGUF file / an HF or adapter dir)."""
+    return path.is_dir() if serve.engine == "vllm" else path.is_file()
+
+
 def gguf_path(spec: str) -> str:
     """A GGUF path from a params value: a .gguf file or an ``embedded:`` model."""
     src = resolve(spec)
@@ -96,10 +123,16 @@ def gate_blocker(root: Path, registry: RegistrySection) -> str | None:
 
 # -- step 2: which versions ------------------------------------------------------------------
 def identify_version(root: Path, model: Path, artifact: str, canary_stage: str) -> tuple[str, bool, str]:
-    """(version, registered, note): the registry version whose lineage hash matches ``model``."""
+    """(version, registered, note): the registry version whose lineage hash matches ``model``.
+
+    A file (GGUF) matches the artifact's sha256 taken at promotion or its md5 in dvc.lock; a
+    directory (vLLM: merged model, LoRA adapter) matches the DVC hash of any output recorded in
+    the version's lineage (its dvc.lock outputs, e.g. ``models/merged``).
+    """
     from llmpipe.registry.gto_cli import GtoError, Registry
 
-    md5, sha = md5_file(model), sha256_file(model)
+    is_dir = model.is_dir()
+    md5, sha = (dvc_dir_md5(model), model_dir_sha256(model)) if is_dir else (md5_file(model), sha256_file(model))
     fallback = f"unregistered-{md5[:8]}"
     try:
         reg = Registry(root)
@@ -110,11 +143,15 @@ def identify_version(root: Path, model: Path, artifact: str, canary_stage: str) 
     matches = []
     for v in versions:
         try:
-            info = reg.lineage(artifact, v.version).get("model") or {}
+            lineage = reg.lineage(artifact, v.version)
         except GtoError:
             continue
+        info = lineage.get("model") or {}
+        if is_dir:  # the DVC hash of a directory output of that pipeline run
+            if any((out or {}).get("md5") == md5 for out in (lineage.get("artifacts") or {}).values()):
+                matches.append(v.version)
         # sha256 of the file taken at promotion, or the file's md5 recorded in dvc.lock
-        if info.get("sha256") == sha or (info.get("dvc_lock") or {}).get("md5") == md5:
+        elif info.get("sha256") == sha or (info.get("dvc_lock") or {}).get("md5") == md5:
             matches.append(v.version)
     if not matches:
         return fallback, False, f"no registered {artifact} version has this model (sha256 {sha[:12]}); promote it first"
@@ -122,20 +159,35 @@ def identify_version(root: Path, model: Path, artifact: str, canary_stage: str) 
     return best, True, f"{artifact}@{best} (model hash matches its lineage)"
 
 
-def identify_canary(root: Path, deploy: DeploySection, registry: RegistrySection) -> tuple[dict[str, Any], str]:
-    """The canary release (the pipeline's GGUF) and a note on how its version was identified."""
-    model = root / deploy.model
-    if not model.is_file():
-        raise DeployError(f"{model}: the pipeline's GGUF model is missing (run the quantize stage)")
+def identify_canary(root: Path, deploy: DeploySection, registry: RegistrySection,
+                    serve: ServeSection) -> tuple[dict[str, Any], str]:
+    """The canary release (the pipeline's GGUF, or HF/adapter dir for vLLM) and a note on how its
+    version was identified."""
+    rel_path = canary_model(deploy, serve)
+    model = root / rel_path
+    if not serves(serve, model):
+        what = ("HF model or LoRA adapter directory (deploy.vllm.model; run the merge / qlora-train stage)"
+                if serve.engine == "vllm" else "GGUF model (run the quantize stage)")
+        raise DeployError(f"{model}: the pipeline's {what} is missing")
     version, registered, note = identify_version(root, model, registry.artifact, registry.stage)
     print(f"[deploy] canary {version}: {note}", file=sys.stderr)
-    return {"version": version, "model": deploy.model, "sha256": sha256_file(model), "registered": registered}, note
+    return {"version": version, "model": rel_path, "sha256": release_sha256(model), "registered": registered}, note
 
 
-def stable_release(prev: dict[str, Any] | None, deploy: DeploySection, root: Path) -> dict[str, Any]:
-    """The deployed stable release (from the state), or the bootstrap model on a fresh checkout."""
-    if prev and prev.get("stable") and Path(root / prev["stable"]["model"]).is_file():
+def stable_release(prev: dict[str, Any] | None, deploy: DeploySection, root: Path,
+                   serve: ServeSection) -> dict[str, Any]:
+    """The deployed stable release (from the state) if ``serve.engine`` can serve it, else the
+    bootstrap model (a fresh checkout, or the engine changed: a GGUF stable cannot run on vLLM)."""
+    if prev and prev.get("stable") and serves(serve, Path(root / prev["stable"]["model"])):
         return {k: prev["stable"][k] for k in ("version", "model", "sha256", "registered") if k in prev["stable"]}
+    if serve.engine == "vllm":
+        spec = deploy.vllm.bootstrap_stable
+        if not (root / spec).is_dir():
+            raise DeployError(f"{root / spec}: the bootstrap stable model dir (deploy.vllm.bootstrap_stable) "
+                              "is missing (run the base-model stage)")
+        label = safe_name(spec.strip("/").replace("/", "-"))
+        return {"version": f"base-{label}", "model": spec, "sha256": model_dir_sha256(root / spec),
+                "registered": False}
     spec = deploy.bootstrap_stable
     path = gguf_path(spec)
     label = Path(spec).stem if spec.endswith(".gguf") else spec.replace("embedded:", "")
@@ -168,25 +220,22 @@ def settle_without_rollout(store: StateStore, prev: dict[str, Any] | None, stabl
     return None
 
 
-def start_engines(releases: dict[str, dict[str, Any]], serve: ServeSection, root: Path,
-                  work_dir: Path) -> list[EngineProcess]:
-    """One llama.cpp engine per release (own port and key), healthy; fills url/served_model/api_key."""
-    engines: list[EngineProcess] = []
+def start_engines(stable: dict[str, Any], canary: dict[str, Any], deploy: DeploySection, serve: ServeSection,
+                  root: Path, work_dir: Path) -> list[EngineProcess]:
+    """The engines for both releases (``engines.start_release_engines``: own port and key per
+    engine; vLLM LoRA adapters on one ``deploy.vllm.lora_base`` server), healthy; fills each
+    release's url/served_model/api_key. Model paths stay as given in the releases (the state)."""
+    def absolute(path: str) -> str:
+        return path if os.path.isabs(path) else str(root / path)
+
+    started = {role: {**rel, "model": absolute(rel["model"])} for role, rel in (("stable", stable), ("canary", canary))}
+    lora_base = absolute(deploy.vllm.lora_base) if serve.engine == "vllm" else None
     try:
-        for role, rel in releases.items():
-            key = secrets.token_hex(16)
-            path = rel["model"] if os.path.isabs(rel["model"]) else str(root / rel["model"])
-            spec = LlamaCppSpec(model=path, host=serve.host, port=free_port(serve.host), api_key=key,
-                                served_model=rel["version"], n_ctx=serve.n_ctx, n_threads=serve.n_threads)
-            eng = EngineProcess(spec, work_dir / f"{role}.log", name=f"{role} engine ({rel['version']})")
-            engines.append(eng.start())
-            rel.update(url=eng.url, served_model=rel["version"], api_key=key)
-        for eng in engines:
-            eng.wait_healthy(serve.startup_timeout_s)
-    except BaseException:
-        for eng in engines:
-            eng.stop()
-        raise
+        engines = start_release_engines(serve, started["stable"], started["canary"], work_dir, lora_base=lora_base)
+    except VllmError as exc:  # an adapter the server refused (e.g. rank above serve.vllm.max_lora_rank)
+        raise DeployError(str(exc)) from exc
+    for role, rel in (("stable", stable), ("canary", canary)):
+        rel.update({k: started[role][k] for k in ("url", "served_model", "api_key")})
     return engines
 
 
@@ -196,7 +245,7 @@ def rehearse(store: StateStore, stable: dict[str, Any], canary: dict[str, Any], 
     """Engines + router + controller on loopback, generated traffic until a decision or the budget."""
     validator = ReplyValidator.from_file(root / deploy.reply_schema)
     prompts = load_prompts(root / deploy.prompts, system_prompt=system_prompt)
-    engines = start_engines({"stable": stable, "canary": canary}, serve, root, work_dir)
+    engines = start_engines(stable, canary, deploy, serve, root, work_dir)
     try:
         ctl = CanaryController.open(store, deploy.thresholds, stable=stable, canary=canary,
                                     steps=deploy.steps, baseline_size=deploy.baseline_size)
@@ -227,17 +276,36 @@ async def _drive_rollout(router: Router, ctl: CanaryController, prompts: list, h
 
 
 def keep_release(store: StateStore, state: dict[str, Any], model: Path, root: Path, releases_dir: Path) -> None:
-    """Copy the promoted GGUF into deploy/releases/ (the next run's stable), drop older ones."""
+    """Copy the promoted model into deploy/releases/ (the next run's stable), drop older ones.
+
+    A GGUF becomes ``<version>.gguf``; a directory (vLLM: merged model or LoRA adapter) is copied
+    whole to ``<version>/``. Copied to a hidden temporary name first, then renamed into place.
+    """
     releases_dir.mkdir(parents=True, exist_ok=True)
-    dest = releases_dir / f"{safe_name(state['stable']['version'])}.gguf"
-    tmp = dest.with_name("." + dest.name + ".tmp")
-    shutil.copyfile(model, tmp)
+    name = safe_name(state["stable"]["version"])
+    if model.is_dir():
+        dest = releases_dir / name
+        tmp = releases_dir / f".{name}.tmp"
+        _remove(tmp)
+        shutil.copytree(model, tmp)
+        _remove(dest)
+    else:
+        dest = releases_dir / f"{name}.gguf"
+        tmp = dest.with_name("." + dest.name + ".tmp")
+        shutil.copyfile(model, tmp)
     os.replace(tmp, dest)
-    for old in releases_dir.glob("*.gguf"):
+    for old in releases_dir.iterdir():   # older releases of either engine
         if old != dest:
-            old.unlink()
+            _remove(old)
     state["stable"]["model"] = str(dest.relative_to(root))
     store.save(state)
+
+
+def _remove(path: Path) -> None:
+    if path.is_dir() and not path.is_symlink():
+        shutil.rmtree(path)
+    elif path.exists() or path.is_symlink():
+        path.unlink()
 
 
 # -- step 4: the registry --------------------------------------------------------------------
@@ -304,15 +372,10 @@ def run_deploy(deploy: DeploySection, serve: ServeSection, registry: RegistrySec
         from llmpipe.serve.live import run_live
 
         return run_live(target, deploy, serve, registry, root=root, store=store)
-    if serve.engine != "llamacpp":
-        raise DeployError(f"serve.engine={serve.engine!r}: the local rehearsal runs the CPU engine (llamacpp); "
-                          "on GPU run `llmpipe serve-stack up` with vLLM engines and set deploy.target "
-                          "to its control API")
-
     t_start = time.monotonic()
-    canary, note = identify_canary(root, deploy, registry)
+    canary, note = identify_canary(root, deploy, registry, serve)
     prev = store.load()
-    stable = stable_release(prev, deploy, root)
+    stable = stable_release(prev, deploy, root, serve)
     metrics: dict[str, Any] = {"stable_version": stable["version"], "canary_version": canary["version"],
                                "registry_note": note, "client_failures": 0}
     settled = settle_without_rollout(store, prev, stable, canary, note, deploy, registry, root)
@@ -323,7 +386,7 @@ def run_deploy(deploy: DeploySection, serve: ServeSection, registry: RegistrySec
     state = ctl.state
     action = "promote" if state["phase"] == "promoted" else "rollback"
     if action == "promote":
-        keep_release(store, state, root / deploy.model, root, root / paths.releases)
+        keep_release(store, state, root / canary_model(deploy, serve), root, root / paths.releases)
     registry_result = update_registry(store, root, registry, deploy, state, action)
     last = next((d for d in reversed(store.decisions()) if d.get("event") in ("roll_forward", "promote", "rollback")),
                 {})
