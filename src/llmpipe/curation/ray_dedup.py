@@ -94,6 +94,7 @@ def dedup_records_ray(
     with library_errors(DedupError):
         signed = to_dataset(records, curation.batch_size).map_batches(
             _sign_records, batch_size=curation.batch_size, batch_format="pyarrow", udf_modifying_row_count=False,
+        concurrency=curation.workers,
             fn_kwargs={"cfg": cfg, "bands": bands, "rows": rows}).materialize()
     say(f"signatures: {n} records, {cfg.num_perm} permutations, LSH {bands} bands x {rows} rows")
 

@@ -31,9 +31,13 @@ def ray_session(cfg: CurationSection) -> Iterator[str]:
     if not ray.is_initialized():
         address = cfg.ray_address or os.environ.get("RAY_ADDRESS") or None
         common = {"include_dashboard": False, "logging_level": logging.WARNING}
-        if address is None:
-            ray.init(num_cpus=cfg.num_cpus, **common)
+        if address is None:  # embedded: one node on this machine, its traffic on loopback
+            # address="local": a new instance even if another Ray runs on this machine
+            ray.init(address="local", num_cpus=cfg.num_cpus, _node_ip_address="127.0.0.1", **common)
         else:
+            host = address.split("://")[-1].rsplit(":", 1)[0]
+            if host in ("127.0.0.1", "localhost"):  # a cluster on loopback: join it from loopback
+                common["_node_ip_address"] = "127.0.0.1"
             ray.init(address=address, **common)
         started = True
     ctx = ray.data.DataContext.get_current()

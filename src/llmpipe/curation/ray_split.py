@@ -46,6 +46,7 @@ def find_contamination_ray(
     n = len(items)
     signed = to_dataset(items, curation.batch_size).map_batches(
         _sign_records, batch_size=curation.batch_size, batch_format="pyarrow", udf_modifying_row_count=False,
+        concurrency=curation.workers,
         fn_kwargs={"roles": list(cfg.contamination_roles), "num_perm": num_perm, "shingle_size": k,
                    "bands": bands, "rows": rows, "n_train": len(train)}).materialize()
     sig = np.empty((n, num_perm), dtype=np.uint32)
