@@ -80,7 +80,7 @@ from typing import Any, Iterable, Iterator, Sequence
 
 from llmpipe.config.data import PII_ENTITIES, PiiSection
 from llmpipe.data.pii_code import code_spans, prose_segments
-from llmpipe.data.pii_names import name_evidence, set_english_words
+from llmpipe.data.pii_names import is_common_phrase, name_evidence, set_english_words
 from llmpipe.data.records import ROLES, record_id
 
 SUPPORTED_ENTITIES = PII_ENTITIES
@@ -312,7 +312,9 @@ def _person_reason(text: str, result) -> str | None:
                            text[result.end:result.end + 20])
     recognizer = (getattr(result, "recognition_metadata", None) or {}).get("recognizer_name")
     if reason in ("not_in_lexicon", "deny_list") and recognizer != "SpacyRecognizer":
-        return None
+        # the pattern recognizers carry their own evidence, unless the "name" is only common
+        # words (a message that is just "Continue." looks like a sign-off)
+        return "not_in_lexicon" if is_common_phrase(text[result.start:result.end]) else None
     if reason == "place_context" and recognizer not in ("SpacyRecognizer", "LexiconNameRecognizer"):
         return None  # signatures and self-introductions carry their own evidence
     return reason

@@ -167,6 +167,25 @@ _PROPER_BEFORE = re.compile(r"\b[a-z]+[ \t]+([A-Z][\w-]*)[ \t]+$")
 _CUE_AFTER = re.compile(r"^(?:['\u2019]s\b|[ \t]+(?:here|said|says|reported|wrote|called|asked|needs|and I|will)\b|,? who\b)")
 
 
+def _is_common(word: str) -> bool:
+    """A common English verb/adjective/adverb, or one with -s/-ed/-ing ("acknowledged")."""
+    forms = [word]
+    if word.endswith("s"):
+        forms += [word[:-1], word[:-2]]
+    if word.endswith("ed"):
+        forms += [word[:-1], word[:-2]]
+    if word.endswith("ing"):
+        forms += [word[:-3], word[:-3] + "e"]
+    return any(w in _COMMON for w in forms) and word not in _lexicon()
+
+
+def is_common_phrase(text: str) -> bool:
+    """Only common English verbs/adjectives/adverbs and no given name: a whole message
+    "Continue" or "Acknowledged." is a reply, not a signed name."""
+    lowered = [w.lower() for w in words(text)]
+    return bool(lowered) and all(_is_common(w) for w in lowered) and not has_given_name(lowered)
+
+
 def set_english_words(english: set[str], common: set[str] = frozenset()) -> None:
     """English words (the spaCy model's WordNet lemma index), for ``name_evidence``; ``common``:
     those that are also verbs, adjectives or adverbs (WordNet's proper names are nouns only)."""
@@ -205,8 +224,10 @@ def name_evidence(text: str, before: str = "", after: str = "") -> str | None:
         return None  # "Julia Roberts": a given name that is also a deny word, with a surname
     if _CUE_BEFORE.search(before) or _CUE_AFTER.match(after):
         return None
-    if not after.strip(" \t.!:)") and (not before.strip() or before.rstrip(" \t")[-1:] in ".!?,\n-"):
-        return None  # a sign-off: the last words of the message, after a sentence end
+    if not after.strip(" \t.!:)") and (not before.strip() or before.rstrip(" \t")[-1:] in ".!?,\n-") \
+            and not is_common_phrase(text):
+        return None  # a sign-off: the last words of the message, after a sentence end (not a
+        # message that is just "Continue" or "Acknowledged")
     if len(lowered) > 1 and all(w[:1].isupper() for w in ws if w.lower() not in NAME_PARTICLES) \
             and not any(w in _ENGLISH for w in lowered):
         return None
