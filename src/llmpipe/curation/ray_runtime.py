@@ -36,8 +36,10 @@ def ray_session(cfg: CurationSection) -> Iterator[str]:
             ray.init(address="local", num_cpus=cfg.num_cpus, _node_ip_address="127.0.0.1", **common)
         else:
             host = address.split("://")[-1].rsplit(":", 1)[0]
-            if host in ("127.0.0.1", "localhost"):  # a cluster on loopback: join it from loopback
-                common["_node_ip_address"] = "127.0.0.1"
+            if _is_loopback(host) and host not in ("127.0.0.1", "localhost"):
+                # a cluster on a loopback address (e.g. 127.0.0.2, as the tests start): join it
+                # from there. Ray itself rewrites 127.0.0.1/localhost to this machine's IP.
+                common["_node_ip_address"] = host
             ray.init(address=address, **common)
         started = True
     ctx = ray.data.DataContext.get_current()
@@ -52,6 +54,15 @@ def ray_session(cfg: CurationSection) -> Iterator[str]:
     finally:
         if started:
             ray.shutdown()
+
+
+def _is_loopback(host: str) -> bool:
+    import ipaddress
+
+    try:
+        return ipaddress.ip_address(host).is_loopback
+    except ValueError:
+        return False
 
 
 def to_dataset(objs: Sequence[Any], batch_size: int):
