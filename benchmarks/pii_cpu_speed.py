@@ -2,6 +2,7 @@
 and scrubbing apart (on a shared box wall time is not the scrubber's; CPU seconds are).
 
     python benchmarks/pii_cpu_speed.py new 60
+    python benchmarks/pii_cpu_speed.py worker 60   (start-up as a pool worker: no torch/transformers)
     PYTHONPATH=<checkout of the code before #12>/src python benchmarks/pii_cpu_speed.py old 60
       (old: reads the pre-#12 pii params from /tmp/pii_base/params.yaml)
 """
@@ -25,8 +26,12 @@ if mode == "old":
 else:
     from llmpipe.config.data import PiiSection
     cfg = PiiSection.model_validate(yaml.safe_load(open(curation.ROOT / "params.yaml"))["pii"])
-    s = pii.PiiScrubber(cfg)
-    s.warm_up()
+    if mode == "worker":
+        pii._worker_init(cfg)
+        s = pii._WORKER
+    else:
+        s = pii.PiiScrubber(cfg)
+        s.warm_up()
 c1, w1 = cpu(), time.perf_counter()
 res = pii.scrub_records(recs, cfg, progress=False, scrubber=s)
 c2, w2 = cpu(), time.perf_counter()
