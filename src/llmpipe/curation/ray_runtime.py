@@ -26,12 +26,15 @@ def ray_session(cfg: CurationSection) -> Iterator[str]:
     """Connect to ``curation.ray_address`` (or ``$RAY_ADDRESS``), else start an embedded local
     Ray for the duration of the block. Yields a description of where the work runs."""
     import ray
+    import ray.data
 
     started = False
     if not ray.is_initialized():
         address = cfg.ray_address or os.environ.get("RAY_ADDRESS") or None
         common = {"include_dashboard": False, "logging_level": logging.WARNING}
         if address is None:  # embedded: one node on this machine, its traffic on loopback
+            # Ray waits 30 s for its GCS to start; a busy shared box needs longer
+            os.environ.setdefault("RAY_gcs_server_port_wait_time_s", "180")
             # address="local": a new instance even if another Ray runs on this machine
             ray.init(address="local", num_cpus=cfg.num_cpus, _node_ip_address="127.0.0.1", **common)
         else:
