@@ -135,17 +135,23 @@ def run_stage(engine: str, stage: str, records: list[dict], params, tmp: Path) -
         from llmpipe.data.validate import TokenCounter, validate_inputs
         from llmpipe.model.source import load_tokenizer
 
-        path = tmp / "corpus.jsonl"
-        with open(path, "w", encoding="utf-8") as fh:
+        with open(tmp / "corpus.jsonl", "w", encoding="utf-8") as fh:
             for r in records:
                 fh.write(json.dumps({"messages": r["messages"], "metadata": r["metadata"]}, ensure_ascii=False) + "\n")
-        cfg = params.validate_.model_copy(update={"inputs": [str(path)]})
-        if ray:
-            from llmpipe.curation.ray_validate import validate_inputs_ray
+        # a relative path: records name their source file, and the digests must not see tmp's name
+        cfg = params.validate_.model_copy(update={"inputs": ["corpus.jsonl"]})
+        cwd = os.getcwd()
+        os.chdir(tmp)
+        try:
+            if ray:
+                from llmpipe.curation.ray_validate import validate_inputs_ray
 
-            res = validate_inputs_ray(cfg, params.model.max_seq_len, params.model.name_or_path, params.curation)
-        else:
-            res = validate_inputs(cfg, params.model.max_seq_len, TokenCounter(load_tokenizer(params.model.name_or_path)))
+                res = validate_inputs_ray(cfg, params.model.max_seq_len, params.model.name_or_path, params.curation)
+            else:
+                res = validate_inputs(cfg, params.model.max_seq_len,
+                                      TokenCounter(load_tokenizer(params.model.name_or_path)))
+        finally:
+            os.chdir(cwd)
         return digest(res.records, [r.to_json() for r in res.rejects], res.repairs, res.metrics), {
             "valid": res.metrics["records_valid"], "rejected": res.metrics["records_rejected"]}
     if stage == "pii":
