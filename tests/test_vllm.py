@@ -44,8 +44,7 @@ from llmpipe.serve.engines import (EngineError, EngineProcess, VllmSpec, engine_
                                    start_release_engines)
 from llmpipe.serve.vllm_engine import model_dir_sha256, resolve_python
 
-from canary_support import PROMPTS, REAL_THR, SYSTEM, commit_pipeline_run, deploy_checkout, git, repo_params, \
-    run_deploy_stage
+from canary_support import PROMPTS, REAL_THR, SYSTEM, commit_pipeline_run, deploy_checkout, git, repo_params
 from canary_support import rollout as shared_rollout
 
 ROOT = Path(__file__).resolve().parents[1]
@@ -311,23 +310,47 @@ def report(what: str, root: Path, t0: float) -> None:
 
 @pytest.mark.slow
 @vllm_required
-def test_vllm_deploy_stage_promotes_merged_then_lora_canaries(models, tmp_path: Path) -> None:
-    """stages/deploy.py with serve.engine=vllm on a fresh checkout (its own vLLM servers, started
-    by the stage through start_release_engines; runs before the shared servers below start):
+def dvc_project(root: Path) -> None:
+    """A DVC pipeline in the checkout: ``models`` (the models dirs, as the pipeline's stages leave
+    them: persisted outputs, so dvc.lock records their hashes) and ``deploy`` (stages/deploy.py with
+    the repository's deps on them and its params)."""
+    import yaml
 
-    1. canary = models/merged (the pipeline's merge of a good adapter, float32), stable = the
-       bootstrap models/base: two servers; promoted, the registry assigns prod, the merged dir is
-       kept as deploy/releases/v1.0.0/;
-    2. the next pipeline run's canary is its LoRA adapter (deploy.vllm.model: models/adapter): the
-       base model with LoRA on serves the adapter, the merged stable runs on its own server;
-       promoted, v1.1.0 replaces v1.0.0 in deploy/releases/.
+    subprocess.run([sys.executable, "-m", "dvc", "init", "-q"], cwd=root, check=True)
+    shutil.copyfile(ROOT / ".dvcignore", root / ".dvcignore")
+    dirs = ["models/base", "models/adapter", "models/merged"]
+    repo_deploy = yaml.safe_load((ROOT / "dvc.yaml").read_text())["stages"]["deploy"]
+    (root / "dvc.yaml").write_text(yaml.safe_dump({"stages": {
+        "models": {"cmd": "true", "outs": [{d: {"persist": True, "cache": False}} for d in dirs]},
+        "deploy": {"cmd": f"{sys.executable} {ROOT / 'stages/deploy.py'}", "deps": dirs,
+                   "params": repo_deploy["params"], "outs": repo_deploy["outs"],
+                   "metrics": repo_deploy["metrics"]}}}))
+
+
+def dvc(root: Path, *args: str, timeout_s: float = 5400) -> str:
+    env = {**os.environ, "PYTHONPATH": str(ROOT / "src")}
+    proc = subprocess.run([sys.executable, "-m", "dvc", *args], cwd=root, env=env, capture_output=True, text=True,
+                          timeout=timeout_s)
+    assert proc.returncode == 0, f"dvc {' '.join(args)}:\n{(proc.stdout + proc.stderr)[-4000:]}"
+    return proc.stdout + proc.stderr
+
+
+def test_vllm_deploy_stage_promotes_merged_then_lora_canaries(models, tmp_path: Path) -> None:
+    """The deploy stage with vLLM in a fresh checkout with a DVC pipeline (its own vLLM servers,
+    started by the stage through start_release_engines; runs before the shared servers below):
+
+    1. ``dvc exp run -S serve.engine=vllm``: canary = models/merged (the pipeline's merge code on a
+       good adapter, float32), stable = the bootstrap models/base: two servers; promoted, the
+       registry assigns prod, the merged dir is kept as deploy/releases/v1.0.0/;
+    2. ``dvc repro``: the next pipeline run's canary is its LoRA adapter (deploy.vllm.model:
+       models/adapter): the base model with LoRA on serves the adapter, the merged stable runs on
+       its own server; promoted, v1.1.0 replaces v1.0.0 in deploy/releases/.
     Clients see no failure; the decision log and the registry are those of the llama.cpp path."""
     import yaml
 
     from llmpipe.config import parse_params
     from llmpipe.export.merge import merge_adapter
     from llmpipe.registry import Registry, promote
-    from llmpipe.serve.rollout import dvc_dir_md5
 
     if not HAVE_VLLM:
         pytest.fail(f"vLLM not installed at {VLLM_PY}: run `make setup-vllm` first")
@@ -336,7 +359,7 @@ def test_vllm_deploy_stage_promotes_merged_then_lora_canaries(models, tmp_path: 
         validate={"default_system_prompt": SYSTEM},
         registry={"model_path": "models/gguf/model-q4_k_m.gguf", "check_dvc_status": False},
         # generous request timeouts: a 2-core box shared with other jobs took 30-100 s per reply
-        serve={"engine": "vllm", "host": "127.0.0.1", "timeout_s": 900, "canary_timeout_s": 600},
+        serve={"engine": "llamacpp", "host": "127.0.0.1", "timeout_s": 900, "canary_timeout_s": 600},
         deploy={"target": "local", "steps": [0.5, 1.0], "update_registry": True,
                 # latency bounds wide enough for the box's noise; format and errors decide here
                 "thresholds": {**REAL_THR, "max_p50_ratio": 5.0, "max_p95_ratio": 8.0},
@@ -351,18 +374,22 @@ def test_vllm_deploy_stage_promotes_merged_then_lora_canaries(models, tmp_path: 
     tok = [[1, 504, 3145, 314, 957, 30]]
     merge_adapter(models["base"], models["good"], merged, tok, dtype="float32", tolerance=1e-3)  # the merge stage
     shutil.copytree(models["good"], adapter)
+    dvc_project(root)
 
     def pipeline_run(message: str) -> str:
-        commit_pipeline_run(root, {p: dvc_dir_md5(root / p) for p in ("models/base", "models/adapter", "models/merged")},
-                            message)
+        dvc(root, "repro", "models")                  # dvc.lock: the models' hashes (the registry's lineage)
+        git(root, "add", "-A")
+        git(root, "commit", "-qm", message)
         return promote(root, reg_cfg).version
 
     reg = Registry(root)
-    # 1) the merged canary against the bootstrap stable (models/base)
+    # 1) the merged canary against the bootstrap stable (models/base), as an experiment
     assert pipeline_run("run 1") == "v1.0.0"
     t0 = time.monotonic()
-    m = run_deploy_stage(root, timeout_s=5400)
-    report("deploy 1 (merged canary, 2 servers)", root, t0)
+    out = dvc(root, "exp", "run", "-S", "serve.engine=vllm")
+    assert "Running stage 'deploy'" in out and "Running stage 'models'" not in out, out[-3000:]
+    report("deploy 1 (merged canary, 2 servers; dvc exp run -S serve.engine=vllm)", root, t0)
+    m = json.loads((root / "metrics/deploy.json").read_text())
     assert m["decision"] == "promoted" and m["client_failures"] == 0, m
     assert (m["stable_version"], m["canary_version"]) == ("base-models-base", "v1.0.0")
     assert m["registry"] == {"assigned": "prod", "version": "v1.0.0"} and m["steps_passed"] == 2
@@ -375,12 +402,15 @@ def test_vllm_deploy_stage_promotes_merged_then_lora_canaries(models, tmp_path: 
     # 2) the next run's LoRA adapter as canary, on the base model's server; stable: the kept merged dir
     shutil.rmtree(adapter)
     make_adapter(models["base"], adapter, b_std=1e-5, seed=3)
+    params["serve"]["engine"] = "vllm"
     params["deploy"]["vllm"]["model"] = "models/adapter"
     (root / "params.yaml").write_text(yaml.safe_dump(params))
     assert pipeline_run("run 2: deploy the LoRA adapter") == "v1.1.0"
     t0 = time.monotonic()
-    m = run_deploy_stage(root, timeout_s=5400)
-    report("deploy 2 (LoRA canary + merged stable, 2 servers)", root, t0)
+    out = dvc(root, "repro")
+    assert "Running stage 'deploy'" in out, out[-3000:]
+    report("deploy 2 (LoRA canary + merged stable, 2 servers; dvc repro)", root, t0)
+    m = json.loads((root / "metrics/deploy.json").read_text())
     assert m["decision"] == "promoted" and m["client_failures"] == 0, m
     assert (m["stable_version"], m["canary_version"]) == ("v1.0.0", "v1.1.0")
     assert reg.stage_version("model", "prod") == "v1.1.0"
