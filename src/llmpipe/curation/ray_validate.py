@@ -20,7 +20,7 @@ from llmpipe.data.validate import (
     TokenCounter,
     ValidationResult,
     iter_inputs,
-    repair_metrics,
+    validation_metrics,
     validate_items,
 )
 from llmpipe.model.source import ModelSourceError, load_tokenizer
@@ -56,16 +56,8 @@ def merge(parts: list[ValidationResult]) -> ValidationResult:
         per_format.update(part.metrics["valid_by_format"])
         for name, counts in part.metrics["by_file"].items():
             per_file.setdefault(name, Counter()).update(counts)
-    metrics = {
-        "items_read": seen,
-        "records_valid": len(records),
-        "records_rejected": len(rejects),
-        "rejected_by_reason": dict(sorted(by_reason.items())),
-        "valid_by_format": dict(sorted(per_format.items())),
-        "by_file": {f: dict(sorted(c.items())) for f, c in sorted(per_file.items())},
-        **repair_metrics(repairs),
-    }
-    return ValidationResult(records, rejects, repairs, metrics)
+    return ValidationResult(records, rejects, repairs,
+                            validation_metrics(seen, records, rejects, repairs, by_reason, per_format, per_file))
 
 
 def validate_inputs_ray(

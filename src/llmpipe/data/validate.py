@@ -138,6 +138,20 @@ class TokenCounter:
         return len(self.tokenizer(text, add_special_tokens=False)["input_ids"])
 
 
+def validation_metrics(seen: int, records: list, rejects: list, repaired: list, by_reason: Counter,
+                       per_format: Counter, per_file: dict[str, Counter]) -> dict[str, Any]:
+    """The metrics/validate.json layout, shared by the local and the Ray engine (sorted keys)."""
+    return {
+        "items_read": seen,
+        "records_valid": len(records),
+        "records_rejected": len(rejects),
+        "rejected_by_reason": dict(sorted(by_reason.items())),
+        "valid_by_format": dict(sorted(per_format.items())),
+        "by_file": {f: dict(sorted(c.items())) for f, c in sorted(per_file.items())},
+        **repair_metrics(repaired),
+    }
+
+
 def validate_items(
     items: Iterable[formats.RawItem | formats.ReadProblem],
     cfg: ValidateSection,
@@ -209,16 +223,8 @@ def validate_items(
         if repairs:
             repaired.append(_repair_entry(record, len(norm.messages), repairs))
 
-    by_reason = Counter(r.reason for r in rejects)
-    metrics = {
-        "items_read": seen,
-        "records_valid": len(records),
-        "records_rejected": len(rejects),
-        "rejected_by_reason": dict(sorted(by_reason.items())),
-        "valid_by_format": dict(sorted(per_format.items())),
-        "by_file": {f: dict(sorted(c.items())) for f, c in sorted(per_file.items())},
-        **repair_metrics(repaired),
-    }
+    metrics = validation_metrics(seen, records, rejects, repaired, Counter(r.reason for r in rejects),
+                                 per_format, per_file)
     assert seen == len(records) + len(rejects), "every item must be accepted or rejected"
     return ValidationResult(records, rejects, repaired, metrics)
 
