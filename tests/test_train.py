@@ -341,6 +341,22 @@ def test_two_runs_on_the_same_inputs_write_byte_identical_outputs(workdir, tiny_
     assert first == second, {k for k in first.keys() | second.keys() if first.get(k) != second.get(k)}
 
 
+def test_model_card_tags_are_sorted_so_checkpoints_hash_the_same_in_every_process(tmp_path):
+    """TRL builds the card's tags from a set: their order follows PYTHONHASHSEED, and CI saw the
+    checkpoints dir change on a forced re-run (README.md only). The order is made canonical."""
+    from llmpipe.train.trainer import sort_model_card_tags
+
+    body = "# Model Card\n\n- a list in the body\n- stays as it is\n"
+    for order in (["trl", "sft", "generated_from_trainer"], ["sft", "generated_from_trainer", "trl"]):
+        card = tmp_path / f"{order[0]}.md"
+        card.write_text("---\nlibrary_name: transformers\ntags:\n" + "".join(f"- {t}\n" for t in order)
+                        + "licence: license\n---\n" + body)
+        sort_model_card_tags(card)
+        assert card.read_text() == ("---\nlibrary_name: transformers\ntags:\n- generated_from_trainer\n- sft\n"
+                                    "- trl\nlicence: license\n---\n" + body)
+    sort_model_card_tags(tmp_path / "missing.md")          # no card: nothing to do
+
+
 def _adapter_tensors(path: Path) -> dict:
     from safetensors.torch import load_file
 

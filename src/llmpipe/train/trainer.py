@@ -231,14 +231,41 @@ def sort_target_modules(adapter_dir: Path) -> None:
         path.write_text(json.dumps(cfg, indent=2, sort_keys=True))   # peft's own layout
 
 
+def sort_model_card_tags(card: Path) -> None:
+    """TRL writes a model card (README.md) into the output dir on every save, its ``tags`` built
+    from a set: their order followed the per-process string hashing, so the checkpoints dir's hash
+    changed on a re-run with identical weights (seen in CI). Sorting the list makes it stable."""
+    if not card.is_file():
+        return
+    lines = card.read_text().split("\n")
+    if not lines or lines[0] != "---" or "---" not in lines[1:]:
+        return
+    end = lines.index("---", 1)
+    i = 1
+    while i < end:
+        if lines[i].rstrip() == "tags:":
+            j = i + 1
+            while j < end and lines[j].startswith("- "):
+                j += 1
+            lines[i + 1:j] = sorted(lines[i + 1:j])
+            i = j
+        else:
+            i += 1
+    card.write_text("\n".join(lines))
+
+
 def _stable_checkpoint_files():
-    """A callback that sorts ``target_modules`` in every checkpoint's adapter_config.json too (rank 0)."""
+    """A callback that makes every save byte-stable (rank 0): ``target_modules`` sorted in the
+    checkpoint's adapter_config.json, tags sorted in the model cards TRL and peft write."""
     TrainerCallback = _callbacks_base()
 
     class StableCheckpoint(TrainerCallback):
         def on_save(self, args, state, control, **kw):
             if state.is_world_process_zero:
-                sort_target_modules(Path(args.output_dir) / f"checkpoint-{state.global_step}")
+                ckpt = Path(args.output_dir) / f"checkpoint-{state.global_step}"
+                sort_target_modules(ckpt)
+                for card in (Path(args.output_dir) / "README.md", ckpt / "README.md"):
+                    sort_model_card_tags(card)
 
     return StableCheckpoint()
 
@@ -467,5 +494,6 @@ def train(
             trainer.model.save_pretrained(str(tmp), **({"state_dict": full_state} if full_state is not None else {}))
             tokenizer.save_pretrained(str(tmp))
             sort_target_modules(tmp)
+            sort_model_card_tags(tmp / "README.md")
     return TrainOutput(metrics=metrics, timings=timings, runtime=runtime, adapter_dir=adapter_dir,
                        history=progress.history)
