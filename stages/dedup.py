@@ -1,7 +1,9 @@
 """DVC stage `minhash-dedup`: drop exact and near duplicates, report every removed record.
 
-in:  data/scrubbed/records.jsonl, params dedup.* (num_perm, threshold, shingle_size, roles)
-out: data/dedup/records.jsonl (kept records, input order),
+in:  data/scrubbed/records.jsonl (a file, or a directory of shards), params dedup.*
+     (num_perm, threshold, shingle_size, roles), curation.* (engine, shards)
+out: data/dedup/records.jsonl (kept records, input order; curation.shards > 1: a directory of
+     part-NNNNN.jsonl shards),
      data/dedup/clusters.jsonl (one line per cluster: kept id+source, every removed id+source
      with kind exact|near and estimated Jaccard to the kept record),
      metrics/dedup.json (records_in/out, exact/near duplicates removed, clusters, params)
@@ -14,8 +16,8 @@ import sys
 import time
 
 from llmpipe.config import ParamsError, load_stage_params
-from llmpipe.data.dedup import DedupError, dedup_records, read_records
-from llmpipe.io import write_json, write_jsonl, write_timings
+from llmpipe.data.dedup import DedupError, dedup_file, read_records
+from llmpipe.io import write_json, write_jsonl, write_records, write_timings
 
 PARAMS = ["dedup", "curation"]
 
@@ -36,21 +38,22 @@ def main(argv: list[str] | None = None) -> int:
     t0 = time.perf_counter()
     try:
         cfg = load_stage_params(PARAMS, args.params)
-        records = read_records(args.input)
-        _progress(f"read {len(records)} records from {args.input}")
+        shards = cfg.curation.shards
         if cfg.curation.engine == "ray":  # same outputs, on Ray Data (docs/curation.md "Engines")
             from llmpipe.curation.ray_dedup import dedup_records_ray
             from llmpipe.curation.ray_runtime import ray_session
 
+            records = read_records(args.input)
+            _progress(f"read {len(records)} records from {args.input}")
             with ray_session(cfg.curation) as where:
                 _progress(f"engine ray ({where})")
                 kept, clusters, metrics = dedup_records_ray(records, cfg.dedup, cfg.curation, progress=_progress)
-        else:
-            kept, clusters, metrics = dedup_records(records, cfg.dedup, progress=_progress)
+            write_records(args.out_records, kept, shards)
+        else:  # two streaming passes over the input, memory bounded by the batch (docs/curation.md)
+            clusters, metrics = dedup_file(args.input, args.out_records, cfg.dedup, shards, progress=_progress)
     except (DedupError, ParamsError) as exc:
         print(f"[dedup] error: {exc}", file=sys.stderr)
         return 2
-    write_jsonl(args.out_records, kept)
     write_jsonl(args.out_clusters, clusters)
     write_json(args.metrics, metrics)
     seconds = time.perf_counter() - t0

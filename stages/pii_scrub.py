@@ -1,7 +1,8 @@
 """DVC stage pii-scrub: replace PII in every message with typed placeholders (Presidio + spaCy).
 
-in:  data/validated/records.jsonl (canonical records), params.yaml pii.*
-out: data/scrubbed/records.jsonl (same records, same order, scrubbed text, recomputed ids)
+in:  data/validated/records.jsonl (canonical records; a file or a directory of shards), params.yaml pii.*
+out: data/scrubbed/records.jsonl (same records, same order, scrubbed text, recomputed ids;
+       curation.shards > 1: a directory of shards)
      data/scrubbed/review.jsonl (sample of replaced spans with context, per entity: for review,
        holds raw PII, a DVC out and never a metric)
      metrics/pii.json (records in/out/touched, messages touched, counts per entity and role)
@@ -18,7 +19,7 @@ from pathlib import Path
 from llmpipe.config import ParamsError, load_stage_params
 from llmpipe.data.pii import PiiError, scrub_records
 from llmpipe.data.records import read_records
-from llmpipe.io import write_json, write_jsonl, write_timings
+from llmpipe.io import write_json, write_jsonl, write_records, write_timings
 
 PARAMS = ["pii", "curation"]
 
@@ -52,7 +53,7 @@ def main(argv: list[str] | None = None) -> int:
     except (PiiError, ParamsError) as exc:
         print(f"pii-scrub: error: {exc}", file=sys.stderr)
         return 2
-    write_jsonl(args.output, scrubbed)
+    write_records(args.output, scrubbed, params.curation.shards)  # shards > 1: a directory
     write_jsonl(args.review, review)
     write_json(args.metrics, metrics)
     seconds = time.monotonic() - start

@@ -2,7 +2,8 @@
 
 in:  validate.inputs (data/raw), params validate.* (repair policy: validate.repair.*),
      model.name_or_path (tokenizer), model.max_seq_len
-out: data/validated/records.jsonl, data/validated/rejects.jsonl (reason per rejected item),
+out: data/validated/records.jsonl (curation.shards > 1: a directory of shards),
+     data/validated/rejects.jsonl (reason per rejected item),
      data/validated/repairs.jsonl (what was repaired in which kept record), metrics/validate.json
 """
 
@@ -14,7 +15,7 @@ import time
 
 from llmpipe.config import ParamsError, load_stage_params
 from llmpipe.data.validate import StrictValidationError, TokenCounter, stderr_progress, validate_inputs
-from llmpipe.io import write_json, write_jsonl, write_timings
+from llmpipe.io import write_json, write_jsonl, write_records, write_timings
 from llmpipe.model.source import ModelSourceError, load_tokenizer
 
 PARAMS = ["model.name_or_path", "model.max_seq_len", "validate", "curation"]
@@ -49,7 +50,7 @@ def main(argv: list[str] | None = None) -> int:
     except (StrictValidationError, FileNotFoundError) as exc:
         print(f"[validate] error: {exc}", file=sys.stderr)
         return 1
-    write_jsonl(args.out_records, result.records)
+    write_records(args.out_records, result.records, cfg.curation.shards)  # shards > 1: a directory
     write_jsonl(args.out_rejects, (r.to_json() for r in result.rejects))
     write_jsonl(args.out_repairs, result.repairs)
     metrics = result.metrics

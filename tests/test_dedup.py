@@ -18,14 +18,23 @@ from llmpipe.config import ParamsError, parse_params, read_yaml
 from llmpipe.config.data import DedupSection
 from llmpipe.data.dedup import (
     DedupError,
+    assemble,
+    dedup_file,
     dedup_records,
+    estimated_jaccard,
+    exact_key,
+    lean_minhash,
     lsh_params,
+    make_lsh,
     minhash_signatures,
+    near_text,
     normalize_text,
     read_records,
+    selected_contents,
     shingle_hash,
     shingles,
 )
+from llmpipe.io import write_json, write_jsonl
 
 REPO = Path(__file__).resolve().parents[1]
 DEDUP = dict(num_perm=128, threshold=0.8, shingle_size=5, roles=["user", "assistant"])
@@ -289,6 +298,112 @@ def test_malformed_record_names_its_source():
     with pytest.raises(DedupError, match=r"record #0 .*synthetic.jsonl:1.*messages"):
         dedup_records([{"id": "x", "messages": "nope", "source": {"file": "synthetic.jsonl", "line": 1}}],
                       dedup_cfg())
+
+
+# --------------------------------------------------------------------------- reference: datasketch LSH
+
+
+def _datasketch_dedup(records, cfg):
+    """The former local engine, kept as the reference: exact keys in a dict, then datasketch's
+    MinHashLSH queried record by record in input order (only kept records are indexed); a record
+    joins its most similar kept candidate (first maximum) when that reaches the threshold."""
+    rep_index, exact_copies, first_by_key, texts = [], {}, {}, []
+    for i, rec in enumerate(records):
+        contents = selected_contents(rec, cfg.roles, i)
+        rep = first_by_key.setdefault(exact_key(contents), i)
+        if rep == i:
+            rep_index.append(i)
+            texts.append(near_text(contents))
+        else:
+            exact_copies.setdefault(rep, []).append(i)
+    sig = minhash_signatures(texts, cfg.num_perm, cfg.shingle_size)
+    lsh = make_lsh(cfg.threshold, cfg.num_perm)
+    near_of, kept_rep_pos, empty = {}, [], 0
+    for pos, i in enumerate(rep_index):
+        if not texts[pos]:
+            empty += 1
+            kept_rep_pos.append(pos)
+            continue
+        mh = lean_minhash(sig[pos])
+        cands = sorted(lsh.query(mh))
+        if cands:
+            sims = estimated_jaccard(sig[pos], sig[cands])
+            best = int(np.argmax(sims))
+            if sims[best] >= cfg.threshold:
+                near_of[i] = (rep_index[cands[best]], float(sims[best]))
+                continue
+        lsh.insert(pos, mh, check_duplication=False)
+        kept_rep_pos.append(pos)
+    return assemble(records, cfg, rep_index, exact_copies, near_of, kept_rep_pos, empty, lambda _m: None)
+
+
+def _chain_corpus(seed: int = 5, n_base: int = 60, n_variants: int = 700) -> list[dict]:
+    """Dense near-duplicate families: every variant mutates a random earlier member of its
+    family by a few words, so families hold chains (A~B, B~C, A!~C), ties and records that
+    are near several kept records; plus exact copies, case copies and empty texts."""
+    rng = random.Random(seed)
+    vocab = _vocab(rng, 600)
+    families = [[" ".join(_words(rng, vocab, 200))] for _ in range(n_base)]
+    texts = [f[0] for f in families]
+    for _ in range(n_variants):
+        fam = rng.choice(families)
+        ws = rng.choice(fam).split(" ")
+        for pos in rng.sample(range(len(ws)), rng.choice((1, 2, 3, 4))):
+            ws[pos] = rng.choice(vocab)
+        text = " ".join(ws)
+        fam.append(text)
+        texts.append(text)
+        if rng.random() < 0.05:
+            texts.append(rng.choice(texts).upper())
+        if rng.random() < 0.02:
+            texts.append("")
+    rng.shuffle(texts)
+    return [_record(t, "{}" if k % 3 else "", k + 1, system=f"s{k}") for k, t in enumerate(texts)]
+
+
+@pytest.mark.parametrize("threshold, num_perm", [(0.8, 128), (0.7, 64), (0.9, 128), (0.5, 32)])
+def test_same_decisions_as_datasketch_lsh(threshold, num_perm):
+    records = _chain_corpus()
+    cfg = dedup_cfg(threshold=threshold, num_perm=num_perm)
+    kept, clusters, metrics = dedup_records(records, cfg)
+    ref_kept, ref_clusters, ref_metrics = _datasketch_dedup(records, cfg)
+    assert metrics["near_duplicates_removed"] > 50 and metrics["exact_duplicates_removed"] > 10
+    assert [r["id"] for r in kept] == [r["id"] for r in ref_kept]
+    assert clusters == ref_clusters
+    assert metrics == ref_metrics
+
+
+def test_same_decisions_as_datasketch_on_planted(planted, planted_result):
+    records, _ = planted
+    assert planted_result == _datasketch_dedup(records, dedup_cfg())
+
+
+@pytest.mark.parametrize("shards", [1, 3])
+def test_dedup_file_writes_the_same_bytes(tmp_path, shards):
+    records = _chain_corpus(n_base=20, n_variants=200)
+    inp = tmp_path / "in.jsonl"
+    # half the lines not in the pipeline's own spelling (key order, ASCII escapes): re-serialised
+    inp.write_text("".join(json.dumps(r, ensure_ascii=bool(k % 2)) + "\n" for k, r in enumerate(records)),
+                   encoding="utf-8")
+    cfg = dedup_cfg()
+    kept, clusters, metrics = dedup_records(read_records(str(inp)), cfg)
+    write_jsonl(tmp_path / "ref.jsonl", kept)
+    write_jsonl(tmp_path / "ref_clusters.jsonl", clusters)
+    out = tmp_path / "out" / "records.jsonl"
+    got_clusters, got_metrics = dedup_file(inp, out, cfg, shards=shards)
+    assert got_clusters == clusters and got_metrics == metrics
+    ref = (tmp_path / "ref.jsonl").read_bytes()
+    if shards == 1:
+        assert out.read_bytes() == ref
+    else:
+        parts = sorted(out.iterdir())
+        assert [q.name for q in parts] == ["part-00000.jsonl", "part-00001.jsonl", "part-00002.jsonl"]
+        assert b"".join(q.read_bytes() for q in parts) == ref
+        assert [r["id"] for r in read_records(str(out))] == [r["id"] for r in kept]  # a reader takes the dir
+    assert not [q for q in (tmp_path / "out").iterdir() if q.name.startswith(".")]  # temp files gone
+    # the sharded output deduplicates again to the same result (input given as a directory)
+    again, again_metrics = dedup_file(out, tmp_path / "again.jsonl", cfg)
+    assert again == [] and again_metrics["records_in"] == again_metrics["records_out"] == len(kept)
 
 
 # --------------------------------------------------------------------------- stage

@@ -115,3 +115,77 @@ def write_timings(stage: str, timings: dict[str, Any], root: str | os.PathLike[s
     path = Path(root) / TIMINGS_DIR / f"{stage}.json"
     write_json(path, timings)
     return path
+
+
+# --------------------------------------------------------------------------- sharded records
+
+SHARD_FILE = "part-{:05d}.jsonl"  # llmpipe.data.records.SHARD_NAME reads them back
+
+
+def jsonl_line(row: dict[str, Any]) -> str:
+    """One JSON Lines row exactly as :func:`write_jsonl` writes it (newline included)."""
+    return json.dumps(row, ensure_ascii=False, sort_keys=True) + "\n"
+
+
+def shard_sizes(total: int, shards: int) -> list[int]:
+    """Rows per shard: shard k holds rows ``[k*total//shards, (k+1)*total//shards)``, a
+    contiguous run of the input order (sizes differ by at most one; shards may be empty)."""
+    return [(k + 1) * total // shards - k * total // shards for k in range(shards)]
+
+
+def write_jsonl_lines(path: str | os.PathLike[str], lines: Iterable[str], shards: int = 1,
+                      total: int | None = None) -> int:
+    """Write serialised JSONL lines (each ending in a newline), atomically, to one file
+    (``shards`` == 1) or to a directory at ``path`` of ``shards`` files ``part-00000.jsonl``...
+    (``shards`` > 1, ``total`` lines in all, split by :func:`shard_sizes`), so that the shards
+    concatenated in name order are the single file's bytes. A file or directory already at
+    ``path`` is replaced as a whole. Returns the number of lines written."""
+    path = Path(path)
+    if shards < 1:
+        raise ValueError(f"shards must be >= 1, got {shards}")
+    if shards == 1:
+        n = 0
+        path.parent.mkdir(parents=True, exist_ok=True)
+        tmp = _tmp_sibling(path)
+        try:
+            with open(tmp, "w", encoding="utf-8") as fh:
+                for line in lines:
+                    fh.write(line)
+                    n += 1
+            if path.is_dir():  # a sharded output of an earlier run with other params
+                old = Path(tempfile.mkdtemp(prefix=f".{path.name}.", suffix=".old", dir=path.parent))
+                os.replace(path, old / path.name)
+                shutil.rmtree(old, ignore_errors=True)
+            os.replace(tmp, path)
+        except BaseException:
+            with contextlib.suppress(FileNotFoundError):
+                tmp.unlink()
+            raise
+        return n
+    if total is None:
+        raise ValueError("a sharded write needs the total number of lines")
+    sizes = shard_sizes(total, shards)
+    it = iter(lines)
+    n = 0
+    with atomic_dir(path) as tmp:
+        for k, size in enumerate(sizes):
+            with open(tmp / SHARD_FILE.format(k), "w", encoding="utf-8") as fh:
+                for _ in range(size):
+                    line = next(it, None)
+                    if line is None:
+                        raise ValueError(f"{path}: {n} lines given, {total} announced")
+                    fh.write(line)
+                    n += 1
+        if next(it, None) is not None:
+            raise ValueError(f"{path}: more than the {total} lines announced")
+    return n
+
+
+def write_records(path: str | os.PathLike[str], rows: Iterable[dict[str, Any]], shards: int = 1,
+                  total: int | None = None) -> int:
+    """Write records like :func:`write_jsonl` (``shards`` == 1: the same bytes), or as a
+    directory of ``shards`` JSONL shards (see :func:`write_jsonl_lines`); ``total`` defaults to
+    ``len(rows)``."""
+    if shards > 1 and total is None:
+        total = len(rows)  # type: ignore[arg-type]
+    return write_jsonl_lines(path, (jsonl_line(r) for r in rows), shards, total)

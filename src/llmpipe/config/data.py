@@ -181,3 +181,7 @@ class CurationSection(Section):
     batch_size: int = Field(ge=1)
     # Ray workers (validate: actors, each with its own tokenizer; minhash/split: tasks) per step.
     workers: int = Field(ge=1)
+    # Files per records output of validate, pii-scrub and minhash-dedup: 1 writes records.jsonl;
+    # k > 1 writes records.jsonl/ as a directory of part-00000.jsonl ... (contiguous runs of the
+    # input order; concatenated in name order they are the single file's bytes). Both engines.
+    shards: int = Field(ge=1, le=100_000)

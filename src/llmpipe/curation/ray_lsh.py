@@ -23,22 +23,9 @@ import numpy as np
 
 from llmpipe.config.data import CurationSection
 from llmpipe.curation.ray_runtime import group_blocks, iter_tables
-from llmpipe.data.dedup import minhash_signatures
+from llmpipe.data.dedup import band_keys, minhash_signatures
 
-_GOLDEN = np.uint64(0x9E3779B97F4A7C15)
-_PRIME = np.uint64(0x100000001B3)
-
-
-def band_keys(sig: np.ndarray, bands: int, rows: int) -> np.ndarray:
-    """``int64[n, bands]``: a 64-bit hash of (band index, the band's ``rows`` signature values)."""
-    keys = np.empty((len(sig), bands), dtype=np.uint64)
-    with np.errstate(over="ignore"):
-        for k in range(bands):
-            h = np.full(len(sig), np.uint64(k + 1) * _GOLDEN, dtype=np.uint64)
-            for j in range(k * rows, (k + 1) * rows):
-                h = (h ^ sig[:, j].astype(np.uint64)) * _PRIME
-            keys[:, k] = h
-    return keys.view(np.int64)
+__all__ = ["band_keys", "sign_batch", "similar_pairs"]
 
 
 def sign_batch(texts: list[str], num_perm: int, shingle_size: int, bands: int, rows: int):

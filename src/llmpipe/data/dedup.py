@@ -14,14 +14,27 @@ only in a few punctuation marks are caught by the near-duplicate pass anyway.
   differ only in case or whitespace are exact duplicates.
 * **Near duplicates**: MinHash (datasketch, ``affine32`` scheme, seed :data:`MINHASH_SEED`) over
   the set of character ``shingle_size``-grams of the normalised texts joined with ``"\\n"``,
-  candidates from datasketch :class:`~datasketch.MinHashLSH` (banding chosen by
-  :func:`lsh_params` so that >= 99% of pairs *at* the threshold become candidates), confirmed by
-  the MinHash estimate of the Jaccard similarity (>= ``threshold``).
+  candidates from LSH banding (chosen by :func:`lsh_params` so that >= 99% of pairs *at* the
+  threshold become candidates: two records are candidates when they agree on every value of a
+  band, datasketch :class:`~datasketch.MinHashLSH`'s bucket rule), confirmed by the MinHash
+  estimate of the Jaccard similarity (>= ``threshold``).
 
 Clustering is greedy in input order: a record is compared with the records kept so far and joins
-the cluster of the most similar one (earliest on ties); otherwise it is kept and indexed. So the
-first record of every cluster is the one kept, and every removed record's reported Jaccard is its
-estimated similarity to that kept record (>= threshold).
+the cluster of the most similar one (earliest on ties); otherwise it is kept. So the first record
+of every cluster is the one kept, and every removed record's reported Jaccard is its estimated
+similarity to that kept record (>= threshold).
+
+Bounded memory
+--------------
+There is no LSH index of Python objects (datasketch's, with the record list, took 891 MB at 100k
+records). Pass 1 keeps per record only fixed-size arrays: a 32-byte exact-key digest, the
+signature and one 64-bit key per band (:class:`_Signer`; :func:`dedup_file` keeps them in files
+read back as memory maps). Exact
+groups come from a sort of the digests (:func:`exact_groups`); candidate pairs from sorting each
+band's keys, confirmed block by block on the band's values and the signatures
+(:func:`near_pairs`); the greedy runs over the confirmed pairs only (:func:`greedy`), which gives
+the datasketch loop's decisions (tests/test_dedup.py compares the two). Pass 2 of
+:func:`dedup_file` streams the input again and writes the kept records.
 
 Speed
 -----
@@ -41,16 +54,20 @@ import contextlib
 import gc
 import hashlib
 import json
+import os
 import re
+import tempfile
 import unicodedata
+from dataclasses import dataclass
 from functools import lru_cache
-from typing import Any, Callable, Mapping, Sequence
+from typing import Any, Callable, Iterator, Mapping, Sequence
 
 import numpy as np
 from datasketch import LeanMinHash, MinHash, MinHashLSH
 
 from llmpipe.config.data import DedupSection
 from llmpipe.data import records as canonical
+from llmpipe.io import jsonl_line, write_jsonl_lines
 
 MINHASH_SEED = 1  # datasketch's default seed; fixed so signatures are reproducible
 MINHASH_SCHEME = "affine32"
@@ -322,6 +339,234 @@ def _member(record: Mapping[str, Any], kind: str, jaccard: float, reason: str) -
     }
 
 
+_GOLDEN = np.uint64(0x9E3779B97F4A7C15)
+_PRIME = np.uint64(0x100000001B3)
+
+
+def band_keys(sig: np.ndarray, bands: int, rows: int) -> np.ndarray:
+    """``int64[n, bands]``: a 64-bit hash of (band index, the band's ``rows`` signature values).
+
+    Equal bands give equal keys; a key collision is harmless because every candidate pair is
+    confirmed on the band's values (:func:`near_pairs`)."""
+    keys = np.empty((len(sig), bands), dtype=np.uint64)
+    with np.errstate(over="ignore"):
+        for k in range(bands):
+            h = np.full(len(sig), np.uint64(k + 1) * _GOLDEN, dtype=np.uint64)
+            for j in range(k * rows, (k + 1) * rows):
+                h = (h ^ sig[:, j].astype(np.uint64)) * _PRIME
+            keys[:, k] = h
+    return keys.view(np.int64)
+
+
+_PAIR_BLOCK = 1 << 17  # candidate pairs confirmed at once: 2 x 131072 x num_perm x 4 B = 128 MiB at 128
+
+
+class _Columns:
+    """Per-record arrays grown batch by batch, in memory or in files under ``workdir`` (then
+    read back as ``np.memmap``, so a large corpus's signatures are paged by the OS rather than
+    held as process memory)."""
+
+    def __init__(self, workdir: str | None):
+        self.workdir = workdir
+        self.parts: dict[str, list[np.ndarray]] = {}
+        self.files: dict[str, Any] = {}
+        self.meta: dict[str, tuple[np.dtype, tuple[int, ...]]] = {}
+        self.rows: dict[str, int] = {}
+
+    def add(self, name: str, block: np.ndarray) -> None:
+        self.meta.setdefault(name, (block.dtype, block.shape[1:]))
+        self.rows[name] = self.rows.get(name, 0) + len(block)
+        if self.workdir is None:
+            self.parts.setdefault(name, []).append(block)
+        else:
+            if name not in self.files:
+                self.files[name] = open(os.path.join(self.workdir, f"{name}.bin"), "wb")
+            self.files[name].write(np.ascontiguousarray(block).tobytes())
+
+    def get(self, name: str) -> np.ndarray:
+        dtype, shape = self.meta[name]
+        n = self.rows.get(name, 0)
+        if self.workdir is None or n == 0:
+            parts = self.parts.get(name) or [np.empty((0, *shape), dtype)]
+            return np.concatenate(parts)
+        fh = self.files.pop(name, None)
+        if fh is not None:
+            fh.close()
+        return np.memmap(os.path.join(self.workdir, f"{name}.bin"), dtype=dtype, mode="r", shape=(n, *shape))
+
+
+class _Signer:
+    """Pass 1 of the dedup, batch by batch: per record the exact key (sha256 digest of the
+    normalised contents), whether it has near-duplicate text, its MinHash signature and its LSH
+    band keys. Only these fixed-size arrays are kept, never the records."""
+
+    def __init__(self, cfg: DedupSection, workdir: str | None, say: Progress):
+        self.cfg, self.say = cfg, say
+        self.bands, self.rows = lsh_params(cfg.threshold, cfg.num_perm)
+        self.cols = _Columns(workdir)
+        self.texts: list[str] = []
+        self.digests = bytearray()
+        self.n = 0
+
+    def add(self, record: Mapping[str, Any]) -> None:
+        contents = selected_contents(record, self.cfg.roles, self.n)
+        blob = json.dumps([list(c) for c in contents], ensure_ascii=False, separators=(",", ":"))
+        # the digest behind exact_key()'s hex string: equal keys <=> equal digests
+        self.digests += hashlib.sha256(blob.encode("utf-8", "surrogatepass")).digest()
+        self.texts.append(near_text(contents))
+        self.n += 1
+        if len(self.texts) >= _CHUNK_RECORDS:
+            self.flush()
+
+    def flush(self) -> None:
+        if not self.texts:
+            return
+        sig = minhash_signatures(self.texts, self.cfg.num_perm, self.cfg.shingle_size)
+        self.cols.add("key", np.frombuffer(bytes(self.digests), dtype=np.uint8).reshape(-1, 32))
+        self.cols.add("empty", np.fromiter((not t for t in self.texts), dtype=bool, count=len(self.texts)))
+        self.cols.add("sig", sig)
+        keys = band_keys(sig, self.bands, self.rows)
+        for k in range(self.bands):  # one array per band: the near pass reads one band at a time
+            self.cols.add(f"band{k}", keys[:, k])
+        self.texts, self.digests = [], bytearray()
+        if self.n % (_CHUNK_RECORDS * 25) < _CHUNK_RECORDS:
+            self.say(f"minhash: {self.n} signatures")
+
+
+def exact_groups(keys: np.ndarray) -> np.ndarray:
+    """``rep[i]``: the first record (input order) whose exact key equals record i's (keys:
+    ``uint8[n, 32]`` digests)."""
+    n = len(keys)
+    rep = np.arange(n, dtype=np.int64)
+    if n < 2:
+        return rep
+    words = np.ascontiguousarray(keys).view(np.uint64)  # [n, 4]
+    order = np.lexsort(words.T[::-1])  # stable: equal keys keep input order
+    sorted_words = words[order]
+    new_group = np.r_[True, (sorted_words[1:] != sorted_words[:-1]).any(axis=1)]
+    first = order[np.flatnonzero(new_group)]
+    rep[order] = first[np.cumsum(new_group) - 1]
+    return rep
+
+
+def near_pairs(sig: np.ndarray, band_key: Callable[[int], np.ndarray], active: np.ndarray, bands: int,
+               rows: int, threshold: float, say: Progress) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
+    """Confirmed near-duplicate pairs among the records ``active`` (ascending indexes): arrays
+    (a, b, equal) with a < b, unique, where a and b agree on all ``rows`` values of at least one
+    LSH band -- exactly when datasketch's MinHashLSH puts them in a common bucket -- and their
+    signatures agree on ``equal`` values, ``equal / num_perm >= threshold``.
+
+    Per band, the band keys of the active records are sorted and every run of equal keys gives
+    its pairs; they are generated and confirmed in blocks of ``_PAIR_BLOCK``, so memory holds
+    one band's keys, one block and the confirmed pairs, never all candidates."""
+    num_perm = sig.shape[1]
+    found_a, found_b, found_eq = [], [], []
+    candidates = 0
+    for k in range(bands):
+        col = np.asarray(band_key(k)[active])
+        order = np.argsort(col, kind="stable")
+        members = active[order]  # ascending within a run of equal keys (stable sort)
+        col = col[order]
+        m = len(col)
+        if m < 2:
+            continue
+        run_start = np.flatnonzero(np.r_[True, col[1:] != col[:-1]])
+        run_end = np.r_[run_start[1:], m]
+        end_at = np.repeat(run_end, run_end - run_start)
+        count = end_at - 1 - np.arange(m)  # partners after each position in its run
+        pos = np.flatnonzero(count)
+        count = count[pos]
+        bounds = np.searchsorted(np.cumsum(count), np.arange(_PAIR_BLOCK, int(count.sum()), _PAIR_BLOCK))
+        for chunk in np.split(np.arange(len(pos)), bounds + 1) if len(pos) else []:
+            if not len(chunk):
+                continue
+            c = count[chunk]
+            first = np.repeat(pos[chunk], c)
+            step = np.arange(int(c.sum())) - np.repeat(np.cumsum(c) - c, c) + 1
+            a, b = members[first], members[first + step]
+            candidates += len(a)
+            sa, sb = np.asarray(sig[a]), np.asarray(sig[b])
+            eq = sa == sb
+            ok = eq[:, k * rows:(k + 1) * rows].all(axis=1)  # the whole band, not just its key
+            equal = np.count_nonzero(eq, axis=1)
+            ok &= equal / num_perm >= threshold  # as estimated_jaccard() >= threshold
+            found_a.append(a[ok])
+            found_b.append(b[ok])
+            found_eq.append(equal[ok])
+    if not found_a:
+        return np.empty(0, np.int64), np.empty(0, np.int64), np.empty(0, np.int64)
+    a, b, equal = np.concatenate(found_a), np.concatenate(found_b), np.concatenate(found_eq)
+    _, first = np.unique(a * np.int64(len(sig)) + b, return_index=True)  # a pair recurs per shared band
+    say(f"near pass: {candidates} candidate pairs in {bands} bands, {len(first)} confirmed")
+    return a[first], b[first], equal[first]
+
+
+def greedy(a: np.ndarray, b: np.ndarray, equal: np.ndarray, num_perm: int) -> dict[int, tuple[int, float]]:
+    """The local rule in input order over confirmed pairs (a < b): record b is removed as a near
+    duplicate of the most similar earlier record a that is still kept (the earliest on ties);
+    a record with no kept partner is kept. Returns removed record -> (kept record, Jaccard).
+
+    This is the datasketch loop's decision: its candidates for b are the earlier kept records
+    sharing a bucket, the first maximum of their estimated Jaccard wins if it reaches the
+    threshold, and only confirmed pairs can reach it."""
+    near_of: dict[int, tuple[int, float]] = {}
+    order = np.lexsort((a, b))
+    a_l, b_l, e_l = a[order].tolist(), b[order].tolist(), equal[order].tolist()
+    j, total = 0, len(b_l)
+    while j < total:
+        rec, best, best_eq = b_l[j], -1, -1
+        while j < total and b_l[j] == rec:
+            if e_l[j] > best_eq and a_l[j] not in near_of:
+                best, best_eq = a_l[j], e_l[j]
+            j += 1
+        if best >= 0:
+            near_of[rec] = (best, best_eq / num_perm)
+    return near_of
+
+
+@dataclass
+class Decisions:
+    """What the dedup decided, per input position: ``rep_index`` the exact representatives
+    (input order), ``exact_copies`` rep -> its later identical records, ``near_of`` removed rep
+    -> (kept record, Jaccard), ``kept`` a mask of the records written out, ``empty`` the number of
+    representatives without text."""
+
+    n: int
+    rep_index: list[int]
+    exact_copies: dict[int, list[int]]
+    near_of: dict[int, tuple[int, float]]
+    kept: np.ndarray
+    empty: int
+
+    @property
+    def kept_rep_pos(self) -> list[int]:
+        return [p for p, i in enumerate(self.rep_index) if i not in self.near_of]
+
+
+def decide(signer: _Signer, say: Progress) -> Decisions:
+    """Exact groups, confirmed near pairs and the greedy, from pass 1's arrays."""
+    signer.flush()
+    cfg, n = signer.cfg, signer.n
+    if n == 0:
+        return Decisions(0, [], {}, {}, np.zeros(0, dtype=bool), 0)
+    rep = exact_groups(signer.cols.get("key"))
+    is_copy = rep != np.arange(n)
+    exact_copies: dict[int, list[int]] = {}
+    for c in np.flatnonzero(is_copy).tolist():
+        exact_copies.setdefault(int(rep[c]), []).append(c)
+    say(f"exact pass: {n} records, {int(is_copy.sum())} exact duplicates")
+    empty = signer.cols.get("empty")
+    active = np.flatnonzero(~is_copy & ~empty)
+    a, b, equal = near_pairs(signer.cols.get("sig"), lambda k: signer.cols.get(f"band{k}"), active,
+                             signer.bands, signer.rows, cfg.threshold, say)
+    near_of = greedy(a, b, equal, cfg.num_perm)
+    kept = ~is_copy
+    if near_of:
+        kept[np.fromiter(near_of, dtype=np.int64, count=len(near_of))] = False
+    return Decisions(n, np.flatnonzero(~is_copy).tolist(), exact_copies, near_of, kept,
+                     int((empty & ~is_copy).sum()))
+
+
 def dedup_records(
     records: Sequence[Mapping[str, Any]],
     cfg: DedupSection,
@@ -333,57 +578,89 @@ def dedup_records(
     order); ``clusters`` has one dict per cluster with at least one removed record (ordered by the
     kept record's position): ``{"kept": {"id", "source"}, "removed": [{"id", "source", "kind",
     "jaccard", "reason"}], "size"}``; ``metrics`` holds the counts and the params used.
+    :func:`dedup_file` does the same on a file in bounded memory.
     """
-    with gc_paused():
-        return _dedup(records, cfg, progress or (lambda _msg: None))
+    say = progress or (lambda _msg: None)
+    signer = _Signer(cfg, None, say)
+    for rec in records:
+        signer.add(rec)
+    d = decide(signer, say)
+    return assemble(records, cfg, d.rep_index, d.exact_copies, d.near_of, d.kept_rep_pos, d.empty, say)
 
 
-def _dedup(
-    records: Sequence[Mapping[str, Any]], cfg: DedupSection, say: Progress
-) -> tuple[list[dict[str, Any]], list[dict[str, Any]], dict[str, Any]]:
-    n = len(records)
+def dedup_file(
+    path: str | os.PathLike[str],
+    out_records: str | os.PathLike[str],
+    cfg: DedupSection,
+    shards: int = 1,
+    progress: Progress | None = None,
+) -> tuple[list[dict[str, Any]], dict[str, Any]]:
+    """:func:`dedup_records` over a records file or shard directory in memory bounded by the
+    batch, not the corpus: pass 1 streams the records and keeps per record only its exact-key
+    digest, MinHash signature and band keys (in files under a temporary directory next to
+    ``out_records``, read back as memory maps); pass 2 streams the input again and writes the
+    kept records to ``out_records`` (``shards`` > 1: a directory of shards). Returns
+    ``(clusters, metrics)``, which hold only ids and sources. Same bytes as :func:`dedup_records`
+    followed by ``write_records``.
+    """
+    say = progress or (lambda _msg: None)
+    out_dir = os.path.dirname(os.path.abspath(out_records))
+    os.makedirs(out_dir, exist_ok=True)
+    hint = " (did the previous stage run?)"
+    with tempfile.TemporaryDirectory(prefix=".dedup-", suffix=".tmp", dir=out_dir) as work:
+        signer = _Signer(cfg, work, say)
+        canonical_line: list[bool] = []  # the line is exactly what write_records would write
+        for file, lineno, line in canonical.iter_record_lines(path, DedupError, missing_hint=hint):
+            rec = canonical.parse_record(file, lineno, line, DedupError, require_id=True)
+            canonical_line.append(jsonl_line(rec) == line)
+            signer.add(rec)
+        d = decide(signer, say)
+        del signer
+    needed = np.zeros(d.n, dtype=bool)  # records named in the cluster report
+    for rep, copies in d.exact_copies.items():
+        needed[rep] = True
+        needed[copies] = True
+    for rec, (kept_rec, _) in d.near_of.items():
+        needed[rec] = needed[kept_rec] = True
+    info: dict[int, dict[str, Any]] = {}
+    seen = 0
 
-    # 1. Exact duplicates: group by the normalised-content key; the first of a group is its rep.
-    texts: list[str] = []
-    rep_index: list[int] = []  # for each exact rep (input order): its record index
-    exact_copies: dict[int, list[int]] = {}  # rep record index -> later identical records
-    first_by_key: dict[str, int] = {}
-    for i, rec in enumerate(records):
-        contents = selected_contents(rec, cfg.roles, i)
-        key = exact_key(contents)
-        rep = first_by_key.get(key)
-        if rep is None:
-            first_by_key[key] = i
-            rep_index.append(i)
-            texts.append(near_text(contents))
-        else:
-            exact_copies.setdefault(rep, []).append(i)
-    say(f"exact pass: {n} records, {n - len(rep_index)} exact duplicates")
+    def kept_lines() -> Iterator[str]:
+        nonlocal seen
+        for i, (file, lineno, line) in enumerate(canonical.iter_record_lines(path, DedupError, missing_hint=hint)):
+            if i >= d.n:
+                break  # the input grew: reported below
+            seen = i + 1
+            rec = None
+            if needed[i]:
+                rec = canonical.parse_record(file, lineno, line, DedupError, require_id=True)
+                info[i] = {"id": rec.get("id"), "source": rec.get("source")}
+            if d.kept[i]:
+                if canonical_line[i]:
+                    yield line
+                else:
+                    yield jsonl_line(rec or canonical.parse_record(file, lineno, line, DedupError))
 
-    # 2. Near duplicates among exact reps: MinHash + LSH, greedy in input order.
-    sig = minhash_signatures(texts, cfg.num_perm, cfg.shingle_size, progress=say)
-    lsh = make_lsh(cfg.threshold, cfg.num_perm)
-    near_of: dict[int, tuple[int, float]] = {}  # rep record index -> (kept record index, jaccard)
-    kept_rep_pos: list[int] = []  # positions (in rep_index) of kept reps
-    empty = 0
-    for pos, i in enumerate(rep_index):
-        if pos and pos % 20000 == 0:
-            say(f"near-duplicate search: {pos}/{len(rep_index)}")
-        if not texts[pos]:
-            empty += 1  # nothing to shingle: only exact dedup applies
-            kept_rep_pos.append(pos)
-            continue
-        mh = lean_minhash(sig[pos])
-        cands = sorted(lsh.query(mh))
-        if cands:
-            sims = estimated_jaccard(sig[pos], sig[cands])
-            best = int(np.argmax(sims))  # first maximum = earliest kept record
-            if sims[best] >= cfg.threshold:
-                near_of[i] = (rep_index[cands[best]], float(sims[best]))
-                continue
-        lsh.insert(pos, mh, check_duplication=False)
-        kept_rep_pos.append(pos)
-    return assemble(records, cfg, rep_index, exact_copies, near_of, kept_rep_pos, empty, say)
+    n_kept = int(d.kept.sum())
+    write_jsonl_lines(out_records, kept_lines(), shards, n_kept)  # reads the generator to its end
+    if seen != d.n or len(canonical_line) != d.n:
+        raise DedupError(f"{path}: changed while being deduplicated ({seen} records on the second pass, {d.n} on the first)")
+    _, clusters, metrics = assemble(_Info(info, d.n), cfg, d.rep_index, d.exact_copies, d.near_of,
+                                    d.kept_rep_pos, d.empty, say, n_kept=n_kept)
+    return clusters, metrics
+
+
+class _Info(Sequence):
+    """``records[i]`` for :func:`assemble` when only the records named in clusters were kept."""
+
+    def __init__(self, info: Mapping[int, Mapping[str, Any]], n: int):
+        self.info, self.n = info, n
+
+    def __len__(self) -> int:
+        return self.n
+
+    def __getitem__(self, i):  # type: ignore[override]
+        return self.info[i]
 
 
 def assemble(
@@ -395,12 +672,14 @@ def assemble(
     kept_rep_pos: Sequence[int],
     empty: int,
     say: Progress,
+    n_kept: int | None = None,
 ) -> tuple[list[dict[str, Any]], list[dict[str, Any]], dict[str, Any]]:
     """Kept records, clusters and metrics from the two passes' decisions (shared by the local and
     the Ray engine): ``rep_index`` the record index of each exact representative (input order),
     ``exact_copies`` rep -> its later identical records, ``near_of`` removed rep -> (kept record
     index, Jaccard), ``kept_rep_pos`` positions in ``rep_index`` of the kept reps, ``empty`` reps
-    without text."""
+    without text. With ``n_kept`` (records written by :func:`dedup_file`), ``records`` need only
+    hold the records named in clusters and the kept list returned is empty."""
     n = len(records)
     lsh_bands, lsh_rows = lsh_params(cfg.threshold, cfg.num_perm)
 
@@ -434,18 +713,21 @@ def assemble(
             "size": 1 + len(members),
         })
 
-    kept_idx = sorted(rep_index[p] for p in kept_rep_pos)
-    kept_records = [records[i] for i in kept_idx]  # type: ignore[misc]
+    if n_kept is None:
+        kept_records = [records[i] for i in sorted(rep_index[p] for p in kept_rep_pos)]  # type: ignore[misc]
+        n_kept = len(kept_records)
+    else:
+        kept_records = []
     exact_removed = sum(1 for c in clusters for m in c["removed"] if m["kind"] == "exact")
     near_removed = sum(1 for c in clusters for m in c["removed"] if m["kind"] == "near")
-    if len(kept_records) + exact_removed + near_removed != n:  # internal invariant
+    if n_kept != len(kept_rep_pos) or n_kept + exact_removed + near_removed != n:  # internal invariant
         raise AssertionError(
-            f"dedup bookkeeping error: {n} in != {len(kept_records)} kept "
+            f"dedup bookkeeping error: {n} in != {n_kept} kept "
             f"+ {exact_removed} exact + {near_removed} near"
         )
     metrics = {
         "records_in": n,
-        "records_out": len(kept_records),
+        "records_out": n_kept,
         "exact_duplicates_removed": exact_removed,
         "near_duplicates_removed": near_removed,
         "clusters": len(clusters),
@@ -461,7 +743,7 @@ def assemble(
         },
     }
     say(
-        f"kept {len(kept_records)}/{n}; removed {exact_removed} exact + {near_removed} near "
+        f"kept {n_kept}/{n}; removed {exact_removed} exact + {near_removed} near "
         f"in {len(clusters)} clusters"
     )
     return kept_records, clusters, metrics  # type: ignore[return-value]

@@ -5,9 +5,14 @@ from __future__ import annotations
 import hashlib
 import json
 import os
+import re
 from typing import Any, Iterator
 
 ROLES = ("system", "user", "assistant")
+
+# A sharded records output (``curation.shards`` > 1) is a directory at the file's path holding
+# part-00000.jsonl, part-00001.jsonl, ...: concatenated in name order they are the single file.
+SHARD_NAME = re.compile(r"part-\d{5}\.jsonl")
 
 
 def record_id(messages: list[dict[str, str]]) -> str:
@@ -66,19 +71,71 @@ def iter_json_objects(
             yield lineno, obj
 
 
+def record_files(
+    path: str | os.PathLike[str], error: type[Exception] = ValueError, *, missing_hint: str = ""
+) -> list[str]:
+    """The JSONL files of a records output: ``[path]`` for a file, its ``part-NNNNN.jsonl``
+    shards in name order for a directory (a sharded output, ``curation.shards`` > 1)."""
+    if os.path.isdir(path):
+        files = sorted(e.name for e in os.scandir(path) if SHARD_NAME.fullmatch(e.name))
+        if not files:
+            raise error(f"{path}: directory holds no part-NNNNN.jsonl shards{missing_hint}")
+        return [os.path.join(path, name) for name in files]
+    if not os.path.exists(path):
+        raise error(f"{path}: input file not found{missing_hint}")
+    return [os.fspath(path)]
+
+
+def iter_record_lines(
+    path: str | os.PathLike[str], error: type[Exception] = ValueError, *, missing_hint: str = ""
+) -> Iterator[tuple[str, int, str]]:
+    """Yield (file, line number, line) for each non-blank line of a records file or of the shards
+    of a records directory, in order; invalid UTF-8 raises ``error`` naming the file and line."""
+    for file in record_files(path, error, missing_hint=missing_hint):
+        with open(file, "rb") as fh:
+            for lineno, raw in enumerate(fh, start=1):
+                try:
+                    line = raw.decode("utf-8")
+                except UnicodeDecodeError as exc:
+                    raise error(f"{file}:{lineno}: not valid UTF-8 ({exc.reason})") from None
+                if line.strip():
+                    yield file, lineno, line
+
+
+def parse_record(
+    file: str, lineno: int, line: str, error: type[Exception] = ValueError, *, require_id: bool = False
+) -> dict[str, Any]:
+    """One line of a pipeline records file as a canonical record; problems raise ``error``
+    naming the file and line (invalid JSON, not an object, no ``messages`` list or ``id``)."""
+    try:
+        obj = json.loads(line)
+    except json.JSONDecodeError as exc:
+        raise error(f"{file}:{lineno}: invalid JSON: {exc.msg} (column {exc.colno})") from None
+    if not isinstance(obj, dict):
+        raise error(f"{file}:{lineno}: expected a JSON object, got {type(obj).__name__}")
+    if not isinstance(obj.get("messages"), list) or (require_id and not isinstance(obj.get("id"), str)):
+        need = "a string 'id' and a 'messages' list" if require_id else "a 'messages' list"
+        raise error(f"{file}:{lineno}: record needs {need}")
+    return obj
+
+
+def iter_records(
+    path: str | os.PathLike[str], error: type[Exception] = ValueError, *, require_id: bool = False
+) -> Iterator[dict[str, Any]]:
+    """Stream the canonical records of a pipeline records output (a JSONL file, or a directory
+    of ``part-NNNNN.jsonl`` shards read in name order), with :func:`read_records`' checks."""
+    for file, lineno, line in iter_record_lines(path, error, missing_hint=" (did the previous stage run?)"):
+        yield parse_record(file, lineno, line, error, require_id=require_id)
+
+
 def read_records(
     path: str | os.PathLike[str], error: type[Exception] = ValueError, *, require_id: bool = False
 ) -> list[dict[str, Any]]:
-    """Read a pipeline JSONL file of canonical records (the output of a previous stage).
+    """Read a pipeline records output (the output of a previous stage): a JSONL file or a
+    directory of ``part-NNNNN.jsonl`` shards (``curation.shards`` > 1), in order.
 
     Every problem raises ``error`` naming the file and line: a missing file, invalid UTF-8,
     invalid JSON, a value that is not an object, a record without a ``messages`` list (or, with
     ``require_id``, without a string ``id``). Blank lines are skipped.
     """
-    out: list[dict[str, Any]] = []
-    for lineno, obj in iter_json_objects(path, error, missing_hint=" (did the previous stage run?)"):
-        if not isinstance(obj.get("messages"), list) or (require_id and not isinstance(obj.get("id"), str)):
-            need = "a string 'id' and a 'messages' list" if require_id else "a 'messages' list"
-            raise error(f"{path}:{lineno}: record needs {need}")
-        out.append(obj)
-    return out
+    return list(iter_records(path, error, require_id=require_id))
