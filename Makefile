@@ -9,7 +9,7 @@ export HF_DATASETS_OFFLINE := 1
 export TRANSFORMERS_NO_ADVISORY_WARNINGS := 1
 export TOKENIZERS_PARALLELISM := false
 
-.PHONY: setup repro test bench clean-venv setup-vllm
+.PHONY: setup repro test bench clean-venv setup-vllm setup-awq
 
 $(BIN)/.installed: requirements.txt pyproject.toml scripts/setup.sh
 	bash scripts/setup.sh $(VENV) $(PY)
@@ -23,6 +23,13 @@ $(VLLM_VENV)/bin/.installed: scripts/setup_vllm.sh
 	bash scripts/setup_vllm.sh $(VLLM_VENV) $(PY)
 
 setup-vllm: $(VLLM_VENV)/bin/.installed
+
+# llm-compressor (quantize_awq.enabled: true) in its own venv: AWQ W4A16 checkpoints (docs/export.md)
+AWQ_VENV ?= .venv-awq
+$(AWQ_VENV)/bin/.installed: scripts/setup_awq.sh
+	bash scripts/setup_awq.sh $(AWQ_VENV) $(PY)
+
+setup-awq: $(AWQ_VENV)/bin/.installed
 
 repro: setup
 	$(BIN)/python -m llmpipe.cli params check

@@ -1,4 +1,4 @@
-"""Typed section for the export stage: ``quantize``."""
+"""Typed sections for the export stages: ``quantize`` (GGUF) and ``quantize_awq`` (AWQ W4A16)."""
 
 from __future__ import annotations
 
@@ -29,3 +29,21 @@ class QuantizeSection(Section):
         if len(set(names)) != len(names):
             raise ValueError(f"duplicate quant types in {v}")
         return names
+
+
+class QuantizeAwqSection(Section):
+    """The quantize-awq stage: a 4-bit AWQ (W4A16) checkpoint of the merged model, llm-compressor.
+
+    Its own section, not keys under ``quantize``: the quantize stage declares the whole
+    ``quantize`` section, so any key added there would change its params in dvc.lock and re-run
+    it (docs/export.md, "AWQ").
+    """
+
+    enabled: bool             # false: the stage writes only a marker (no AWQ venv needed)
+    python: str = Field(min_length=1)  # interpreter of the AWQ venv (relative to the repo root)
+    group_size: int = Field(ge=1)      # weights per scale; must divide every quantized layer's input width
+    symmetric: bool           # false: a zero point per group (llm-compressor's AWQ default, W4A16_ASYM)
+    calibration_samples: int = Field(ge=1)  # first N records of data/split/train.jsonl
+    max_seq_length: int = Field(ge=2)       # calibration records are cut to this many tokens
+    n_grid: int = Field(ge=2)               # AWQ's scale grid search points per mapping
+    ignore: list[str]         # modules left in full precision (llm-compressor names/regexes)

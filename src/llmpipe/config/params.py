@@ -19,7 +19,7 @@ from pydantic import BaseModel, Field, ValidationError
 from llmpipe.config.base import ParamsError, Section, format_errors
 from llmpipe.config.data import CurationSection, DedupSection, PiiSection, SplitSection, ValidateSection
 from llmpipe.config.evaluate import EvalSection, GateSection
-from llmpipe.config.export import QuantizeSection
+from llmpipe.config.export import QuantizeAwqSection, QuantizeSection
 from llmpipe.config.model import LoraSection, MergeSection, ModelSection, TrainSection
 from llmpipe.config.serve import DeploySection, RegistrySection, ServeSection
 
@@ -40,6 +40,7 @@ class Params(Section):
     train: TrainSection
     merge: MergeSection
     quantize: QuantizeSection
+    quantize_awq: QuantizeAwqSection
     eval: EvalSection
     gate: GateSection
     registry: RegistrySection
