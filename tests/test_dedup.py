@@ -34,7 +34,8 @@ from llmpipe.data.dedup import (
     shingle_hash,
     shingles,
 )
-from llmpipe.io import write_json, write_jsonl
+from llmpipe.data import dedup as dedup_module
+from llmpipe.io import write_jsonl
 
 REPO = Path(__file__).resolve().parents[1]
 DEDUP = dict(num_perm=128, threshold=0.8, shingle_size=5, roles=["user", "assistant"])
@@ -362,7 +363,11 @@ def _chain_corpus(seed: int = 5, n_base: int = 60, n_variants: int = 700) -> lis
 
 
 @pytest.mark.parametrize("threshold, num_perm", [(0.8, 128), (0.7, 64), (0.9, 128), (0.5, 32)])
-def test_same_decisions_as_datasketch_lsh(threshold, num_perm):
+@pytest.mark.parametrize("blocks", ["default", "small"])
+def test_same_decisions_as_datasketch_lsh(threshold, num_perm, blocks, monkeypatch):
+    if blocks == "small":  # many record blocks (index lookups across blocks) and pair blocks
+        monkeypatch.setattr(dedup_module, "_BLOCK_RECORDS", 37)
+        monkeypatch.setattr(dedup_module, "_PAIR_BLOCK", 101)
     records = _chain_corpus()
     cfg = dedup_cfg(threshold=threshold, num_perm=num_perm)
     kept, clusters, metrics = dedup_records(records, cfg)
@@ -379,7 +384,8 @@ def test_same_decisions_as_datasketch_on_planted(planted, planted_result):
 
 
 @pytest.mark.parametrize("shards", [1, 3])
-def test_dedup_file_writes_the_same_bytes(tmp_path, shards):
+def test_dedup_file_writes_the_same_bytes(tmp_path, shards, monkeypatch):
+    monkeypatch.setattr(dedup_module, "_CHUNK_RECORDS", 64)  # several signature batches per pass
     records = _chain_corpus(n_base=20, n_variants=200)
     inp = tmp_path / "in.jsonl"
     # half the lines not in the pipeline's own spelling (key order, ASCII escapes): re-serialised

@@ -30,10 +30,10 @@ There is no LSH index of Python objects (datasketch's, with the record list, too
 records). Pass 1 keeps per record only fixed-size arrays: a 32-byte exact-key digest, the
 signature and one 64-bit key per band (:class:`_Signer`; :func:`dedup_file` keeps them in files
 read back as memory maps). Exact
-groups come from a sort of the digests (:func:`exact_groups`); candidate pairs from sorting each
-band's keys, confirmed block by block on the band's values and the signatures
-(:func:`near_pairs`); the greedy runs over the confirmed pairs only (:func:`greedy`), which gives
-the datasketch loop's decisions (tests/test_dedup.py compares the two). Pass 2 of
+groups come from a sort of the digests (:func:`exact_groups`); near duplicates from sorted
+per-band indexes of the kept records' band keys, candidates confirmed on the band's values and
+the signatures, and the greedy over confirmed pairs (:func:`near_duplicates`), which gives the
+datasketch loop's decisions (tests/test_dedup.py compares the two). Pass 2 of
 :func:`dedup_file` streams the input again and writes the kept records.
 
 Speed
@@ -347,7 +347,7 @@ def band_keys(sig: np.ndarray, bands: int, rows: int) -> np.ndarray:
     """``int64[n, bands]``: a 64-bit hash of (band index, the band's ``rows`` signature values).
 
     Equal bands give equal keys; a key collision is harmless because every candidate pair is
-    confirmed on the band's values (:func:`near_pairs`)."""
+    confirmed on the band's values (:func:`_confirm`)."""
     keys = np.empty((len(sig), bands), dtype=np.uint64)
     with np.errstate(over="ignore"):
         for k in range(bands):
@@ -449,67 +449,47 @@ def exact_groups(keys: np.ndarray) -> np.ndarray:
     return rep
 
 
-def near_pairs(sig: np.ndarray, band_key: Callable[[int], np.ndarray], active: np.ndarray, bands: int,
-               rows: int, threshold: float, say: Progress) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
-    """Confirmed near-duplicate pairs among the records ``active`` (ascending indexes): arrays
-    (a, b, equal) with a < b, unique, where a and b agree on all ``rows`` values of at least one
-    LSH band -- exactly when datasketch's MinHashLSH puts them in a common bucket -- and their
-    signatures agree on ``equal`` values, ``equal / num_perm >= threshold``.
-
-    Per band, the band keys of the active records are sorted and every run of equal keys gives
-    its pairs; they are generated and confirmed in blocks of ``_PAIR_BLOCK``, so memory holds
-    one band's keys, one block and the confirmed pairs, never all candidates."""
-    num_perm = sig.shape[1]
-    found_a, found_b, found_eq = [], [], []
-    candidates = 0
-    for k in range(bands):
-        col = np.asarray(band_key(k)[active])
-        order = np.argsort(col, kind="stable")
-        members = active[order]  # ascending within a run of equal keys (stable sort)
-        col = col[order]
-        m = len(col)
-        if m < 2:
+def _range_pairs(lo: np.ndarray, count: np.ndarray) -> Iterator[tuple[np.ndarray, np.ndarray]]:
+    """For queries q with partner ranges ``[lo[q], lo[q] + count[q])``: (partner, query) index
+    arrays in blocks of about ``_PAIR_BLOCK`` pairs (a single query's range is never split)."""
+    q = np.flatnonzero(count)
+    if not len(q):
+        return
+    c = count[q]
+    cum = np.cumsum(c)
+    cuts = np.searchsorted(cum, np.arange(_PAIR_BLOCK, int(cum[-1]), _PAIR_BLOCK), side="right")
+    for part in np.split(np.arange(len(q)), np.unique(cuts)):
+        if not len(part):
             continue
-        run_start = np.flatnonzero(np.r_[True, col[1:] != col[:-1]])
-        run_end = np.r_[run_start[1:], m]
-        end_at = np.repeat(run_end, run_end - run_start)
-        count = end_at - 1 - np.arange(m)  # partners after each position in its run
-        pos = np.flatnonzero(count)
-        count = count[pos]
-        bounds = np.searchsorted(np.cumsum(count), np.arange(_PAIR_BLOCK, int(count.sum()), _PAIR_BLOCK))
-        for chunk in np.split(np.arange(len(pos)), bounds + 1) if len(pos) else []:
-            if not len(chunk):
-                continue
-            c = count[chunk]
-            first = np.repeat(pos[chunk], c)
-            step = np.arange(int(c.sum())) - np.repeat(np.cumsum(c) - c, c) + 1
-            a, b = members[first], members[first + step]
-            candidates += len(a)
-            sa, sb = np.asarray(sig[a]), np.asarray(sig[b])
-            eq = sa == sb
-            ok = eq[:, k * rows:(k + 1) * rows].all(axis=1)  # the whole band, not just its key
-            equal = np.count_nonzero(eq, axis=1)
-            ok &= equal / num_perm >= threshold  # as estimated_jaccard() >= threshold
-            found_a.append(a[ok])
-            found_b.append(b[ok])
-            found_eq.append(equal[ok])
-    if not found_a:
-        return np.empty(0, np.int64), np.empty(0, np.int64), np.empty(0, np.int64)
-    a, b, equal = np.concatenate(found_a), np.concatenate(found_b), np.concatenate(found_eq)
-    _, first = np.unique(a * np.int64(len(sig)) + b, return_index=True)  # a pair recurs per shared band
-    say(f"near pass: {candidates} candidate pairs in {bands} bands, {len(first)} confirmed")
-    return a[first], b[first], equal[first]
+        cc = c[part]
+        queries = np.repeat(q[part], cc)
+        partners = np.repeat(lo[q[part]], cc) + np.arange(int(cc.sum())) - np.repeat(np.cumsum(cc) - cc, cc)
+        yield partners, queries
 
 
-def greedy(a: np.ndarray, b: np.ndarray, equal: np.ndarray, num_perm: int) -> dict[int, tuple[int, float]]:
-    """The local rule in input order over confirmed pairs (a < b): record b is removed as a near
-    duplicate of the most similar earlier record a that is still kept (the earliest on ties);
-    a record with no kept partner is kept. Returns removed record -> (kept record, Jaccard).
+def _confirm(sig: np.ndarray, a: np.ndarray, b: np.ndarray, band: int, rows: int, threshold: float
+             ) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
+    """The candidate pairs (a, b) of LSH band ``band`` that agree on the whole band (so a 64-bit
+    key collision never adds a pair) and whose estimated Jaccard reaches the threshold:
+    (a, b, equal signature values)."""
+    eq = np.asarray(sig[a]) == np.asarray(sig[b])
+    ok = eq[:, band * rows:(band + 1) * rows].all(axis=1)
+    equal = np.count_nonzero(eq, axis=1)
+    ok &= equal / sig.shape[1] >= threshold  # as estimated_jaccard() >= threshold
+    return a[ok], b[ok], equal[ok]
+
+
+def greedy(a: np.ndarray, b: np.ndarray, equal: np.ndarray, num_perm: int,
+           near_of: dict[int, tuple[int, float]] | None = None) -> dict[int, tuple[int, float]]:
+    """The local rule in input order over confirmed pairs (a < b, repeats allowed): record b is
+    removed as a near duplicate of the most similar earlier record a that is still kept (the
+    earliest on ties); a record with no kept partner is kept. Adds to and returns ``near_of``:
+    removed record -> (kept record, Jaccard).
 
     This is the datasketch loop's decision: its candidates for b are the earlier kept records
     sharing a bucket, the first maximum of their estimated Jaccard wins if it reaches the
     threshold, and only confirmed pairs can reach it."""
-    near_of: dict[int, tuple[int, float]] = {}
+    near_of = {} if near_of is None else near_of
     order = np.lexsort((a, b))
     a_l, b_l, e_l = a[order].tolist(), b[order].tolist(), equal[order].tolist()
     j, total = 0, len(b_l)
@@ -521,6 +501,65 @@ def greedy(a: np.ndarray, b: np.ndarray, equal: np.ndarray, num_perm: int) -> di
             j += 1
         if best >= 0:
             near_of[rec] = (best, best_eq / num_perm)
+    return near_of
+
+
+_BLOCK_RECORDS = 1 << 16  # records decided together by near_duplicates()
+
+
+def near_duplicates(sig: np.ndarray, band_key: Callable[[int], np.ndarray], active: np.ndarray, bands: int,
+                    rows: int, threshold: float, say: Progress) -> dict[int, tuple[int, float]]:
+    """The near-duplicate decisions among the records ``active`` (ascending indexes, each with a
+    signature row in ``sig`` and band keys ``band_key(k)[i]``): removed record -> (kept record,
+    Jaccard).
+
+    Records are decided in blocks of ``_BLOCK_RECORDS`` in input order, like the datasketch loop
+    but vectorised: per band, a sorted index of the band keys of the records kept so far. A
+    block's candidates are the index entries with a key equal to a block record's (two binary
+    searches) and the pairs of block records sharing a key (a sort); they are confirmed
+    (:func:`_confirm`) in blocks of ``_PAIR_BLOCK`` pairs, the greedy runs over the confirmed
+    ones, and the block's kept records join the index. As in the datasketch loop, removed records
+    never become candidates, so a family of near duplicates costs one candidate per member
+    rather than one per pair. Memory: the index (12 bytes per kept record and band), one block,
+    one pair block and the confirmed pairs of one block."""
+    near_of: dict[int, tuple[int, float]] = {}
+    index_keys = [np.empty(0, np.int64) for _ in range(bands)]
+    index_ids = [np.empty(0, np.int32 if len(sig) < 2**31 else np.int64) for _ in range(bands)]
+    candidates = confirmed = 0
+    for start in range(0, len(active), _BLOCK_RECORDS):
+        block = active[start:start + _BLOCK_RECORDS]
+        cols = [np.asarray(band_key(k)[block]) for k in range(bands)]
+        found: list[tuple[np.ndarray, np.ndarray, np.ndarray]] = []
+        for k in range(bands):
+            col, keys, ids = cols[k], index_keys[k], index_ids[k]
+            lo = np.searchsorted(keys, col, side="left")
+            for x, q in _range_pairs(lo, np.searchsorted(keys, col, side="right") - lo):
+                candidates += len(x)
+                found.append(_confirm(sig, ids[x].astype(np.int64), block[q], k, rows, threshold))
+            order = np.argsort(col, kind="stable")  # block records sharing a key, input order kept
+            members, sorted_col = block[order], col[order]
+            run_start = np.flatnonzero(np.r_[True, sorted_col[1:] != sorted_col[:-1]])
+            run_end = np.r_[run_start[1:], len(sorted_col)]
+            after = np.repeat(run_end, run_end - run_start) - 1 - np.arange(len(sorted_col))
+            for x, p in _range_pairs(np.arange(len(sorted_col)) + 1, after):
+                candidates += len(x)
+                found.append(_confirm(sig, members[p], members[x], k, rows, threshold))
+        if found:
+            a, b, equal = (np.concatenate(parts) for parts in zip(*found))
+            confirmed += len(a)
+            greedy(a, b, equal, sig.shape[1], near_of)
+        keep = np.fromiter((int(i) not in near_of for i in block), dtype=bool, count=len(block))
+        for k in range(bands):  # the block's kept records join the index, keys sorted, ids ascending
+            new_keys, new_ids = cols[k][keep], block[keep].astype(index_ids[k].dtype)
+            order = np.argsort(new_keys, kind="stable")
+            new_keys, new_ids = new_keys[order], new_ids[order]
+            at = np.searchsorted(index_keys[k], new_keys, side="right")
+            index_keys[k] = np.insert(index_keys[k], at, new_keys)
+            index_ids[k] = np.insert(index_ids[k], at, new_ids)
+        if start and (start // _BLOCK_RECORDS) % 4 == 0:
+            say(f"near pass: {start}/{len(active)} records, {candidates} candidate pairs")
+    say(f"near pass: {candidates} candidate pairs ({bands} bands), {confirmed} confirmed, "
+        f"{len(near_of)} near duplicates")
     return near_of
 
 
@@ -557,9 +596,8 @@ def decide(signer: _Signer, say: Progress) -> Decisions:
     say(f"exact pass: {n} records, {int(is_copy.sum())} exact duplicates")
     empty = signer.cols.get("empty")
     active = np.flatnonzero(~is_copy & ~empty)
-    a, b, equal = near_pairs(signer.cols.get("sig"), lambda k: signer.cols.get(f"band{k}"), active,
-                             signer.bands, signer.rows, cfg.threshold, say)
-    near_of = greedy(a, b, equal, cfg.num_perm)
+    near_of = near_duplicates(signer.cols.get("sig"), lambda k: signer.cols.get(f"band{k}"), active,
+                              signer.bands, signer.rows, cfg.threshold, say)
     kept = ~is_copy
     if near_of:
         kept[np.fromiter(near_of, dtype=np.int64, count=len(near_of))] = False
