@@ -16,6 +16,18 @@ inside an embedded local Ray) on the corpus. Reported per run:
 
     nice -n 19 python benchmarks/curation_scale.py --sizes 10000 100000 --stages dedup split validate
     nice -n 19 python benchmarks/curation_scale.py --sizes 10000 --stages pii
+
+The minhash-dedup *stage* at up to 1M records (``--stages dedup-file``): the corpus is written
+once to a JSONL file (by a separate process, cached under ``--corpus-dir``), and the measured
+process runs the stage's work on it -- read the file, deduplicate, write the kept records,
+clusters and metrics -- so its memory holds no corpus the stage itself would not hold. Engines:
+``local`` (``dedup_file``: two streaming passes, bounded memory), ``local-datasketch`` (the
+local engine before it, loaded from git commit ``BASELINE_COMMIT``: all records in a list and
+datasketch's MinHashLSH), ``ray`` (records in a list, ``dedup_records_ray``). The output digest
+is computed as for the ``dedup`` rows, so the rows of all three compare.
+
+    python benchmarks/curation_scale.py --stages dedup-file --engines local local-datasketch \\
+        --sizes 10000 100000 1000000 --out benchmarks/results/curation_scale_dedup.json
 """
 
 from __future__ import annotations
@@ -36,8 +48,10 @@ from pathlib import Path
 
 ROOT = Path(__file__).resolve().parent.parent
 RESULTS = ROOT / "benchmarks" / "results" / "curation_scale.json"
-STAGES = ("validate", "pii", "dedup", "split")
-ENGINES = ("local", "ray")
+STAGES = ("validate", "pii", "dedup", "split", "dedup-file")
+ENGINES = ("local", "ray", "local-datasketch")
+BASELINE_COMMIT = "43664f9"  # the last commit whose local minhash-dedup used datasketch's MinHashLSH
+CORPUS_DIR = Path(os.environ.get("TMPDIR", "/tmp")) / "llmpipe-curation-scale"
 LONG_SHARE = 0.02   # long technical chats among the records (every 50th)
 EXACT_SHARE = 0.02  # exact copies of earlier records (every 50th)
 
@@ -67,6 +81,133 @@ def corpus(n: int) -> list[dict]:
         else:
             out.append(short[k])
     return out
+
+
+def iter_corpus(n: int):
+    """:func:`corpus` one record at a time (the same records: checked by ``--check-corpus``),
+    so a 1M-record corpus file is written without a list of 1M records."""
+    import random
+    from collections import deque
+
+    from llmpipe.data.records import make_record
+    from llmpipe.demo import support as demo
+
+    bench = _bench_module()
+    long = bench.make_long_records(max(1, int(n * LONG_SHARE)))
+    ds = demo.generate()  # as benchmarks/curation.py's make_records(n, seed=7, chars=400)
+    texts = [e.user for e in ds.examples if e.kind == "base"]
+    replies = [e.reply for e in ds.examples if e.kind == "base"]
+    rng = random.Random(7)
+    recent: deque = deque(maxlen=50)
+    for k in range(n):
+        i, j = rng.randrange(len(texts)), rng.randrange(len(texts))
+        if k % 50 == 24:
+            rec = long[(k // 50) % len(long)]
+        elif k % 50 == 49:
+            src = recent[-37]
+            rec = make_record(src["messages"], src["metadata"], {"file": "bench", "line": k + 1, "format": "messages"})
+        else:
+            text = f"{texts[i]} Also: {texts[j]}"
+            if len(text) > 400:
+                text = text[: text.rfind(" ", 0, 400)]
+            msgs = [{"role": "system", "content": demo.SYSTEM_PROMPT},
+                    {"role": "user", "content": f"[{k}] {text}"},
+                    {"role": "assistant", "content": replies[i]}]
+            rec = make_record(msgs, {"intent": json.loads(replies[i])["intent"]},
+                              {"file": "bench", "line": k + 1, "format": "messages"})
+        recent.append(rec)
+        yield rec
+
+
+def corpus_file(n: int, corpus_dir: Path) -> Path:
+    """The n-record corpus as a pipeline records file (the form pii-scrub writes), made once by a
+    separate process so that no measured process ever held the corpus."""
+    path = corpus_dir / f"corpus-{n}.jsonl"
+    if not path.exists():
+        corpus_dir.mkdir(parents=True, exist_ok=True)
+        print(f"[bench] writing {path}", file=sys.stderr, flush=True)
+        subprocess.run([sys.executable, __file__, "--make-corpus", str(n), str(path)], check=True, cwd=ROOT)
+    return path
+
+
+def _write_corpus(n: int, path: Path) -> None:
+    from llmpipe.io import jsonl_line, write_json, write_jsonl_lines
+
+    kb = 0.0
+
+    def lines():
+        nonlocal kb
+        for r in iter_corpus(n):
+            kb += sum(len(m["content"].encode("utf-8")) for m in r["messages"]) / 1000
+            yield jsonl_line(r)
+
+    write_jsonl_lines(path, lines())
+    write_json(path.with_suffix(".json"), {"records": n, "message_kb": round(kb, 1)})
+
+
+def file_digest(records_path: Path, clusters: list, metrics: dict) -> str:
+    """:func:`digest` of (kept, clusters, metrics) with ``kept`` read line by line from the
+    written records (each line is ``json.dumps(record, sort_keys=True, ensure_ascii=False)``, the
+    element spelling of the list's JSON), so the dedup and dedup-file rows compare."""
+    from llmpipe.data.records import iter_record_lines
+
+    h = hashlib.sha256()
+    h.update(b"[")
+    for k, (_, _, line) in enumerate(iter_record_lines(records_path)):
+        h.update((", " if k else "") .encode() + line.rstrip("\n").encode("utf-8", "surrogatepass"))
+    h.update(b"]")
+    for part in (clusters, metrics):
+        h.update(json.dumps(part, sort_keys=True, ensure_ascii=False, default=str).encode("utf-8", "surrogatepass"))
+    return h.hexdigest()
+
+
+def baseline_dedup_module():
+    """llmpipe.data.dedup as of BASELINE_COMMIT (datasketch MinHashLSH, all records in a list)."""
+    import importlib.util
+
+    src = subprocess.run(["git", "show", f"{BASELINE_COMMIT}:src/llmpipe/data/dedup.py"], cwd=ROOT,
+                         capture_output=True, text=True, check=True).stdout
+    path = Path(tempfile.mkdtemp()) / "dedup_datasketch.py"
+    path.write_text(src, encoding="utf-8")
+    spec = importlib.util.spec_from_file_location("dedup_datasketch", path)
+    mod = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(mod)
+    return mod
+
+
+def run_dedup_file(engine: str, corpus: Path, params, tmp: Path) -> tuple[str, dict]:
+    """The minhash-dedup stage's work on a corpus file: read, deduplicate, write outputs."""
+    from llmpipe.io import write_json, write_jsonl, write_records
+
+    out = tmp / "dedup" / "records.jsonl"
+    if engine == "local":
+        from llmpipe.data.dedup import dedup_file
+
+        clusters, metrics = dedup_file(corpus, out, params.dedup)
+    elif engine == "local-datasketch":
+        old = BASELINE
+        records = old.read_records(str(corpus))
+        kept, clusters, metrics = old.dedup_records(records, params.dedup)
+        del records
+        write_jsonl(out, kept)
+        del kept
+    else:
+        from llmpipe.curation.ray_dedup import dedup_records_ray
+        from llmpipe.data.dedup import read_records
+
+        records = read_records(str(corpus))
+        kept, clusters, metrics = dedup_records_ray(records, params.dedup, params.curation)
+        del records
+        write_records(out, kept)
+        del kept
+    write_jsonl(tmp / "dedup" / "clusters.jsonl", clusters)
+    write_json(tmp / "dedup" / "dedup.json", metrics)
+    return file_digest(out, clusters, metrics), {"kept": metrics["records_out"],
+                                                 "exact": metrics["exact_duplicates_removed"],
+                                                 "near": metrics["near_duplicates_removed"]}
+
+
+BASELINE = None
 
 
 def message_kb(records: list[dict]) -> float:
@@ -189,12 +330,55 @@ def run_stage(engine: str, stage: str, records: list[dict], params, tmp: Path) -
     raise SystemExit(f"unknown stage {stage}")
 
 
-def run_one(engine: str, stage: str, n: int) -> dict:
+def run_one_file(engine: str, n: int, params, corpus_dir: Path) -> dict:
+    """One dedup-file measurement in this process (the corpus file exists already)."""
+    global BASELINE
+    import contextlib
+
+    path = corpus_file(n, corpus_dir)
+    import llmpipe.data.dedup  # noqa: F401  imports are not the stage's work
+    if engine == "local-datasketch":
+        BASELINE = baseline_dedup_module()
+    if engine == "ray":
+        import ray.data  # noqa: F401
+
+        import llmpipe.curation.ray_dedup  # noqa: F401
+    file_mb = path.stat().st_size / 2**20
+    kb = json.loads(path.with_suffix(".json").read_text())["message_kb"]
+    load_before = os.getloadavg()
+    with TreeMemory() as mem, tempfile.TemporaryDirectory(dir=corpus_dir) as tmp:
+        t0 = time.perf_counter()
+        if engine == "ray":
+            from llmpipe.curation.ray_runtime import ray_session
+
+            session = ray_session(params.curation.model_copy(update={"engine": "ray"}))
+        else:
+            session = contextlib.nullcontext("local")
+        with session as where:
+            startup = time.perf_counter() - t0
+            cpu1 = mem.cpu_seconds()
+            t1 = time.perf_counter()
+            out_digest, counts = run_dedup_file(engine, path, params, Path(tmp))
+            seconds = time.perf_counter() - t1
+            cpu = mem.cpu_seconds() - cpu1
+    return {"engine": engine, "stage": "dedup-file", "records": n, "where": where, "seconds": round(seconds, 3),
+            "startup_seconds": round(startup, 3), "records_per_s": round(n / seconds, 1),
+            "message_kb": kb, "kb_per_s": round(kb / seconds, 1),
+            "input_mb": round(file_mb, 1), "input_mb_per_s": round(file_mb / seconds, 2),
+            "cpu_seconds": round(cpu, 2), "records_per_cpu_s": round(n / cpu, 1),
+            "peak_rss_sum_mb": round(mem.peak_rss / 2**20, 1), "peak_pss_sum_mb": round(mem.peak_pss / 2**20, 1),
+            "load_before": [round(x, 2) for x in load_before], "load_after": [round(x, 2) for x in os.getloadavg()],
+            "output_sha256": out_digest, "counts": counts}
+
+
+def run_one(engine: str, stage: str, n: int, corpus_dir: Path = CORPUS_DIR) -> dict:
     import contextlib
 
     from llmpipe.config import load_params
 
     params = load_params(ROOT / "params.yaml")
+    if stage == "dedup-file":
+        return run_one_file(engine, n, params, corpus_dir)
     records = corpus(n)
     # imports are not the stage's work: load every module either engine uses before timing
     import llmpipe.data.dedup, llmpipe.data.pii, llmpipe.data.split, llmpipe.data.validate  # noqa: E401,F401
@@ -238,11 +422,21 @@ def main() -> int:
     ap.add_argument("--engines", nargs="+", default=list(ENGINES), choices=ENGINES)
     ap.add_argument("--repeats", type=int, default=1)
     ap.add_argument("--one", nargs=3, metavar=("ENGINE", "STAGE", "N"), help=argparse.SUPPRESS)
+    ap.add_argument("--make-corpus", nargs=2, metavar=("N", "PATH"), help=argparse.SUPPRESS)
+    ap.add_argument("--check-corpus", type=int, metavar="N", help="check iter_corpus(N) == corpus(N) and exit")
+    ap.add_argument("--corpus-dir", default=str(CORPUS_DIR), help="where dedup-file corpus files are cached")
     ap.add_argument("--out", default=str(RESULTS), help="results JSON; rows are merged by (engine, stage, records)")
     args = ap.parse_args()
 
+    if args.make_corpus:
+        _write_corpus(int(args.make_corpus[0]), Path(args.make_corpus[1]))
+        return 0
+    if args.check_corpus:
+        same = list(iter_corpus(args.check_corpus)) == corpus(args.check_corpus)
+        print(f"iter_corpus({args.check_corpus}) == corpus({args.check_corpus}): {same}")
+        return 0 if same else 1
     if args.one:
-        print(json.dumps(run_one(args.one[0], args.one[1], int(args.one[2]))))
+        print(json.dumps(run_one(args.one[0], args.one[1], int(args.one[2]), Path(args.corpus_dir))))
         return 0
 
     out = Path(args.out)
@@ -255,8 +449,10 @@ def main() -> int:
                 runs = []
                 for r in range(args.repeats):
                     print(f"[bench] {engine} {stage} x {n}, run {r + 1}/{args.repeats}", file=sys.stderr, flush=True)
-                    proc = subprocess.run([sys.executable, __file__, "--one", engine, stage, str(n)],
-                                          capture_output=True, text=True, cwd=ROOT)
+                    if stage == "dedup-file":
+                        corpus_file(n, Path(args.corpus_dir))  # made outside the measured process
+                    proc = subprocess.run([sys.executable, __file__, "--one", engine, stage, str(n),
+                                           "--corpus-dir", args.corpus_dir], capture_output=True, text=True, cwd=ROOT)
                     if proc.returncode != 0:
                         print(proc.stderr[-3000:], file=sys.stderr)
                         return 1
@@ -275,9 +471,23 @@ def main() -> int:
                       f"{row['median_kb_per_s']:>8.1f} KB/s, {row['median_cpu_seconds']} CPU-s, peak PSS {row['peak_pss_sum_mb']} MB "
                       f"(RSS sum {row['peak_rss_sum_mb']} MB), load {runs[-1]['load_after'][0]}",
                       file=sys.stderr, flush=True)
+                result["time_exponents"] = time_exponents(result["results"])
                 out.parent.mkdir(parents=True, exist_ok=True)
                 out.write_text(json.dumps(result, indent=2) + "\n")
     return 0
+
+
+def time_exponents(rows: list[dict]) -> dict[str, dict[str, float]]:
+    """Per (engine, stage): k in seconds ~ records**k between each pair of measured sizes
+    (1: linear), from the median seconds."""
+    import math
+
+    out: dict[str, dict[str, float]] = {}
+    for engine, stage in sorted({(r["engine"], r["stage"]) for r in rows}):
+        sized = sorted((r["records"], r["median_seconds"]) for r in rows if (r["engine"], r["stage"]) == (engine, stage))
+        for (n1, t1), (n2, t2) in ((a, b) for i, a in enumerate(sized) for b in sized[i + 1:]):
+            out.setdefault(f"{engine} {stage}", {})[f"{n1}->{n2}"] = round(math.log(t2 / t1) / math.log(n2 / n1), 3)
+    return out
 
 
 if __name__ == "__main__":

@@ -122,9 +122,12 @@ def write_timings(stage: str, timings: dict[str, Any], root: str | os.PathLike[s
 SHARD_FILE = "part-{:05d}.jsonl"  # llmpipe.data.records.SHARD_NAME reads them back
 
 
+_JSONL = json.JSONEncoder(ensure_ascii=False, sort_keys=True)  # json.dumps(row, ...) with these, built once
+
+
 def jsonl_line(row: dict[str, Any]) -> str:
     """One JSON Lines row exactly as :func:`write_jsonl` writes it (newline included)."""
-    return json.dumps(row, ensure_ascii=False, sort_keys=True) + "\n"
+    return _JSONL.encode(row) + "\n"
 
 
 def shard_sizes(total: int, shards: int) -> list[int]:

@@ -112,7 +112,7 @@ def selected_contents(
     record: Mapping[str, Any], roles: Sequence[str], index: int = 0
 ) -> list[tuple[str, str]]:
     """(role, normalised content) of the messages whose role is in ``roles``, in order."""
-    if not isinstance(record, Mapping):
+    if type(record) is not dict and not isinstance(record, Mapping):  # dict first: no ABC check
         raise DedupError(f"record #{index}: expected a JSON object, got {type(record).__name__}")
     messages = record.get("messages")
     if not isinstance(messages, list):
@@ -120,7 +120,7 @@ def selected_contents(
     out = []
     for j, m in enumerate(messages):
         if not (
-            isinstance(m, Mapping)
+            (type(m) is dict or isinstance(m, Mapping))
             and isinstance(m.get("role"), str)
             and isinstance(m.get("content"), str)
         ):
@@ -132,10 +132,17 @@ def selected_contents(
     return out
 
 
+_KEY_JSON = json.JSONEncoder(ensure_ascii=False, separators=(",", ":"))  # json.dumps(..) with these
+
+
 def exact_key(contents: Sequence[tuple[str, str]]) -> str:
     """sha256 over the JSON of the (role, normalised content) list."""
-    blob = json.dumps([list(c) for c in contents], ensure_ascii=False, separators=(",", ":"))
-    return hashlib.sha256(blob.encode("utf-8", "surrogatepass")).hexdigest()
+    return _exact_digest(contents).hex()
+
+
+def _exact_digest(contents: Sequence[tuple[str, str]]) -> bytes:
+    blob = _KEY_JSON.encode([list(c) for c in contents])
+    return hashlib.sha256(blob.encode("utf-8", "surrogatepass")).digest()
 
 
 def near_text(contents: Sequence[tuple[str, str]]) -> str:
@@ -410,9 +417,7 @@ class _Signer:
 
     def add(self, record: Mapping[str, Any]) -> None:
         contents = selected_contents(record, self.cfg.roles, self.n)
-        blob = json.dumps([list(c) for c in contents], ensure_ascii=False, separators=(",", ":"))
-        # the digest behind exact_key()'s hex string: equal keys <=> equal digests
-        self.digests += hashlib.sha256(blob.encode("utf-8", "surrogatepass")).digest()
+        self.digests += _exact_digest(contents)  # exact_key()'s bytes: equal keys <=> equal digests
         self.texts.append(near_text(contents))
         self.n += 1
         if len(self.texts) >= _CHUNK_RECORDS:
