@@ -23,7 +23,7 @@ from test_pipeline_e2e import tiny_raw
 ROOT = Path(__file__).resolve().parent.parent
 pytestmark = pytest.mark.slow
 
-TRAINING_AND_AFTER = ["deploy", "eval", "gate", "merge", "qlora-train", "quantize"]
+TRAINING_AND_AFTER = ["deploy", "eval", "gate", "merge", "qlora-train", "quantize", "quantize-awq"]
 
 
 def build_tiny_model(out: Path) -> None:
@@ -91,7 +91,7 @@ def test_full_repro_runs_every_stage(project):
     repo, env, first = project
     assert ran(first.stdout) == sorted([
         "validate", "pii-scrub", "minhash-dedup", "split", "base-model", "qlora-train", "merge",
-        "quantize", "eval-base", "eval", "gate", "deploy"])
+        "quantize", "quantize-awq", "eval-base", "eval", "gate", "deploy"])
     train = json.loads((repo / "metrics/train.json").read_text())
     assert train["mode"] in ("lora", "lora_fp32", "lora-fp32") or "lora" in str(train["mode"]).lower()
     merge = json.loads((repo / "metrics/merge.json").read_text())
