@@ -40,7 +40,8 @@ USERS = [
     ("I was billed twice for my fitness tracker, order ZZ000001", '{"intent": "billing_question", "product": "fitness_tracker", "urgency": "high", "order_id": "ZZ000001"}'),
 ]
 AWQ = {"enabled": True, "python": ".venv-awq/bin/python", "group_size": 64, "symmetric": False,
-       "calibration_samples": 4, "max_seq_length": 64, "n_grid": 4, "ignore": ["lm_head"]}
+       "calibration_samples": 4, "max_seq_length": 64, "n_grid": 4, "ignore": ["lm_head"],
+       "dtype": "bfloat16"}
 QUANTIZE_PPL = {"n_ctx": 256, "ppl_max_examples": 6, "n_threads": 1, "reply_max_tokens": 8}
 
 
@@ -224,6 +225,7 @@ def awq_run(tiny_model, tmp_path_factory):
 
 
 def test_awq_checkpoint_is_packed_int4_with_groups_of_64(awq_run):
+    import torch
     from safetensors import safe_open
 
     out = awq_run["out"]
@@ -238,9 +240,11 @@ def test_awq_checkpoint_is_packed_int4_with_groups_of_64(awq_run):
         keys = set(f.keys())
         q = "model.layers.0.self_attn.q_proj"
         packed, scale = f.get_tensor(f"{q}.weight_packed"), f.get_tensor(f"{q}.weight_scale")
+        embed = f.get_tensor("model.embed_tokens.weight")
     assert f"{q}.weight" not in keys and f"{q}.weight_zero_point" in keys
     assert tuple(packed.shape) == (128, 128 // 8)   # eight 4-bit values per int32
     assert tuple(scale.shape) == (128, 128 // 64)   # one scale per group of 64 inputs
+    assert scale.dtype == torch.bfloat16 and embed.dtype == torch.bfloat16   # quantize_awq.dtype
     manifest = json.loads((out / "awq.json").read_text())
     assert manifest["enabled"] and set(manifest["files"]) == {p.name for p in out.iterdir() if p.name != "awq.json"}
 

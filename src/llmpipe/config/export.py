@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+from typing import Literal
+
 from pydantic import Field, field_validator
 
 from llmpipe.config.base import Section
@@ -47,3 +49,4 @@ class QuantizeAwqSection(Section):
     max_seq_length: int = Field(ge=2)       # calibration records are cut to this many tokens
     n_grid: int = Field(ge=2)               # AWQ's scale grid search points per mapping
     ignore: list[str]         # modules left in full precision (llm-compressor names/regexes)
+    dtype: Literal["bfloat16", "float16", "float32"]  # of the saved scales and unquantized tensors

@@ -108,7 +108,8 @@ def worker_request(cfg: QuantizeAwqSection, tokenizer, model_dir: Path, out_dir:
     return {
         "model_dir": str(model_dir), "out_dir": str(out_dir),
         "group_size": cfg.group_size, "symmetric": cfg.symmetric, "n_grid": cfg.n_grid,
-        "ignore": list(cfg.ignore), "max_seq_length": cfg.max_seq_length, "n_threads": n_threads,
+        "ignore": list(cfg.ignore), "max_seq_length": cfg.max_seq_length, "dtype": cfg.dtype,
+        "n_threads": n_threads,
         "calibration_ids": calibration, "ppl_ids": tokens.seqs, "ppl_truncated": tokens.truncated,
         "prompt_ids": hf_token_ids(tokenizer, chat_text(tokenizer, prompt, add_generation_prompt=True)),
         "reply_max_tokens": reply_max_tokens,
@@ -188,7 +189,7 @@ def run_awq(
         write_json(tmp / MANIFEST, {
             "enabled": True,
             "source": str(model_dir),
-            "scheme": "W4A16", "group_size": cfg.group_size, "symmetric": cfg.symmetric,
+            "scheme": "W4A16", "group_size": cfg.group_size, "symmetric": cfg.symmetric, "dtype": cfg.dtype,
             "calibration_samples": len(request["calibration_ids"]),
             "calibration_tokens": sum(map(len, request["calibration_ids"])),
             "versions": res["versions"],
@@ -202,6 +203,7 @@ def run_awq(
         "scheme": "W4A16",
         "group_size": cfg.group_size,
         "symmetric": cfg.symmetric,
+        "dtype": cfg.dtype,
         "calibration_samples": len(request["calibration_ids"]),
         "calibration_tokens": sum(map(len, request["calibration_ids"])),
         "format": res["quantization_config"].get("format"),

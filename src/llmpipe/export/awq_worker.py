@@ -10,7 +10,8 @@ function the quantize stage scores the merged model with), and reads RESULT.json
 
 Steps: load the merged model (fp32) -> its perplexity on the ids -> llm-compressor ``oneshot``
 with an ``AWQModifier`` (4-bit integer weights, groups of ``group_size`` along the input
-dimension, activations untouched) -> save compressed-tensors (``pack-quantized``) + tokenizer
+dimension, activations untouched) -> cast to ``dtype`` -> save compressed-tensors
+(``pack-quantized``) + tokenizer
 -> load the saved checkpoint back with transformers + compressed-tensors -> its perplexity on
 the same ids -> a greedy chat reply.
 
@@ -96,7 +97,12 @@ def main(request_path: str, result_path: str) -> int:
             num_calibration_samples=len(cal), shuffle_calibration_samples=False)
     timings["awq_seconds"] = round(time.perf_counter() - t0, 2)
 
+    # Calibrated and smoothed in float32; saved in the serving dtype (quantize_awq.dtype): the
+    # scales and the unquantized tensors (embeddings, norms) in float32 would make the 4-bit
+    # checkpoint of a small model larger than llama.cpp's Q8_0 (the tied embedding alone is a
+    # fifth of SmolLM2-135M's weights).
     t0 = time.perf_counter()
+    model = model.to(getattr(torch, req["dtype"]))
     model.save_pretrained(out, save_compressed=True)
     tok.save_pretrained(out)
     del model
