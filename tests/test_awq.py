@@ -19,13 +19,12 @@ from pathlib import Path
 
 import pytest
 import yaml
+from stage_loader import load_stage
 
 from llmpipe.config import ParamsError, load_params, load_stage_params, read_yaml
 from llmpipe.config.export import QuantizeAwqSection
 from llmpipe.export import awq as A
 from llmpipe.export import gguf as G
-
-from stage_loader import load_stage
 
 ROOT = Path(__file__).resolve().parents[1]
 AWQ_PYTHON = ROOT / ".venv-awq" / "bin" / "python"
@@ -108,7 +107,7 @@ def test_stage_reads_only_declared_quantize_keys():
     cfg = load_stage_params(stage.PARAMS, ROOT / "params.yaml")
     assert cfg.quantize.ppl_max_examples >= 1
     with pytest.raises(ParamsError, match="quantize.types"):
-        cfg.quantize.types   # the GGUF list is not this stage's business: not declared
+        _ = cfg.quantize.types   # the GGUF list is not this stage's business: not declared
 
 
 def test_missing_interpreter_is_a_clear_error(tmp_path, monkeypatch):
