@@ -330,23 +330,14 @@ def run_stage(engine: str, stage: str, records: list[dict], params, tmp: Path) -
     raise SystemExit(f"unknown stage {stage}")
 
 
-def run_one_file(engine: str, n: int, params, corpus_dir: Path) -> dict:
-    """One dedup-file measurement in this process (the corpus file exists already)."""
-    global BASELINE
+def measure(engine: str, params, work, tmp_root: Path | None = None) -> dict:
+    """Run ``work(tmp_dir) -> (digest, counts)`` once under ``engine``'s session (Ray started
+    before the timer) and measure it: wall and CPU seconds of the whole process tree, peak memory,
+    the load average before and after."""
     import contextlib
 
-    path = corpus_file(n, corpus_dir)
-    import llmpipe.data.dedup  # noqa: F401  imports are not the stage's work
-    if engine == "local-datasketch":
-        BASELINE = baseline_dedup_module()
-    if engine == "ray":
-        import ray.data  # noqa: F401
-
-        import llmpipe.curation.ray_dedup  # noqa: F401
-    file_mb = path.stat().st_size / 2**20
-    kb = json.loads(path.with_suffix(".json").read_text())["message_kb"]
     load_before = os.getloadavg()
-    with TreeMemory() as mem, tempfile.TemporaryDirectory(dir=corpus_dir) as tmp:
+    with TreeMemory() as mem, tempfile.TemporaryDirectory(dir=tmp_root) as tmp:
         t0 = time.perf_counter()
         if engine == "ray":
             from llmpipe.curation.ray_runtime import ray_session
@@ -358,22 +349,48 @@ def run_one_file(engine: str, n: int, params, corpus_dir: Path) -> dict:
             startup = time.perf_counter() - t0
             cpu1 = mem.cpu_seconds()
             t1 = time.perf_counter()
-            out_digest, counts = run_dedup_file(engine, path, params, Path(tmp))
+            digest_, counts = work(Path(tmp))
             seconds = time.perf_counter() - t1
             cpu = mem.cpu_seconds() - cpu1
-    return {"engine": engine, "stage": "dedup-file", "records": n, "where": where, "seconds": round(seconds, 3),
-            "startup_seconds": round(startup, 3), "records_per_s": round(n / seconds, 1),
-            "message_kb": kb, "kb_per_s": round(kb / seconds, 1),
+    return {"where": where, "seconds": seconds, "startup_seconds": round(startup, 3), "cpu": cpu,
+            "peak_rss": mem.peak_rss, "peak_pss": mem.peak_pss, "load_before": load_before,
+            "digest": digest_, "counts": counts}
+
+
+def rates(m: dict, n: int) -> dict:
+    """The CPU, memory, load and output fields of a result row."""
+    # on the shared box wall time measures the neighbours too; CPU seconds of the whole
+    # process tree (Ray's own processes included) do not
+    return {"cpu_seconds": round(m["cpu"], 2), "records_per_cpu_s": round(n / m["cpu"], 1),
+            "peak_rss_sum_mb": round(m["peak_rss"] / 2**20, 1), "peak_pss_sum_mb": round(m["peak_pss"] / 2**20, 1),
+            "load_before": [round(x, 2) for x in m["load_before"]],
+            "load_after": [round(x, 2) for x in os.getloadavg()],
+            "output_sha256": m["digest"], "counts": m["counts"]}
+
+
+def run_one_file(engine: str, n: int, params, corpus_dir: Path) -> dict:
+    """One dedup-file measurement in this process (the corpus file exists already)."""
+    global BASELINE
+    path = corpus_file(n, corpus_dir)
+    import llmpipe.data.dedup  # noqa: F401  imports are not the stage's work
+    if engine == "local-datasketch":
+        BASELINE = baseline_dedup_module()
+    if engine == "ray":
+        import ray.data  # noqa: F401
+
+        import llmpipe.curation.ray_dedup  # noqa: F401
+    file_mb = path.stat().st_size / 2**20
+    kb = json.loads(path.with_suffix(".json").read_text())["message_kb"]
+    m = measure(engine, params, lambda tmp: run_dedup_file(engine, path, params, tmp), tmp_root=corpus_dir)
+    seconds = m["seconds"]
+    return {"engine": engine, "stage": "dedup-file", "records": n, "where": m["where"],
+            "seconds": round(seconds, 3), "startup_seconds": m["startup_seconds"],
+            "records_per_s": round(n / seconds, 1), "message_kb": kb, "kb_per_s": round(kb / seconds, 1),
             "input_mb": round(file_mb, 1), "input_mb_per_s": round(file_mb / seconds, 2),
-            "cpu_seconds": round(cpu, 2), "records_per_cpu_s": round(n / cpu, 1),
-            "peak_rss_sum_mb": round(mem.peak_rss / 2**20, 1), "peak_pss_sum_mb": round(mem.peak_pss / 2**20, 1),
-            "load_before": [round(x, 2) for x in load_before], "load_after": [round(x, 2) for x in os.getloadavg()],
-            "output_sha256": out_digest, "counts": counts}
+            **rates(m, n)}
 
 
 def run_one(engine: str, stage: str, n: int, corpus_dir: Path = CORPUS_DIR) -> dict:
-    import contextlib
-
     from llmpipe.config import load_params
 
     params = load_params(ROOT / "params.yaml")
@@ -388,31 +405,11 @@ def run_one(engine: str, stage: str, n: int, corpus_dir: Path = CORPUS_DIR) -> d
         import llmpipe.curation.ray_dedup, llmpipe.curation.ray_pii, llmpipe.curation.ray_split  # noqa: E401,F401
         import llmpipe.curation.ray_validate  # noqa: F401
     kb = message_kb(records)
-    load_before = os.getloadavg()
-    with TreeMemory() as mem, tempfile.TemporaryDirectory() as tmp:
-        t0 = time.perf_counter()
-        if engine == "ray":
-            from llmpipe.curation.ray_runtime import ray_session
-
-            session = ray_session(params.curation.model_copy(update={"engine": "ray"}))
-        else:
-            session = contextlib.nullcontext("local")
-        with session as where:
-            startup = time.perf_counter() - t0
-            cpu1 = mem.cpu_seconds()
-            t1 = time.perf_counter()
-            out_digest, counts = run_stage(engine, stage, records, params, Path(tmp))
-            seconds = time.perf_counter() - t1
-            cpu = mem.cpu_seconds() - cpu1
-    return {"engine": engine, "stage": stage, "records": n, "where": where, "seconds": round(seconds, 3),
-            "startup_seconds": round(startup, 3), "records_per_s": round(n / seconds, 1),
-            "message_kb": round(kb, 1), "kb_per_s": round(kb / seconds, 1),
-            # on the shared box wall time measures the neighbours too; CPU seconds of the whole
-            # process tree (Ray's own processes included) do not
-            "cpu_seconds": round(cpu, 2), "records_per_cpu_s": round(n / cpu, 1),
-            "peak_rss_sum_mb": round(mem.peak_rss / 2**20, 1), "peak_pss_sum_mb": round(mem.peak_pss / 2**20, 1),
-            "load_before": [round(x, 2) for x in load_before], "load_after": [round(x, 2) for x in os.getloadavg()],
-            "output_sha256": out_digest, "counts": counts}
+    m = measure(engine, params, lambda tmp: run_stage(engine, stage, records, params, tmp))
+    seconds = m["seconds"]
+    return {"engine": engine, "stage": stage, "records": n, "where": m["where"], "seconds": round(seconds, 3),
+            "startup_seconds": m["startup_seconds"], "records_per_s": round(n / seconds, 1),
+            "message_kb": round(kb, 1), "kb_per_s": round(kb / seconds, 1), **rates(m, n)}
 
 
 def main() -> int:
