@@ -20,6 +20,7 @@ from pathlib import Path
 import pytest
 import yaml
 from stage_loader import load_stage
+from test_quantize import _records, train_tiny_llama  # the quantize tests' chats and tiny model
 
 from llmpipe.config import ParamsError, load_params, load_stage_params, read_yaml
 from llmpipe.config.export import QuantizeAwqSection
@@ -28,27 +29,10 @@ from llmpipe.export import gguf as G
 
 ROOT = Path(__file__).resolve().parents[1]
 AWQ_PYTHON = ROOT / ".venv-awq" / "bin" / "python"
-SYSTEM = ("You are a support triage assistant. Read the customer's message and answer with only a "
-          "JSON object with the keys \"intent\", \"product\", \"urgency\" and \"order_id\".")
-USERS = [
-    ("Where is my order KX482913? It was due Monday.", '{"intent": "order_status", "product": "unknown", "urgency": "medium", "order_id": "KX482913"}'),
-    ("My robot vacuum stopped charging!! Need help asap", '{"intent": "technical_issue", "product": "robot_vacuum", "urgency": "high", "order_id": null}'),
-    ("I'd like a refund for the coffee maker (order AB123456), it leaks.", '{"intent": "refund_request", "product": "coffee_maker", "urgency": "medium", "order_id": "AB123456"}'),
-    ("Can I change the shipping address? Café Straße 5, München 🙂", '{"intent": "shipping_address_change", "product": "unknown", "urgency": "low", "order_id": null}'),
-    ("Does the e-reader support PDF files?\n\tThanks", '{"intent": "product_inquiry", "product": "e_reader", "urgency": "low", "order_id": null}'),
-    ("I was billed twice for my fitness tracker, order ZZ000001", '{"intent": "billing_question", "product": "fitness_tracker", "urgency": "high", "order_id": "ZZ000001"}'),
-]
 AWQ = {"enabled": True, "python": ".venv-awq/bin/python", "group_size": 64, "symmetric": False,
        "calibration_samples": 4, "max_seq_length": 64, "n_grid": 4, "ignore": ["lm_head"],
        "dtype": "bfloat16"}
 QUANTIZE_PPL = {"n_ctx": 256, "ppl_max_examples": 6, "n_threads": 1, "reply_max_tokens": 8}
-
-
-def _records():
-    for i, (user, reply) in enumerate(USERS):
-        yield {"id": f"{i:016x}",
-               "messages": [{"role": "system", "content": SYSTEM}, {"role": "user", "content": user},
-                            {"role": "assistant", "content": reply}]}
 
 
 def _write_jsonl(path: Path, rows) -> Path:
@@ -186,31 +170,7 @@ def _require_awq():
 def tiny_model(tmp_path_factory) -> Path:
     """A 2-layer Llama, hidden 128 (two groups of 64), briefly trained on the records so that its
     perplexity is far below the vocabulary size and 4-bit rounding shows up in it."""
-    import torch
-    from transformers import LlamaConfig, LlamaForCausalLM
-
-    tok = _tokenizer()
-    cfg = LlamaConfig(vocab_size=len(tok), hidden_size=128, intermediate_size=256, num_hidden_layers=2,
-                      num_attention_heads=4, num_key_value_heads=2, max_position_embeddings=1024,
-                      rms_norm_eps=1e-5, tie_word_embeddings=True, bos_token_id=tok.bos_token_id,
-                      eos_token_id=tok.eos_token_id, pad_token_id=tok.pad_token_id)
-    torch.manual_seed(0)
-    model = LlamaForCausalLM(cfg)
-    seqs = [G.hf_token_ids(tok, G.chat_text(tok, r["messages"])) for r in _records()]
-    width = max(len(s) for s in seqs)
-    ids = torch.tensor([s + [tok.pad_token_id] * (width - len(s)) for s in seqs])
-    mask = torch.tensor([[1] * len(s) + [0] * (width - len(s)) for s in seqs])
-    opt = torch.optim.AdamW(model.parameters(), lr=1e-2)
-    model.train()
-    for _ in range(12):
-        opt.zero_grad()
-        model(input_ids=ids, attention_mask=mask, labels=ids.masked_fill(mask == 0, -100)).loss.backward()
-        opt.step()
-    model.eval()
-    out = tmp_path_factory.mktemp("merged")
-    model.save_pretrained(out, safe_serialization=True)
-    tok.save_pretrained(out)
-    return out
+    return train_tiny_llama(tmp_path_factory.mktemp("merged"), hidden=128)
 
 
 @pytest.fixture(scope="module")

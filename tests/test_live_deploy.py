@@ -26,11 +26,10 @@ from pathlib import Path
 import httpx
 import pytest
 import yaml
+from canary_support import deploy_checkout, git, repo_params
 
 from llmpipe.config import ParamsError, parse_params
 from llmpipe.stack.state import StackState
-
-from canary_support import deploy_checkout, git, repo_params
 
 ROOT = Path(__file__).resolve().parents[1]
 SRC = str(ROOT / "src")

@@ -73,9 +73,10 @@ def sh(cmd: list[str], cwd: Path, env: dict[str, str]) -> subprocess.CompletedPr
     return proc
 
 
-@pytest.fixture(scope="module")
-def project(tmp_path_factory) -> tuple[Path, dict[str, str]]:
-    repo = tmp_path_factory.mktemp("pipeline")
+def tiny_project(repo: Path) -> dict[str, str]:
+    """A scratch copy of the pipeline (dvc.yaml, params, stages, src) over ``tiny_raw`` data in
+    ``repo``, pii-scrub with one worker; returns the environment its commands run with."""
+    repo.mkdir(parents=True, exist_ok=True)
     for item in ("dvc.yaml", "params.yaml", ".gitignore", ".dvcignore"):
         shutil.copy(ROOT / item, repo / item)
     for item in ("stages", "src"):
@@ -85,9 +86,16 @@ def project(tmp_path_factory) -> tuple[Path, dict[str, str]]:
     params["pii"]["workers"] = 1
     (repo / "params.yaml").write_text(yaml.safe_dump(params, sort_keys=False))
     bin_dir = str(Path(sys.executable).parent)
-    env = {**os.environ, "PATH": bin_dir + os.pathsep + os.environ["PATH"],
-           "PYTHONPATH": str(repo / "src"), "GIT_AUTHOR_NAME": "t", "GIT_AUTHOR_EMAIL": "t@t",
-           "GIT_COMMITTER_NAME": "t", "GIT_COMMITTER_EMAIL": "t@t", "DVC_NO_ANALYTICS": "1"}
+    return {**os.environ, "PATH": bin_dir + os.pathsep + os.environ["PATH"],
+            "PYTHONPATH": str(repo / "src"), "GIT_AUTHOR_NAME": "t", "GIT_AUTHOR_EMAIL": "t@t",
+            "GIT_COMMITTER_NAME": "t", "GIT_COMMITTER_EMAIL": "t@t", "DVC_NO_ANALYTICS": "1",
+            "HF_HUB_OFFLINE": "1", "TOKENIZERS_PARALLELISM": "false"}
+
+
+@pytest.fixture(scope="module")
+def project(tmp_path_factory) -> tuple[Path, dict[str, str]]:
+    repo = tmp_path_factory.mktemp("pipeline")
+    env = tiny_project(repo)
     dvc = [sys.executable, "-m", "dvc"]
     sh(["git", "init", "-q"], repo, env)
     sh(dvc + ["init", "-q"], repo, env)

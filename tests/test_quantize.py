@@ -57,13 +57,12 @@ def _records():
         }
 
 
-@pytest.fixture(scope="module")
-def tiny_model(tmp_path_factory) -> Path:
-    """A 2-layer, hidden-256 Llama briefly trained on the test records, saved like models/merged.
+def train_tiny_llama(out: Path, *, hidden: int, steps: int = TRAIN_STEPS) -> Path:
+    """A 2-layer Llama (``hidden`` wide, SmolLM2's tokenizer and chat template) briefly trained
+    on the test records, saved to ``out`` like models/merged.
 
     Training (a few seconds) makes its predictions meaningful: perplexity far below the
-    vocabulary size, and a greedy reply that is the memorised JSON, so the GGUF files can be
-    checked to reproduce it.
+    vocabulary size, and a greedy reply that is the memorised JSON.
     """
     import torch
     from transformers import LlamaConfig, LlamaForCausalLM
@@ -73,7 +72,7 @@ def tiny_model(tmp_path_factory) -> Path:
     tok = load_tokenizer("embedded:smollm2-135m-instruct")
     assert tok.chat_template, "SmolLM2 tokenizer lost its chat template"
     cfg = LlamaConfig(
-        vocab_size=len(tok), hidden_size=256, intermediate_size=512, num_hidden_layers=2,
+        vocab_size=len(tok), hidden_size=hidden, intermediate_size=2 * hidden, num_hidden_layers=2,
         num_attention_heads=4, num_key_value_heads=2, max_position_embeddings=1024,
         rms_norm_eps=1e-5, tie_word_embeddings=True,
         bos_token_id=tok.bos_token_id, eos_token_id=tok.eos_token_id, pad_token_id=tok.pad_token_id,
@@ -88,15 +87,21 @@ def tiny_model(tmp_path_factory) -> Path:
     labels = ids.masked_fill(mask == 0, -100)
     opt = torch.optim.AdamW(model.parameters(), lr=1e-2)
     model.train()
-    for _step in range(TRAIN_STEPS):
+    for _step in range(steps):
         opt.zero_grad()
         model(input_ids=ids, attention_mask=mask, labels=labels).loss.backward()
         opt.step()
     model.eval()
-    out = tmp_path_factory.mktemp("merged")
     model.save_pretrained(out, safe_serialization=True)
     tok.save_pretrained(out)
     return out
+
+
+@pytest.fixture(scope="module")
+def tiny_model(tmp_path_factory) -> Path:
+    """A 2-layer, hidden-256 Llama trained on the test records, so the GGUF files can be checked
+    to reproduce its greedy reply."""
+    return train_tiny_llama(tmp_path_factory.mktemp("merged"), hidden=256)
 
 
 def _params(path: Path, **quantize) -> Path:

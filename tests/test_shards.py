@@ -10,7 +10,6 @@ from __future__ import annotations
 
 import json
 import os
-import shutil
 import subprocess
 import sys
 from pathlib import Path
@@ -115,23 +114,10 @@ def _snapshot(repo: Path) -> dict[str, bytes]:
 
 @pytest.mark.slow
 def test_dvc_repro_with_shards_gives_the_same_splits(tmp_path):
-    from test_pipeline_e2e import tiny_raw
+    from test_pipeline_e2e import tiny_project
 
     repo = tmp_path / "project"
-    repo.mkdir()
-    for item in ("dvc.yaml", "params.yaml", ".gitignore", ".dvcignore"):
-        shutil.copy(ROOT / item, repo / item)
-    for item in ("stages", "src"):
-        shutil.copytree(ROOT / item, repo / item, ignore=shutil.ignore_patterns("__pycache__"))
-    tiny_raw(repo / "data" / "raw")
-    params = yaml.safe_load((repo / "params.yaml").read_text())
-    params["pii"]["workers"] = 1
-    (repo / "params.yaml").write_text(yaml.safe_dump(params, sort_keys=False))
-    bin_dir = str(Path(sys.executable).parent)
-    env = {**os.environ, "PATH": bin_dir + os.pathsep + os.environ["PATH"], "PYTHONPATH": str(repo / "src"),
-           "GIT_AUTHOR_NAME": "t", "GIT_AUTHOR_EMAIL": "t@t", "GIT_COMMITTER_NAME": "t",
-           "GIT_COMMITTER_EMAIL": "t@t", "DVC_NO_ANALYTICS": "1", "HF_HUB_OFFLINE": "1",
-           "TOKENIZERS_PARALLELISM": "false"}
+    env = tiny_project(repo)
     dvc = [sys.executable, "-m", "dvc"]
     _sh(["git", "init", "-q"], repo, env)
     _sh(dvc + ["init", "-q"], repo, env)
