@@ -22,9 +22,22 @@ def _tmp_sibling(path: Path, suffix: str = "") -> Path:
     return Path(name)
 
 
+def _replace(tmp: Path, path: Path) -> None:
+    """Rename ``tmp`` onto ``path``. A directory on either side cannot be renamed over the other
+    in one step: the old ``path`` is first moved aside (into a fresh sibling dir) and removed."""
+    if path.exists() and (path.is_dir() or tmp.is_dir()):
+        old = Path(tempfile.mkdtemp(prefix=f".{path.name}.", suffix=".old", dir=path.parent))
+        os.replace(path, old / path.name)
+        os.replace(tmp, path)
+        shutil.rmtree(old, ignore_errors=True)
+    else:
+        os.replace(tmp, path)
+
+
 @contextlib.contextmanager
 def atomic_path(path: str | os.PathLike[str]) -> Iterator[Path]:
-    """Yield a temporary path next to ``path``; rename it onto ``path`` on success.
+    """Yield a temporary path next to ``path``; rename it onto ``path`` on success (a directory
+    at ``path``, e.g. a sharded output of an earlier run, is replaced as a whole).
 
     On an exception the temporary file is removed and ``path`` is left untouched.
     """
@@ -33,7 +46,7 @@ def atomic_path(path: str | os.PathLike[str]) -> Iterator[Path]:
     tmp = _tmp_sibling(path)
     try:
         yield tmp
-        os.replace(tmp, path)
+        _replace(tmp, path)
     except BaseException:
         with contextlib.suppress(FileNotFoundError):
             tmp.unlink()
@@ -48,13 +61,7 @@ def atomic_dir(path: str | os.PathLike[str]) -> Iterator[Path]:
     tmp = Path(tempfile.mkdtemp(prefix=f".{path.name}.", suffix=".tmp", dir=path.parent))
     try:
         yield tmp
-        if path.exists():
-            old = Path(tempfile.mkdtemp(prefix=f".{path.name}.", suffix=".old", dir=path.parent))
-            os.replace(path, old / path.name)
-            os.replace(tmp, path)
-            shutil.rmtree(old, ignore_errors=True)
-        else:
-            os.replace(tmp, path)
+        _replace(tmp, path)
     except BaseException:
         shutil.rmtree(tmp, ignore_errors=True)
         raise
@@ -71,14 +78,9 @@ def read_json(path: str | os.PathLike[str]) -> Any:
 
 
 def write_jsonl(path: str | os.PathLike[str], rows: Iterable[dict[str, Any]]) -> int:
-    """Write ``rows`` as JSON Lines, atomically. Returns the number of rows written."""
-    n = 0
-    with atomic_path(path) as tmp, open(tmp, "w", encoding="utf-8") as fh:
-        for row in rows:
-            fh.write(json.dumps(row, ensure_ascii=False, sort_keys=True))
-            fh.write("\n")
-            n += 1
-    return n
+    """Write ``rows`` as JSON Lines (key-sorted, UTF-8 kept), atomically. Returns the number of
+    rows written."""
+    return write_jsonl_lines(path, map(jsonl_line, rows))
 
 
 def read_jsonl(path: str | os.PathLike[str]) -> Iterator[dict[str, Any]]:
@@ -148,22 +150,10 @@ def write_jsonl_lines(path: str | os.PathLike[str], lines: Iterable[str], shards
         raise ValueError(f"shards must be >= 1, got {shards}")
     if shards == 1:
         n = 0
-        path.parent.mkdir(parents=True, exist_ok=True)
-        tmp = _tmp_sibling(path)
-        try:
-            with open(tmp, "w", encoding="utf-8") as fh:
-                for line in lines:
-                    fh.write(line)
-                    n += 1
-            if path.is_dir():  # a sharded output of an earlier run with other params
-                old = Path(tempfile.mkdtemp(prefix=f".{path.name}.", suffix=".old", dir=path.parent))
-                os.replace(path, old / path.name)
-                shutil.rmtree(old, ignore_errors=True)
-            os.replace(tmp, path)
-        except BaseException:
-            with contextlib.suppress(FileNotFoundError):
-                tmp.unlink()
-            raise
+        with atomic_path(path) as tmp, open(tmp, "w", encoding="utf-8") as fh:
+            for line in lines:
+                fh.write(line)
+                n += 1
         return n
     if total is None:
         raise ValueError("a sharded write needs the total number of lines")

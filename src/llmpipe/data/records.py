@@ -42,6 +42,29 @@ def final_reply(record: dict[str, Any]) -> str:
     return record["messages"][-1]["content"]
 
 
+def _decoded_lines(fh, file: str | os.PathLike[str], error: type[Exception]) -> Iterator[tuple[int, str]]:
+    """(line number, line) for each non-blank line of the binary file ``fh``; invalid UTF-8
+    raises ``error`` naming ``file`` and the physical line."""
+    for lineno, raw in enumerate(fh, start=1):
+        try:
+            line = raw.decode("utf-8")
+        except UnicodeDecodeError as exc:
+            raise error(f"{file}:{lineno}: not valid UTF-8 ({exc.reason})") from None
+        if line.strip():
+            yield lineno, line
+
+
+def _json_object(file: str | os.PathLike[str], lineno: int, line: str, error: type[Exception]) -> dict[str, Any]:
+    """The JSON object on one line; invalid JSON or another JSON value raises ``error``."""
+    try:
+        obj = json.loads(line)
+    except json.JSONDecodeError as exc:
+        raise error(f"{file}:{lineno}: invalid JSON: {exc.msg} (column {exc.colno})") from None
+    if not isinstance(obj, dict):
+        raise error(f"{file}:{lineno}: expected a JSON object, got {type(obj).__name__}")
+    return obj
+
+
 def iter_json_objects(
     path: str | os.PathLike[str], error: type[Exception] = ValueError, *, missing_hint: str = ""
 ) -> Iterator[tuple[int, dict[str, Any]]]:
@@ -55,20 +78,8 @@ def iter_json_objects(
     except FileNotFoundError:
         raise error(f"{path}: input file not found{missing_hint}") from None
     with fh:
-        for lineno, raw in enumerate(fh, start=1):
-            try:
-                line = raw.decode("utf-8")
-            except UnicodeDecodeError as exc:
-                raise error(f"{path}:{lineno}: not valid UTF-8 ({exc.reason})") from None
-            if not line.strip():
-                continue
-            try:
-                obj = json.loads(line)
-            except json.JSONDecodeError as exc:
-                raise error(f"{path}:{lineno}: invalid JSON: {exc.msg} (column {exc.colno})") from None
-            if not isinstance(obj, dict):
-                raise error(f"{path}:{lineno}: expected a JSON object, got {type(obj).__name__}")
-            yield lineno, obj
+        for lineno, line in _decoded_lines(fh, path, error):
+            yield lineno, _json_object(path, lineno, line, error)
 
 
 def record_files(
@@ -93,13 +104,8 @@ def iter_record_lines(
     of a records directory, in order; invalid UTF-8 raises ``error`` naming the file and line."""
     for file in record_files(path, error, missing_hint=missing_hint):
         with open(file, "rb") as fh:
-            for lineno, raw in enumerate(fh, start=1):
-                try:
-                    line = raw.decode("utf-8")
-                except UnicodeDecodeError as exc:
-                    raise error(f"{file}:{lineno}: not valid UTF-8 ({exc.reason})") from None
-                if line.strip():
-                    yield file, lineno, line
+            for lineno, line in _decoded_lines(fh, file, error):
+                yield file, lineno, line
 
 
 def parse_record(
@@ -107,12 +113,7 @@ def parse_record(
 ) -> dict[str, Any]:
     """One line of a pipeline records file as a canonical record; problems raise ``error``
     naming the file and line (invalid JSON, not an object, no ``messages`` list or ``id``)."""
-    try:
-        obj = json.loads(line)
-    except json.JSONDecodeError as exc:
-        raise error(f"{file}:{lineno}: invalid JSON: {exc.msg} (column {exc.colno})") from None
-    if not isinstance(obj, dict):
-        raise error(f"{file}:{lineno}: expected a JSON object, got {type(obj).__name__}")
+    obj = _json_object(file, lineno, line, error)
     if not isinstance(obj.get("messages"), list) or (require_id and not isinstance(obj.get("id"), str)):
         need = "a string 'id' and a 'messages' list" if require_id else "a 'messages' list"
         raise error(f"{file}:{lineno}: record needs {need}")
