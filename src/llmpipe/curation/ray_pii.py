@@ -13,14 +13,14 @@ from typing import Any, Sequence
 
 from llmpipe.config.data import PiiSection
 from llmpipe.curation.ray_runtime import PICKLE, binary, iter_tables, library_errors, loads, to_dataset
-from llmpipe.data.pii import PiiError, PiiScrubber, ScrubStats, _check_spacy_model
+from llmpipe.data.pii import PiiError, ScrubStats, _check_spacy_model, worker_scrubber
 
 
 class _ScrubActor:
     """One analyzer per actor, built once and reused for every batch the actor gets."""
 
     def __init__(self, cfg: PiiSection):
-        self.scrubber = PiiScrubber(cfg)
+        self.scrubber = worker_scrubber(cfg)
 
     def __call__(self, table):
         import pyarrow as pa

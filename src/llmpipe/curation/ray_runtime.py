@@ -68,6 +68,34 @@ def _is_loopback(host: str) -> bool:
         return False
 
 
+def ordered_actor_map(actor_cls: type, args: tuple, items: Iterable[Any], workers: int,
+                      max_in_flight: int | None = None) -> Iterator[Any]:
+    """``actor(item)`` for every item, on a pool of ``workers`` Ray actors (one CPU each, built
+    once with ``actor_cls(*args)``), results yielded in input order.
+
+    ``items`` is consumed lazily and at most ``max_in_flight`` (default 2 x workers) items are
+    submitted and not yet yielded, so memory is bounded by the batch, not the input. Ray core
+    actors, not Ray Data: on a small box Ray Data's executor, stats and autoscaling actors cost
+    ~20-30% of a core next to the work (benchmarks/results/curation_scale_pii.json).
+    """
+    import ray
+    from ray.util import ActorPool
+
+    remote_cls = ray.remote(num_cpus=1)(actor_cls)
+    pool = ActorPool([remote_cls.remote(*args) for _ in range(max(1, workers))])
+    limit = max_in_flight or 2 * max(1, workers)
+    pending = 0
+    for item in items:
+        while pending and (pending >= limit or not pool.has_free()):
+            yield pool.get_next()
+            pending -= 1
+        pool.submit(lambda actor, value: actor.__call__.remote(value), item)
+        pending += 1
+    while pending:
+        yield pool.get_next()
+        pending -= 1
+
+
 def to_dataset(objs: Sequence[Any], batch_size: int):
     """A Ray dataset of ``{"i": position, "obj": pickled object}`` rows, one block per batch."""
     import pyarrow as pa

@@ -768,18 +768,24 @@ def _needs_torch(model: str) -> bool:
     return any("transformers" in r or "torch" in r for r in reqs)
 
 
-def _worker_init(cfg: PiiSection) -> None:
-    """Build the scrubber in a worker process. A worker does nothing else, so when the spaCy
-    model needs no deep-learning backend the optional backends not imported yet are made
-    unimportable in this process before spaCy and Presidio load (they try them and go on
-    without)."""
-    global _WORKER
+def worker_scrubber(cfg: PiiSection) -> PiiScrubber:
+    """A warmed-up scrubber for a process that does nothing else (a pool worker, a Ray actor).
+    When the spaCy model needs no deep-learning backend, the optional backends not imported yet
+    are made unimportable in this process before spaCy and Presidio load (they try them and go
+    on without): ~10 CPU-seconds saved per process."""
     if not _needs_torch(cfg.spacy_model):
         for name in _UNUSED_BACKENDS:
             if name not in sys.modules:
                 sys.modules[name] = None  # type: ignore[assignment]  # import raises ImportError
-    _WORKER = PiiScrubber(cfg)
-    _WORKER.warm_up()
+    scrubber = PiiScrubber(cfg)
+    scrubber.warm_up()
+    return scrubber
+
+
+def _worker_init(cfg: PiiSection) -> None:
+    """Build the scrubber in a pool worker process."""
+    global _WORKER
+    _WORKER = worker_scrubber(cfg)
 
 
 def _worker_scrub(batch: list[dict[str, Any]]) -> tuple[list[dict[str, Any]], ScrubStats]:
