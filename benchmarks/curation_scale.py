@@ -273,7 +273,7 @@ def run_stage(engine: str, stage: str, records: list[dict], params, tmp: Path) -
     """Run one stage with one engine; returns (output digest, a few counts)."""
     ray = engine == "ray"
     if stage == "validate":
-        from llmpipe.data.validate import TokenCounter, validate_inputs
+        from llmpipe.data.validate import TokenCounter, ValidateOutputs, Validator, local_batch_map, validate_files
         from llmpipe.model.source import load_tokenizer
 
         with open(tmp / "corpus.jsonl", "w", encoding="utf-8") as fh:
@@ -281,25 +281,40 @@ def run_stage(engine: str, stage: str, records: list[dict], params, tmp: Path) -
                 fh.write(json.dumps({"messages": r["messages"], "metadata": r["metadata"]}, ensure_ascii=False) + "\n")
         # a relative path: records name their source file, and the digests must not see tmp's name
         cfg = params.validate_.model_copy(update={"inputs": ["corpus.jsonl"]})
+        out = ValidateOutputs("out/records.jsonl", "out/rejects.jsonl", "out/repairs.jsonl")
         cwd = os.getcwd()
         os.chdir(tmp)
-        try:
+        try:  # the stage's work: stream the input file through the validators into the output files
             if ray:
-                from llmpipe.curation.ray_validate import validate_inputs_ray
+                from llmpipe.curation.ray_validate import ray_batch_map
 
-                res = validate_inputs_ray(cfg, params.model.max_seq_len, params.model.name_or_path, params.curation)
+                batch_map = ray_batch_map(cfg, params.model.max_seq_len, params.model.name_or_path,
+                                          params.curation.workers)
+                batch_size = params.curation.batch_size
             else:
-                res = validate_inputs(cfg, params.model.max_seq_len,
-                                      TokenCounter(load_tokenizer(params.model.name_or_path)))
+                counter = TokenCounter(load_tokenizer(params.model.name_or_path))
+                batch_map, batch_size = local_batch_map(Validator(cfg, params.model.max_seq_len, counter)), 1
+            metrics = validate_files(cfg, out, batch_map, batch_size, 1).metrics
+            # digest(records, rejects, repairs, metrics) of the lists, from the files: each line is
+            # the element spelling of the list's JSON
+            h = hashlib.sha256()
+            for path in (out.records, out.rejects, out.repairs):
+                with open(path, encoding="utf-8", newline="\n") as fh:
+                    h.update(b"[")
+                    for k, line in enumerate(fh):
+                        h.update((", " if k else "").encode() + line.rstrip("\n").encode("utf-8", "surrogatepass"))
+                    h.update(b"]")
+            h.update(json.dumps(metrics, sort_keys=True, ensure_ascii=False, default=str).encode("utf-8", "surrogatepass"))
         finally:
             os.chdir(cwd)
-        return digest(res.records, [r.to_json() for r in res.rejects], res.repairs, res.metrics), {
-            "valid": res.metrics["records_valid"], "rejected": res.metrics["records_rejected"]}
+        return h.hexdigest(), {"valid": metrics["records_valid"], "rejected": metrics["records_rejected"]}
     if stage == "pii":
         if ray:
-            from llmpipe.curation.ray_pii import scrub_records_ray
+            from llmpipe.curation.ray_pii import ray_batch_map
+            from llmpipe.data.pii import scrub_records
 
-            out, metrics, review = scrub_records_ray(records, params.pii)
+            out, metrics, review = scrub_records(records, params.pii, progress=False,
+                                                 batch_map=ray_batch_map(params.pii))
         else:
             from llmpipe.data.pii import scrub_records
 

@@ -17,9 +17,8 @@ import time
 from pathlib import Path
 
 from llmpipe.config import ParamsError, load_stage_params
-from llmpipe.data.pii import PiiError, scrub_records
-from llmpipe.data.records import read_records
-from llmpipe.io import write_json, write_jsonl, write_records, write_timings
+from llmpipe.data.pii import PiiError, scrub_file
+from llmpipe.io import write_json, write_jsonl, write_timings
 
 PARAMS = ["pii", "curation"]
 
@@ -37,32 +36,30 @@ def main(argv: list[str] | None = None) -> int:
     try:
         params = load_stage_params(PARAMS, args.params)
         cfg = params.pii
-        records = read_records(args.input, PiiError)
-        print(f"pii-scrub: {len(records)} records from {args.input}, entities {cfg.entities}, "
-              f"{cfg.workers} worker(s), batch {cfg.batch_size}, engine {params.curation.engine}",
-              file=sys.stderr, flush=True)
-        if params.curation.engine == "ray":  # same outputs, on Ray Data (docs/curation.md "Engines")
-            from llmpipe.curation.ray_pii import scrub_records_ray
+        print(f"pii-scrub: {args.input} -> {args.output}, entities {cfg.entities}, {cfg.workers} worker(s), "
+              f"batch {cfg.batch_size}, engine {params.curation.engine}", file=sys.stderr, flush=True)
+        if params.curation.engine == "ray":  # same outputs, on a Ray actor pool (docs/curation.md "Engines")
+            from llmpipe.curation.ray_pii import ray_batch_map
             from llmpipe.curation.ray_runtime import ray_session
 
             with ray_session(params.curation) as where:
                 print(f"pii-scrub: engine ray ({where})", file=sys.stderr, flush=True)
-                scrubbed, metrics, review = scrub_records_ray(records, cfg)
+                result = scrub_file(args.input, args.output, cfg, params.curation.shards,
+                                    batch_map=ray_batch_map(cfg))
         else:
-            scrubbed, metrics, review = scrub_records(records, cfg, progress=True)
+            result = scrub_file(args.input, args.output, cfg, params.curation.shards)
     except (PiiError, ParamsError) as exc:
         print(f"pii-scrub: error: {exc}", file=sys.stderr)
         return 2
-    write_records(args.output, scrubbed, params.curation.shards)  # shards > 1: a directory
-    write_jsonl(args.review, review)
-    write_json(args.metrics, metrics)
+    write_jsonl(args.review, result.review)
+    write_json(args.metrics, result.metrics)
     seconds = time.monotonic() - start
-    text_kb = sum(len(m["content"].encode("utf-8")) for r in records for m in r["messages"]) / 1000
-    write_timings("pii-scrub", {"seconds": round(seconds, 3), "records": len(records),
-                                "records_per_s": round(len(records) / seconds, 1),
-                                "message_kb": round(text_kb, 1), "kb_per_s": round(text_kb / seconds, 1)})
-    print(f"pii-scrub: wrote {len(scrubbed)} records to {args.output} "
-          f"({metrics['records_touched']} touched, {metrics['entities_total']} entities) "
+    write_timings("pii-scrub", {"seconds": round(seconds, 3), "records": result.records,
+                                "records_per_s": round(result.records / seconds, 1),
+                                "message_kb": round(result.message_kb, 1),
+                                "kb_per_s": round(result.message_kb / seconds, 1)})
+    print(f"pii-scrub: wrote {result.records} records to {args.output} "
+          f"({result.metrics['records_touched']} touched, {result.metrics['entities_total']} entities) "
           f"and {args.metrics} in {seconds:.1f}s", file=sys.stderr)
     return 0
 

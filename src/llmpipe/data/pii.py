@@ -71,20 +71,22 @@ from __future__ import annotations
 
 import hashlib
 import json
+import math
 import multiprocessing
 import os
 import re
 import sys
 import time
-from collections import Counter
+from collections import Counter, deque
 from dataclasses import dataclass, field
 from importlib import metadata
-from typing import Any, Iterable, Iterator, Sequence
+from typing import Any, Callable, Iterable, Iterator, Sequence
 
 from llmpipe.config.data import PII_ENTITIES, PiiSection
 from llmpipe.data.pii_code import code_spans, prose_segments
 from llmpipe.data.pii_names import is_common_phrase, name_evidence, set_english_words
-from llmpipe.data.records import ROLES, record_id
+from llmpipe.data.records import ROLES, iter_record_lines, iter_records, record_id
+from llmpipe.io import write_records
 
 SUPPORTED_ENTITIES = PII_ENTITIES
 
@@ -813,6 +815,40 @@ def _start_pool(cfg: PiiSection, workers: int):
     return multiprocessing.get_context(method).Pool(workers, initializer=_worker_init, initargs=(cfg,))
 
 
+BatchMap = Callable[[Iterator[list[dict[str, Any]]]], Iterator[tuple[list[dict[str, Any]], "ScrubStats"]]]
+
+
+def _pool_map(cfg: PiiSection, workers: int) -> BatchMap:
+    """Batches scrubbed on a pool of ``workers`` processes, results in input order; at most
+    2 x workers batches are in flight, so memory is bounded by the batch, not the input
+    (``Pool.imap`` would read the whole input ahead)."""
+    def run(batches: Iterator[list[dict[str, Any]]]) -> Iterator[tuple[list[dict[str, Any]], ScrubStats]]:
+        # A failing pool initializer makes multiprocessing respawn workers forever: check the
+        # one thing likely to fail (the spaCy model) here first, with a clear error.
+        _check_spacy_model(cfg.spacy_model)
+        pool = _start_pool(cfg, workers)
+        try:
+            window: deque = deque()
+            for batch in batches:
+                window.append(pool.apply_async(_worker_scrub, (batch,)))
+                if len(window) >= 2 * workers:
+                    yield window.popleft().get()
+            while window:
+                yield window.popleft().get()
+            pool.close()
+        finally:
+            pool.terminate()
+            pool.join()
+    return run
+
+
+def _local_map(scrubber: PiiScrubber) -> BatchMap:
+    def run(batches: Iterator[list[dict[str, Any]]]) -> Iterator[tuple[list[dict[str, Any]], ScrubStats]]:
+        for batch in batches:
+            yield scrubber.scrub_batch(batch)
+    return run
+
+
 class _Progress:
     def __init__(self, total: int | None, enabled: bool, every_s: float = 2.0):
         self.total, self.enabled, self.every_s = total, enabled, every_s
@@ -838,51 +874,93 @@ class _Progress:
         print(msg, file=sys.stderr, flush=True)
 
 
+def scrub_stream(
+    records: Iterable[dict[str, Any]],
+    cfg: PiiSection,
+    stats: "ScrubStats",
+    *,
+    total: int | None = None,
+    progress: bool = True,
+    scrubber: PiiScrubber | None = None,
+    batch_map: BatchMap | None = None,
+) -> Iterator[dict[str, Any]]:
+    """Scrubbed records in input order, lazily, ``pii.batch_size`` records at a time; the
+    counters of every batch are added to ``stats``. Memory is bounded by the batches in flight.
+
+    Where the batches run: ``batch_map`` if given (the Ray engine's actor pool), else on
+    ``scrubber`` here (tests and benchmarks pass one to load the model once), else with
+    ``cfg.workers`` > 1 and more than one batch (``total`` records; unknown: assumed more) on a
+    pool of worker processes, each with its own AnalyzerEngine, else on a new scrubber here.
+    """
+    if scrubber is not None and scrubber.cfg != cfg:
+        raise ValueError("scrub_records: the scrubber was built for a different PiiSection")
+    report = _Progress(total, progress)
+    if batch_map is None:
+        n_batches = math.ceil(total / cfg.batch_size) if total is not None else cfg.workers
+        workers = 1 if scrubber is not None else min(cfg.workers, n_batches)
+        batch_map = _pool_map(cfg, workers) if workers > 1 else _local_map(scrubber or PiiScrubber(cfg))
+    for recs, st in batch_map(_batches(records, cfg.batch_size)):
+        stats += st
+        report.update(len(recs))
+        yield from recs
+    report.update(0, final=True)
+
+
 def scrub_records(
     records: Iterable[dict[str, Any]],
     cfg: PiiSection,
     progress: bool = True,
     scrubber: PiiScrubber | None = None,
+    batch_map: BatchMap | None = None,
 ) -> tuple[list[dict[str, Any]], dict[str, Any], list[dict[str, Any]]]:
-    """Scrub canonical records; returns (scrubbed records in input order, metrics dict,
-    review sample of replaced spans with context).
-
-    Given a ``scrubber`` (tests and benchmarks pass one to load the model once), the work runs
-    here on it. Otherwise, with ``cfg.workers > 1`` and more than one batch of input, the
-    batches are spread over a pool of worker processes, each with its own AnalyzerEngine; with
-    one worker a new scrubber runs here.
-    """
-    if scrubber is not None and scrubber.cfg != cfg:
-        raise ValueError("scrub_records: the scrubber was built for a different PiiSection")
+    """Scrub canonical records in memory; returns (scrubbed records in input order, metrics
+    dict, review sample of replaced spans with context). See :func:`scrub_stream`."""
     records = list(records)
-    total = len(records)
-    report = _Progress(total, progress)
     stats = ScrubStats(review_limit=cfg.review_per_entity)
-    out: list[dict[str, Any]] = []
-    batches = list(_batches(records, cfg.batch_size))
-    workers = 1 if scrubber is not None else min(cfg.workers, len(batches))
-    if workers <= 1:
-        scrubber = scrubber or PiiScrubber(cfg)
-        for batch in batches:
-            recs, st = scrubber.scrub_batch(batch)
-            out.extend(recs)
-            stats += st
-            report.update(len(recs))
-    else:
-        # A failing pool initializer makes multiprocessing respawn workers forever: check the
-        # one thing likely to fail (the spaCy model) here first, with a clear error.
-        _check_spacy_model(cfg.spacy_model)
-        pool = _start_pool(cfg, workers)
-        try:
-            for recs, st in pool.imap(_worker_scrub, batches):
-                out.extend(recs)
-                stats += st
-                report.update(len(recs))
-            pool.close()
-        finally:
-            pool.terminate()
-            pool.join()
-    report.update(0, final=True)
-    if stats.records_out != total or len(out) != total:
-        raise RuntimeError(f"pii-scrub lost records: {total} in, {len(out)} out")
+    out = list(scrub_stream(records, cfg, stats, total=len(records), progress=progress, scrubber=scrubber,
+                            batch_map=batch_map))
+    _check_counts(len(records), len(out), stats)
     return out, stats.to_metrics(cfg), stats.review_items()
+
+
+@dataclass
+class ScrubFileResult:
+    metrics: dict[str, Any]
+    review: list[dict[str, Any]]
+    records: int
+    message_kb: float
+
+
+def scrub_file(
+    src: str | os.PathLike[str],
+    dst: str | os.PathLike[str],
+    cfg: PiiSection,
+    shards: int = 1,
+    progress: bool = True,
+    batch_map: BatchMap | None = None,
+) -> ScrubFileResult:
+    """Scrub a records output (a file, or a directory of shards) into ``dst`` (``shards`` > 1:
+    a directory of shards), streaming: memory is bounded by the batches in flight, not the
+    corpus. The records are counted first (a pass over the lines, for the shard sizes and the
+    progress), then read, scrubbed and written in one pass. Same bytes as
+    :func:`scrub_records` followed by ``write_records``."""
+    hint = " (did the previous stage run?)"
+    total = sum(1 for _ in iter_record_lines(src, PiiError, missing_hint=hint))
+    stats = ScrubStats(review_limit=cfg.review_per_entity)
+    kb = [0]
+
+    def read() -> Iterator[dict[str, Any]]:
+        for rec in iter_records(src, PiiError):
+            _check_record(rec)
+            kb[0] += sum(len(m["content"].encode("utf-8", "surrogatepass")) for m in rec["messages"])
+            yield rec
+
+    written = write_records(dst, scrub_stream(read(), cfg, stats, total=total, progress=progress,
+                                              batch_map=batch_map), shards, total)
+    _check_counts(total, written, stats)
+    return ScrubFileResult(stats.to_metrics(cfg), stats.review_items(), total, kb[0] / 1000)
+
+
+def _check_counts(total: int, written: int, stats: "ScrubStats") -> None:
+    if stats.records_out != total or written != total:
+        raise RuntimeError(f"pii-scrub lost records: {total} in, {written} out")
