@@ -15,9 +15,9 @@ import time
 from pathlib import Path
 
 from llmpipe.config import ParamsError, load_stage_params
-from llmpipe.data.dedup import DedupError, read_records
-from llmpipe.data.split import SPLITS, split_records
-from llmpipe.io import atomic_path, write_json, write_jsonl, write_timings
+from llmpipe.data.dedup import DedupError
+from llmpipe.data.split import SPLITS, split_file
+from llmpipe.io import write_json, write_jsonl, write_timings
 
 PARAMS = ["split", "curation"]
 
@@ -41,25 +41,22 @@ def main(argv: list[str] | None = None) -> int:
     t0 = time.perf_counter()
     try:
         cfg = load_stage_params(PARAMS, args.params)
-        records = read_records(args.input)
-        _progress(f"read {len(records)} records from {args.input}")
-        if cfg.curation.engine == "ray":  # same outputs, on Ray Data (docs/curation.md "Engines")
+        if cfg.curation.engine == "ray":  # same outputs, pass 1 on Ray actors (docs/curation.md "Engines")
             from llmpipe.curation.ray_runtime import ray_session
-            from llmpipe.curation.ray_split import split_records_ray
+            from llmpipe.curation.ray_split import ray_batch_map
 
             with ray_session(cfg.curation) as where:
                 _progress(f"engine ray ({where})")
-                result = split_records_ray(records, cfg.split, cfg.curation, progress=_progress)
+                contamination, metrics = split_file(
+                    args.input, out_dir, cfg.split, _progress,
+                    batch_map=ray_batch_map(cfg.split, cfg.curation), batch_size=cfg.curation.batch_size)
         else:
-            result = split_records(records, cfg.split, progress=_progress)
+            contamination, metrics = split_file(args.input, out_dir, cfg.split, _progress)
     except (DedupError, ParamsError, ValueError) as exc:
         print(f"[split] error: {exc}", file=sys.stderr)
         return 2
-    for name in SPLITS:
-        with atomic_path(out_dir / f"{name}.jsonl") as tmp:
-            tmp.write_bytes(result.files[name])
-    write_jsonl(contamination_path, result.contamination)
-    metrics = {**result.metrics, "files": {name: str(out_dir / f"{name}.jsonl") for name in SPLITS}}
+    write_jsonl(contamination_path, contamination)
+    metrics = {**metrics, "files": {name: str(out_dir / f"{name}.jsonl") for name in SPLITS}}
     write_json(args.metrics, metrics)
     seconds = time.perf_counter() - t0
     write_timings("split", {"seconds": round(seconds, 3), "records": metrics["records"]})

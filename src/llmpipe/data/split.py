@@ -27,9 +27,25 @@ data). Any other value of the key is an error.
 Hashes: ``sha256`` of each split file's bytes; the dataset version is the sha256 of the three
 hex digests concatenated in the order train, val, test (ASCII, no separator).
 
-Contamination: MinHash/LSH (same signatures as :mod:`llmpipe.data.dedup`) over the train
-records; every val/test record is queried, and each (record, train record) pair with an
-estimated Jaccard >= ``contamination_threshold`` is reported -- nothing is dropped.
+Contamination: MinHash/LSH (the signatures and band keys of :mod:`llmpipe.data.dedup`) over the
+train records; every val/test record is queried, and each (record, train record) pair that
+agrees on a whole LSH band (datasketch ``MinHashLSH``'s bucket rule, with
+:func:`~llmpipe.data.dedup.lsh_params` banding) and has an estimated Jaccard >=
+``contamination_threshold`` is reported -- nothing is dropped. Pairs come by split (val, test),
+query record (file order), then Jaccard descending and the train record's position in train.
+
+Bounded memory
+--------------
+:func:`split_file` never holds the records. Pass 1 (:func:`scan_lines`, batch by batch: in this
+process, or on Ray actors through ``batch_map``) keeps per record only what the assignment and
+the contamination check need: the 32-byte order digest, a stratum code, the pinned split, the
+line's place in the input (file, byte offset, length), whether the line is already canonical,
+and its MinHash signature and band keys (in files read back as memory maps: ``num_perm x 4 +
+bands x 8`` bytes, 680 at the defaults). The assignment is a sort of the digests; the
+contamination check a per-band sorted index of the train records' band keys, queried block by
+block. Pass 2 writes each split file in its order, reading each record's line back by offset
+(a canonical line is copied as it is, any other is parsed and re-serialised).
+:func:`split_records` runs the same code on a list of records.
 """
 
 from __future__ import annotations
@@ -37,21 +53,26 @@ from __future__ import annotations
 import hashlib
 import json
 import math
+import os
+import tempfile
 from dataclasses import dataclass
 from fractions import Fraction
-from typing import Any, Callable, Mapping, Sequence
+from typing import Any, Callable, Iterator, Mapping, Sequence
+
+import numpy as np
 
 from llmpipe.config.data import SplitSection
+from llmpipe.data import records as canonical
 from llmpipe.data.dedup import (
+    DedupError,
     Progress,
-    estimated_jaccard,
-    gc_paused,
-    lean_minhash,
-    make_lsh,
+    band_keys,
+    lsh_params,
     minhash_signatures,
     near_text,
     selected_contents,
 )
+from llmpipe.io import atomic_path, jsonl_line
 
 SPLITS = ("train", "val", "test")
 MISSING_STRATUM = "<missing>"
@@ -136,39 +157,6 @@ def pinned_split(record: Mapping[str, Any], pin_key: str | None) -> str | None:
     return value
 
 
-def assign(
-    records: Sequence[Mapping[str, Any]], cfg: SplitSection
-) -> tuple[dict[str, list[dict[str, Any]]], dict[str, dict[str, int]]]:
-    """Split ``records``: (records per split in file order, counts per stratum per split).
-
-    Pinned records are counted under the stratum ``"<pinned>"``.
-    """
-    strata: dict[str, list[tuple[tuple[str, str], Mapping[str, Any]]]] = {}
-    out: dict[str, list[tuple[tuple[str, str], Mapping[str, Any]]]] = {s: [] for s in SPLITS}
-    pinned = {s: 0 for s in SPLITS}
-    for rec in records:
-        target = pinned_split(rec, cfg.pin_key)
-        if target is not None:
-            out[target].append((order_key(rec, cfg.seed), rec))
-            pinned[target] += 1
-            continue
-        name = stratum_of(rec, cfg.stratify_key)
-        strata.setdefault(name, []).append((order_key(rec, cfg.seed), rec))
-    per_stratum: dict[str, dict[str, int]] = {}
-    for name in sorted(strata):
-        members = sorted(strata[name], key=lambda t: t[0])
-        counts = allocate(len(members), cfg.ratios)
-        per_stratum[name] = counts
-        start = 0
-        for s in SPLITS:
-            out[s].extend(members[start : start + counts[s]])
-            start += counts[s]
-    if any(pinned.values()):
-        per_stratum[PINNED_STRATUM] = pinned
-    splits = {s: [dict(rec) for _, rec in sorted(out[s], key=lambda t: t[0])] for s in SPLITS}
-    return splits, per_stratum
-
-
 def serialize(records: Sequence[Mapping[str, Any]]) -> bytes:
     return "".join(canonical_json(r) + "\n" for r in records).encode("utf-8")
 
@@ -178,50 +166,320 @@ def dataset_version(file_hashes: Mapping[str, str]) -> str:
     return hashlib.sha256("".join(file_hashes[s] for s in SPLITS).encode("ascii")).hexdigest()
 
 
+# --------------------------------------------------------------------------- pass 1: scan
+
+Line = tuple[str, int, str]  # (file, line number, text) of one input line
+
+
+@dataclass
+class Scanned:
+    """Pass 1 of one batch: what the assignment and the contamination check need per record."""
+
+    digest: np.ndarray  # uint8[m, 32]: sha256(f"{seed}:{id}")
+    strata: list[str]  # the batch's stratum names
+    stratum: np.ndarray  # int32[m]: index into strata (-1: pinned)
+    pinned: np.ndarray  # int8[m]: the split a record is pinned to (-1: none)
+    canonical: np.ndarray  # bool[m]: the input line is the record's output line
+    empty: np.ndarray  # bool[m]: no contamination text
+    sig: np.ndarray  # uint32[m, num_perm]
+    bands: np.ndarray  # int64[m, bands]
+
+
+BatchMap = Callable[[Iterator[list[Line]]], Iterator[Scanned]]
+SCAN_BATCH = 4096  # records scanned together in this process (signatures are vectorised per batch)
+
+
+def scan_records(records: Sequence[Mapping[str, Any]], cfg: SplitSection, start: int = 0,
+                 lines: Sequence[str] | None = None) -> Scanned:
+    """Pass 1 over ``records`` (input positions ``start``...); ``lines``: their input lines."""
+    m = len(records)
+    digest = bytearray()
+    names: dict[str, int] = {}
+    stratum = np.full(m, -1, dtype=np.int32)
+    pinned = np.full(m, -1, dtype=np.int8)
+    canon = np.zeros(m, dtype=bool)
+    texts = []
+    for j, rec in enumerate(records):
+        if not isinstance(rec, Mapping) or not isinstance(rec.get("id"), str):
+            raise ValueError(f"record #{start + j}: expected a JSON object with a string 'id'")
+        digest += hashlib.sha256(f"{cfg.seed}:{rec['id']}".encode("utf-8")).digest()
+        target = pinned_split(rec, cfg.pin_key)
+        if target is None:
+            stratum[j] = names.setdefault(stratum_of(rec, cfg.stratify_key), len(names))
+        else:
+            pinned[j] = SPLITS.index(target)
+        if lines is not None:
+            canon[j] = jsonl_line(rec) == lines[j]  # type: ignore[arg-type]
+        texts.append(near_text(selected_contents(rec, cfg.contamination_roles, start + j)))
+    bands, rows = lsh_params(cfg.contamination_threshold, cfg.contamination_num_perm)
+    sig = minhash_signatures(texts, cfg.contamination_num_perm, cfg.contamination_shingle_size)
+    return Scanned(np.frombuffer(bytes(digest), dtype=np.uint8).reshape(m, 32), list(names), stratum, pinned,
+                   canon, np.fromiter((not t for t in texts), dtype=bool, count=m), sig, band_keys(sig, bands, rows))
+
+
+def scan_lines(lines: Sequence[Line], cfg: SplitSection, start: int = 0) -> Scanned:
+    """:func:`scan_records` of input lines (the unit of work a Ray actor gets)."""
+    recs = [canonical.parse_record(f, n, text, DedupError, require_id=True) for f, n, text in lines]
+    return scan_records(recs, cfg, start, [text for _, _, text in lines])
+
+
+class _Arrays:
+    """Per-record arrays grown batch by batch; the large ones (signatures, band keys) go to files
+    under ``workdir`` and are read back as memory maps."""
+
+    def __init__(self, workdir: str | None):
+        self.workdir = workdir
+        self.parts: dict[str, list[np.ndarray]] = {}
+        self.files: dict[str, Any] = {}
+        self.meta: dict[str, tuple[np.dtype, tuple[int, ...], int]] = {}
+
+    def add(self, name: str, block: np.ndarray, on_disk: bool = False) -> None:
+        dtype, shape, n = self.meta.get(name, (block.dtype, block.shape[1:], 0))
+        self.meta[name] = (dtype, shape, n + len(block))
+        if on_disk and self.workdir is not None:
+            if name not in self.files:
+                self.files[name] = open(os.path.join(self.workdir, f"{name}.bin"), "wb")
+            self.files[name].write(np.ascontiguousarray(block).tobytes())
+        else:
+            self.parts.setdefault(name, []).append(block)
+
+    def get(self, name: str, dtype: Any = np.uint8, shape: tuple[int, ...] = ()) -> np.ndarray:
+        """The whole column (``dtype``/``shape``: of an empty one, when no batch came)."""
+        if name not in self.meta:
+            return np.empty((0, *shape), dtype)
+        dtype, shape, n = self.meta[name]
+        if name in self.files:
+            self.files[name].close()
+            path = self.files.pop(name).name
+            self.parts[name] = [np.memmap(path, dtype=dtype, mode="r", shape=(n, *shape))]
+        if len(self.parts[name]) > 1:
+            self.parts[name] = [np.concatenate(self.parts[name])]
+        return self.parts[name][0]
+
+
+class _Scan:
+    """The pass-1 arrays of all records, in input order."""
+
+    def __init__(self, cfg: SplitSection, workdir: str | None):
+        self.cfg = cfg
+        self.cols = _Arrays(workdir)
+        self.names: dict[str, int] = {}
+        self.n = 0
+
+    def add(self, s: Scanned) -> None:
+        codes = np.array([self.names.setdefault(name, len(self.names)) for name in s.strata] + [-1], dtype=np.int32)
+        self.cols.add("digest", s.digest)
+        self.cols.add("stratum", codes[s.stratum])  # -1 picks the appended -1
+        self.cols.add("pinned", s.pinned)
+        self.cols.add("canonical", s.canonical)
+        self.cols.add("empty", s.empty)
+        self.cols.add("sig", s.sig, on_disk=True)
+        self.cols.add("bands", s.bands, on_disk=True)
+        self.n += len(s.digest)
+
+
+# --------------------------------------------------------------------------- sources
+
+
+class _ListSource:
+    """Records in a list (:func:`split_records`)."""
+
+    def __init__(self, records: Sequence[Mapping[str, Any]]):
+        self.records = records
+
+    def record(self, i: int) -> Mapping[str, Any]:
+        return self.records[i]
+
+    def line(self, i: int, canonical_line: bool) -> bytes:
+        return (canonical_json(self.records[i]) + "\n").encode("utf-8")
+
+
+class _FileSource:
+    """A records file or shard directory, each record's line read back by its byte offset."""
+
+    def __init__(self, path: str | os.PathLike[str]):
+        self.files = canonical.record_files(path, DedupError, missing_hint=" (did the previous stage run?)")
+        self.where: dict[str, list[np.ndarray]] = {"file": [], "offset": [], "length": [], "lineno": []}
+        self.fds: list[int] = []
+
+    def lines(self, batch: int) -> Iterator[list[Line]]:
+        """Batches of (file, line number, text), recording every line's place in the input."""
+        out: list[Line] = []
+        place: dict[str, list[int]] = {k: [] for k in self.where}
+        for k, file in enumerate(self.files):
+            offset = 0
+            with open(file, "rb") as fh:
+                for lineno, raw in enumerate(fh, start=1):
+                    at, offset = offset, offset + len(raw)
+                    try:
+                        text = raw.decode("utf-8")
+                    except UnicodeDecodeError as exc:
+                        raise DedupError(f"{file}:{lineno}: not valid UTF-8 ({exc.reason})") from None
+                    if not text.strip():
+                        continue
+                    out.append((file, lineno, text))
+                    for key, value in (("file", k), ("offset", at), ("length", len(raw)), ("lineno", lineno)):
+                        place[key].append(value)
+                    if len(out) >= batch:
+                        self._keep(place)
+                        yield out
+                        out = []
+        if out:
+            self._keep(place)
+            yield out
+
+    def _keep(self, place: dict[str, list[int]]) -> None:
+        for key, values in place.items():
+            self.where[key].append(np.array(values, dtype=np.int64))
+            values.clear()
+
+    def finish(self) -> None:
+        self.place = {k: np.concatenate(v) if v else np.empty(0, np.int64) for k, v in self.where.items()}
+        self.where = {}
+        self.fds = [os.open(f, os.O_RDONLY) for f in self.files]
+
+    def close(self) -> None:
+        for fd in self.fds:
+            os.close(fd)
+        self.fds = []
+
+    def raw(self, i: int) -> bytes:
+        p = self.place
+        data = os.pread(self.fds[p["file"][i]], int(p["length"][i]), int(p["offset"][i]))
+        if len(data) != p["length"][i]:
+            raise DedupError(f"{self.files[p['file'][i]]}: changed while being split")
+        return data
+
+    def record(self, i: int) -> dict[str, Any]:
+        file, lineno = self.files[self.place["file"][i]], int(self.place["lineno"][i])
+        return canonical.parse_record(file, lineno, self.raw(i).decode("utf-8"), DedupError, require_id=True)
+
+    def line(self, i: int, canonical_line: bool) -> bytes:
+        return self.raw(i) if canonical_line else jsonl_line(self.record(i)).encode("utf-8")
+
+
+# --------------------------------------------------------------------------- assignment
+
+
+@dataclass
+class Plan:
+    """The split of the scanned records: input positions of each split in file order, counts per
+    stratum, and the contamination pairs (split, query position, train position, Jaccard)."""
+
+    order: dict[str, np.ndarray]
+    per_stratum: dict[str, dict[str, int]]
+    pairs: list[tuple[str, int, int, float]]
+
+
+def global_order(digest: np.ndarray, source: Any) -> np.ndarray:
+    """Input positions sorted by :func:`order_key`: the digest, ties by the canonical JSON."""
+    n = len(digest)
+    if n == 0:
+        return np.zeros(0, dtype=np.int64)
+    words = np.ascontiguousarray(digest).view(">u8")  # [n, 4], big-endian: sorts like the hex digest
+    order = np.lexsort(words.T[::-1])
+    w = words[order]
+    tie = np.flatnonzero((w[1:] == w[:-1]).all(axis=1))  # order[t] and order[t + 1]: same id
+    if len(tie):
+        starts = tie[np.r_[True, np.diff(tie) > 1]]
+        for s in starts.tolist():
+            e = s + 1
+            while e < n and (w[e] == w[s]).all():
+                e += 1
+            run = order[s:e].tolist()
+            order[s:e] = sorted(run, key=lambda i: canonical_json(source.record(i)))  # stable
+    return order.astype(np.int64)
+
+
+def assign_positions(scan: _Scan, source: Any) -> tuple[dict[str, np.ndarray], dict[str, dict[str, int]]]:
+    """Input positions per split in file order, and counts per stratum (``"<pinned>"`` too)."""
+    cfg = scan.cfg
+    order = global_order(scan.cols.get("digest", np.uint8, (32,)), source)
+    code = scan.cols.get("stratum", np.int32)
+    pin = scan.cols.get("pinned", np.int8)
+    split_of = np.full(scan.n, -1, dtype=np.int8)
+    split_of[pin >= 0] = pin[pin >= 0]
+    free = order[code[order] >= 0]  # unpinned, in the seeded order
+    by_code = free[np.argsort(code[free], kind="stable")]  # grouped by stratum, each in the seeded order
+    sorted_codes = code[by_code]
+    per_stratum: dict[str, dict[str, int]] = {}
+    for name in sorted(scan.names):
+        c = scan.names[name]
+        lo, hi = np.searchsorted(sorted_codes, [c, c + 1])
+        counts = allocate(int(hi - lo), cfg.ratios)
+        per_stratum[name] = counts
+        at = int(lo)
+        for k, s in enumerate(SPLITS):
+            split_of[by_code[at:at + counts[s]]] = k
+            at += counts[s]
+    pinned = {s: int(np.count_nonzero(pin == k)) for k, s in enumerate(SPLITS)}
+    if any(pinned.values()):
+        per_stratum[PINNED_STRATUM] = pinned
+    return {s: order[split_of[order] == k] for k, s in enumerate(SPLITS)}, per_stratum
+
+
 # --------------------------------------------------------------------------- contamination
 
+_QUERY_BLOCK = 1 << 14  # query records per block
+_PAIR_BLOCK = 1 << 15  # candidate pairs confirmed at once: 2 x 32768 x num_perm x 4 B = 32 MiB at 128
 
-def find_contamination(
-    splits: Mapping[str, Sequence[Mapping[str, Any]]],
-    cfg: SplitSection,
-    progress: Progress | None = None,
-) -> list[dict[str, Any]]:
-    """Pairs (val/test record, train record) with estimated Jaccard >= the threshold."""
-    roles = cfg.contamination_roles
 
-    def texts_of(name: str) -> list[str]:
-        return [near_text(selected_contents(r, roles, i)) for i, r in enumerate(splits[name])]
+def _expand(lo: np.ndarray, count: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
+    """(partner, query) index arrays for queries q with partners ``[lo[q], lo[q] + count[q])``."""
+    q = np.flatnonzero(count)
+    c = count[q]
+    queries = np.repeat(q, c)
+    partners = np.repeat(lo[q], c) + np.arange(int(c.sum())) - np.repeat(np.cumsum(c) - c, c)
+    return partners, queries
 
-    train = splits["train"]
-    train_texts = texts_of("train")
-    num_perm, k = cfg.contamination_num_perm, cfg.contamination_shingle_size
-    train_sig = minhash_signatures(train_texts, num_perm, k)
-    lsh = make_lsh(cfg.contamination_threshold, cfg.contamination_num_perm)
-    with lsh.insertion_session() as session:
-        for i, text in enumerate(train_texts):
-            if text:
-                session.insert(i, lean_minhash(train_sig[i]), check_duplication=False)
-    pairs: list[dict[str, Any]] = []
+
+def contamination_positions(order: Mapping[str, np.ndarray], sig: np.ndarray, band_key: np.ndarray,
+                            empty: np.ndarray, cfg: SplitSection, say: Progress) -> list[tuple[str, int, int, float]]:
+    """(split, query input position, train rank, Jaccard) of every contamination pair, in report
+    order. ``sig``/``band_key``/``empty`` are indexed by input position (memory maps welcome)."""
+    num_perm = cfg.contamination_num_perm
+    bands, rows = lsh_params(cfg.contamination_threshold, num_perm)
+    train = order["train"]
+    t_rank = np.flatnonzero(~np.asarray(empty)[train]) if len(train) else np.zeros(0, np.int64)
+    t_pos = train[t_rank]
+    index = []  # per band: (sorted keys, train ranks)
+    for k in range(bands):
+        keys = np.asarray(band_key[t_pos, k]) if len(t_pos) else np.zeros(0, np.int64)
+        o = np.argsort(keys, kind="stable")
+        index.append((keys[o], t_rank[o]))
+    pairs: list[tuple[str, int, int, float]] = []
     for name in SPLITS[1:]:
-        recs = splits[name]
-        texts = texts_of(name)
-        sig = minhash_signatures(texts, num_perm, k)
-        for i, text in enumerate(texts):
-            if not text or not train_texts:
+        queries = order[name]
+        queries = queries[~np.asarray(empty)[queries]] if len(queries) else queries
+        found = 0
+        for q0 in range(0, len(queries) if len(t_pos) else 0, _QUERY_BLOCK):
+            block = queries[q0:q0 + _QUERY_BLOCK]
+            qkeys = np.asarray(band_key[block])
+            qsig = np.asarray(sig[block])
+            hits_q, hits_t, hits_eq = [], [], []
+            for k, (keys, ranks) in enumerate(index):
+                lo = np.searchsorted(keys, qkeys[:, k], side="left")
+                count = np.searchsorted(keys, qkeys[:, k], side="right") - lo
+                partner, q = _expand(lo, count)
+                for p0 in range(0, len(q), _PAIR_BLOCK):
+                    pq, pt = q[p0:p0 + _PAIR_BLOCK], ranks[partner[p0:p0 + _PAIR_BLOCK]]
+                    eq = qsig[pq] == np.asarray(sig[train[pt]])
+                    ok = eq[:, k * rows:(k + 1) * rows].all(axis=1)  # the whole band: no key collision
+                    equal = np.count_nonzero(eq, axis=1)
+                    ok &= equal / num_perm >= cfg.contamination_threshold
+                    hits_q.append(pq[ok])
+                    hits_t.append(pt[ok])
+                    hits_eq.append(equal[ok])
+            if not hits_q:
                 continue
-            cands = sorted(lsh.query(lean_minhash(sig[i])))
-            if not cands:
-                continue
-            sims = estimated_jaccard(sig[i], train_sig[cands])
-            hits = [
-                (float(sim), c)
-                for sim, c in zip(sims, cands)
-                if sim >= cfg.contamination_threshold
-            ]
-            for jac, c in sorted(hits, key=lambda t: (-t[0], t[1])):
-                pairs.append(contamination_pair(name, recs[i], train[c], jac, cfg))
-        if progress is not None:
-            progress(f"contamination check {name}: {len(recs)} records vs {len(train)} train")
+            q_all, t_all, e_all = (np.concatenate(x) for x in (hits_q, hits_t, hits_eq))
+            o = np.lexsort((t_all, -e_all, q_all))  # query, Jaccard descending, train rank
+            q_all, t_all, e_all = q_all[o], t_all[o], e_all[o]
+            first = np.r_[True, (q_all[1:] != q_all[:-1]) | (t_all[1:] != t_all[:-1])]  # once per pair
+            for qi, ti, ei in zip(q_all[first].tolist(), t_all[first].tolist(), e_all[first].tolist()):
+                pairs.append((name, int(block[qi]), ti, ei / num_perm))
+                found += 1
+        say(f"contamination check {name}: {len(order[name])} records vs {len(train)} train, {found} pairs")
     return pairs
 
 
@@ -244,53 +502,120 @@ def contamination_pair(
 # --------------------------------------------------------------------------- all together
 
 
-def split_records(
-    records: Sequence[Mapping[str, Any]],
-    cfg: SplitSection,
-    progress: Progress | None = None,
-    contamination_check: Callable[..., list[dict[str, Any]]] = find_contamination,
-) -> SplitResult:
-    """Split, hash and contamination-check ``records`` (nothing is written here).
+def _local_map(cfg: SplitSection) -> BatchMap:
+    def run(batches: Iterator[list[Line]]) -> Iterator[Scanned]:
+        start = 0
+        for batch in batches:
+            yield scan_lines(batch, cfg, start)
+            start += len(batch)
+    return run
 
-    ``contamination_check(splits, cfg, progress=...)`` finds the contamination pairs
-    (:func:`find_contamination`; the Ray engine passes its distributed version)."""
-    say = progress or (lambda _msg: None)
-    for i, rec in enumerate(records):
-        if not isinstance(rec, Mapping) or not isinstance(rec.get("id"), str):
-            raise ValueError(f"record #{i}: expected a JSON object with a string 'id'")
-    splits, per_stratum = assign(records, cfg)
-    sizes = ", ".join(f"{s}={len(splits[s])}" for s in SPLITS)
+
+def _plan(scan: _Scan, source: Any, say: Progress) -> Plan:
+    order, per_stratum = assign_positions(scan, source)
+    sizes = ", ".join(f"{s}={len(order[s])}" for s in SPLITS)
     say(f"assigned: {sizes} over {len(per_stratum)} strata")
-    files = {s: serialize(splits[s]) for s in SPLITS}
-    hashes = {s: hashlib.sha256(files[s]).hexdigest() for s in SPLITS}
-    with gc_paused():
-        contamination = contamination_check(splits, cfg, progress=say)
+    pairs = contamination_positions(order, scan.cols.get("sig"), scan.cols.get("bands"),
+                                    scan.cols.get("empty", bool), scan.cfg, say)
+    return Plan(order, per_stratum, pairs)
+
+
+def _report(plan: Plan, source: Any, cfg: SplitSection, hashes: Mapping[str, str], n: int
+            ) -> tuple[list[dict[str, Any]], dict[str, Any]]:
+    """The contamination report and metrics/data.json's content."""
+    train = plan.order["train"]
+    contamination = [contamination_pair(name, source.record(q), source.record(int(train[t])), jac, cfg)
+                     for name, q, t, jac in plan.pairs]
     metrics = {
         "dataset_version": dataset_version(hashes),
-        "records": len(records),
-        "counts": {s: len(splits[s]) for s in SPLITS},
-        "sha256": hashes,
-        "strata": per_stratum,
+        "records": n,
+        "counts": {s: len(plan.order[s]) for s in SPLITS},
+        "sha256": dict(hashes),
+        "strata": plan.per_stratum,
         "contamination_pairs": len(contamination),
         "contamination_by_split": {
             s: sum(1 for p in contamination if p["split"] == s) for s in SPLITS[1:]
         },
         "contaminated_records": len({(p["split"], p["id"]) for p in contamination}),
-        "pinned": per_stratum.get(PINNED_STRATUM, {s: 0 for s in SPLITS}),
+        "pinned": plan.per_stratum.get(PINNED_STRATUM, {s: 0 for s in SPLITS}),
         "params": cfg.model_dump(mode="json"),
     }
+    return contamination, metrics
+
+
+def split_file(
+    path: str | os.PathLike[str],
+    out_dir: str | os.PathLike[str],
+    cfg: SplitSection,
+    progress: Progress | None = None,
+    batch_map: BatchMap | None = None,
+    batch_size: int = SCAN_BATCH,
+) -> tuple[list[dict[str, Any]], dict[str, Any]]:
+    """Split a records file or shard directory into ``out_dir``/{train,val,test}.jsonl in memory
+    bounded by the batch, not the corpus (two passes, see the module docstring). Returns
+    ``(contamination pairs, metrics)``; the files are the bytes of :func:`split_records`'.
+
+    ``batch_map`` runs pass 1 on batches of input lines (default: in this process; the Ray engine
+    passes an actor pool) and yields their :class:`Scanned` in input order."""
+    say = progress or (lambda _msg: None)
+    source = _FileSource(path)
+    os.makedirs(out_dir, exist_ok=True)
+    with tempfile.TemporaryDirectory(prefix=".split-", suffix=".tmp", dir=out_dir) as work:
+        scan = _Scan(cfg, work)
+        for scanned in (batch_map or _local_map(cfg))(source.lines(batch_size)):
+            scan.add(scanned)
+        source.finish()
+        say(f"read {scan.n} records from {path}")
+        try:
+            plan = _plan(scan, source, say)
+            canon = scan.cols.get("canonical", bool)
+            hashes = {}
+            for s in SPLITS:
+                h = hashlib.sha256()
+                with atomic_path(os.path.join(out_dir, f"{s}.jsonl")) as tmp, open(tmp, "wb") as fh:
+                    for i in plan.order[s].tolist():
+                        data = source.line(i, bool(canon[i]))
+                        h.update(data)
+                        fh.write(data)
+                hashes[s] = h.hexdigest()
+            contamination, metrics = _report(plan, source, cfg, hashes, scan.n)
+        finally:
+            source.close()
+            del scan
+    return contamination, metrics
+
+
+def split_records(
+    records: Sequence[Mapping[str, Any]],
+    cfg: SplitSection,
+    progress: Progress | None = None,
+) -> SplitResult:
+    """Split, hash and contamination-check ``records`` (nothing is written here): the same
+    computation as :func:`split_file`, with the records in a list."""
+    say = progress or (lambda _msg: None)
+    scan = _Scan(cfg, None)
+    for start in range(0, len(records), SCAN_BATCH):
+        scan.add(scan_records(records[start:start + SCAN_BATCH], cfg, start))
+    source = _ListSource(records)
+    plan = _plan(scan, source, say)
+    splits = {s: [dict(records[i]) for i in plan.order[s].tolist()] for s in SPLITS}
+    files = {s: serialize(splits[s]) for s in SPLITS}
+    hashes = {s: hashlib.sha256(files[s]).hexdigest() for s in SPLITS}
+    contamination, metrics = _report(plan, source, cfg, hashes, len(records))
     return SplitResult(splits=splits, files=files, contamination=contamination, metrics=metrics)
 
 
 __all__ = [
     "SPLITS",
+    "BatchMap",
+    "Scanned",
     "SplitResult",
     "allocate",
-    "assign",
     "contamination_pair",
     "dataset_version",
-    "find_contamination",
     "pinned_split",
+    "scan_lines",
+    "split_file",
     "split_records",
     "stratum_of",
 ]
