@@ -16,8 +16,8 @@ import sys
 import time
 
 from llmpipe.config import ParamsError, load_stage_params
-from llmpipe.data.dedup import DedupError, dedup_file, read_records
-from llmpipe.io import write_json, write_jsonl, write_records, write_timings
+from llmpipe.data.dedup import DedupError, dedup_file
+from llmpipe.io import write_json, write_jsonl, write_timings
 
 PARAMS = ["dedup", "curation"]
 
@@ -39,16 +39,14 @@ def main(argv: list[str] | None = None) -> int:
     try:
         cfg = load_stage_params(PARAMS, args.params)
         shards = cfg.curation.shards
-        if cfg.curation.engine == "ray":  # same outputs, on Ray Data (docs/curation.md "Engines")
-            from llmpipe.curation.ray_dedup import dedup_records_ray
+        if cfg.curation.engine == "ray":  # same outputs, on Ray (docs/curation.md "Engines")
+            from llmpipe.curation.ray_dedup import dedup_file_ray
             from llmpipe.curation.ray_runtime import ray_session
 
-            records = read_records(args.input)
-            _progress(f"read {len(records)} records from {args.input}")
             with ray_session(cfg.curation) as where:
                 _progress(f"engine ray ({where})")
-                kept, clusters, metrics = dedup_records_ray(records, cfg.dedup, cfg.curation, progress=_progress)
-            write_records(args.out_records, kept, shards)
+                clusters, metrics = dedup_file_ray(args.input, args.out_records, cfg.dedup, cfg.curation, shards,
+                                                   progress=_progress)
         else:  # two streaming passes over the input, memory bounded by the batch (docs/curation.md)
             clusters, metrics = dedup_file(args.input, args.out_records, cfg.dedup, shards, progress=_progress)
     except (DedupError, ParamsError) as exc:

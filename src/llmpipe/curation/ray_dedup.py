@@ -1,140 +1,166 @@
-"""minhash-dedup on Ray Data, with the local engine's clusters.
+"""minhash-dedup on Ray, streaming, with the local engine's bytes.
 
-1. ``map_batches``: each record's exact key (normalised content), near-duplicate text, MinHash
-   signature and LSH band keys (``ray_lsh.sign_batch``).
-2. Exact duplicates: a hash shuffle on the exact key; in each group the first record (input
-   order) is the representative, the others its exact copies.
-3. Near duplicates among the representatives: ``ray_lsh.similar_pairs`` (band keys grouped
-   across the cluster, candidate pairs confirmed by signature similarity).
-4. Connected components over the confirmed pairs; in each component the local engine's rule,
-   in input order: a record joins the most similar earlier *kept* record it is paired with
-   (earliest on ties), else it is kept. A record's candidates in the local engine are exactly
-   the earlier kept records sharing an LSH bucket, and only a confirmed pair can win, so the
-   decisions, Jaccards and clusters are the local engine's. Only records with a confirmed pair
-   reach this step, so it runs on the driver.
-5. ``llmpipe.data.dedup.assemble`` writes the clusters and metrics, as locally.
+The input (a records file or a shard directory) is read twice by the driver, as by the local
+``llmpipe.data.dedup.dedup_file``, and never held whole: the driver keeps per record only its
+32-byte exact-key digest (a memory-mapped file) and two flags; signatures and band keys live in
+Ray's object store.
+
+1. Signing, on the cluster (Ray core tasks, ``curation.workers`` batches in flight at most
+   twice over): a batch of ``curation.batch_size`` input lines in, per record the exact-key
+   digest, the MinHash signature and the LSH band keys out (``_sign_lines``, the local engine's
+   ``_Signer``). The band keys come back split into P = ``curation.workers`` hash partitions,
+   one task return value each (``ray_lsh.bucket_partitions``): the shuffle.
+2. Exact duplicates on the driver: a sort of the digests (``dedup.decisions``).
+3. P reduce tasks, one per partition: every LSH bucket lies whole in one of them; candidate
+   pairs of each bucket confirmed by signature similarity (``ray_lsh.confirmed_pairs``).
+4. The confirmed pairs on the driver, grouped into connected components; the local rule in input
+   order, per component: a record joins the most similar earlier *kept* record it is paired
+   with (earliest on ties), else it is kept. A record's candidates in the local engine are
+   exactly the earlier kept records sharing an LSH bucket, and only a confirmed pair can win,
+   so the decisions, Jaccards and clusters are the local engine's.
+5. Pass 2 (``dedup.write_kept``, as locally) streams the input again and writes the kept
+   records, the clusters and the metrics.
 """
 
 from __future__ import annotations
 
-from collections import defaultdict
-from typing import Any, Mapping, Sequence
+import os
+import tempfile
+from collections import deque
+from typing import Any
 
 import numpy as np
 
 from llmpipe.config.data import CurationSection, DedupSection
-from llmpipe.curation.ray_lsh import sign_batch, similar_pairs
-from llmpipe.curation.ray_runtime import binary, group_blocks, iter_tables, library_errors, loads, to_dataset
-from llmpipe.data.dedup import DedupError, Progress, assemble, exact_key, lsh_params, near_text, selected_contents
+from llmpipe.curation.ray_lsh import bucket_partitions, confirmed_pairs
+from llmpipe.curation.ray_runtime import library_errors
+from llmpipe.data import records as canonical
+from llmpipe.data.dedup import (
+    DedupError,
+    Progress,
+    _Columns,
+    _Signer,
+    decisions,
+    greedy,
+    write_kept,
+)
+from llmpipe.io import jsonl_line
+
+_HINT = " (did the previous stage run?)"
 
 
-def _sign_records(table, cfg: DedupSection, bands: int, rows: int):
-    import pyarrow as pa
-
-    idx = table.column("i").to_pylist()
-    keys, texts = [], []
-    for i, rec in zip(idx, loads(table.column("obj"))):
-        contents = selected_contents(rec, cfg.roles, i)
-        keys.append(exact_key(contents))
-        texts.append(near_text(contents))
-    sig, band = sign_batch(texts, cfg.num_perm, cfg.shingle_size, bands, rows)
-    return pa.table({
-        "i": table.column("i"), "key": pa.array(keys, pa.string()),
-        "empty": pa.array([not t for t in texts], pa.bool_()), "side": np.zeros(len(idx), np.int8),
-        "sig": binary(row.tobytes() for row in sig), "bands": binary(row.tobytes() for row in band),
-    })
-
-
-def _exact_groups(table):
-    """(rep, copy) rows for every exact group with copies; the block holds whole groups."""
-    import pyarrow as pa
-
-    key = np.array(table.column("key").to_pylist(), dtype=object)
-    i = table.column("i").to_numpy()
-    reps, copies = [], []
-    if len(i):
-        order = sorted(range(len(i)), key=lambda j: (key[j], i[j]))
-        prev, rep = None, -1
-        for j in order:
-            if key[j] != prev:
-                prev, rep = key[j], int(i[j])
-            else:
-                reps.append(rep)
-                copies.append(int(i[j]))
-    return pa.table({"rep": pa.array(reps, pa.int64()), "copy": pa.array(copies, pa.int64())})
+def _sign_lines(first: int, lines: list[str], where: list[tuple[str, int]], cfg: DedupSection, parts: int):
+    """Signing task: parse the lines (errors name file and line), then per record the exact-key
+    digest, whether it has text, whether the line is in the pipeline's own spelling, the
+    signature, and the band keys in ``parts`` hash partitions."""
+    signer = _Signer(cfg, None, lambda _msg: None)
+    signer.n = first  # record numbers in error messages are input positions
+    canon = np.empty(len(lines), dtype=bool)
+    for j, ((file, lineno), line) in enumerate(zip(where, lines)):
+        rec = canonical.parse_record(file, lineno, line, DedupError, require_id=True)
+        canon[j] = jsonl_line(rec) == line
+        signer.add(rec)
+    signer.flush()
+    cols = signer.cols
+    keys = np.stack([cols.get(f"band{k}") for k in range(signer.bands)], axis=1)
+    meta = (cols.get("key"), cols.get("empty"), canon)
+    return (meta, cols.get("sig"), *bucket_partitions(first, keys, parts))
 
 
-def _greedy(components: Mapping[int, list[int]], edges: Mapping[int, list[tuple[int, float]]]
-            ) -> dict[int, tuple[int, float]]:
-    """Per component, in input order: join the most similar earlier kept record (earliest on
-    ties) or stay kept. Returns removed record -> (kept record, Jaccard)."""
-    near_of: dict[int, tuple[int, float]] = {}
-    for members in components.values():
-        for b in sorted(members):
-            best = None
-            for a, sim in sorted(edges.get(b, ())):
-                if a not in near_of and (best is None or sim > best[1]):
-                    best = (a, sim)
-            if best is not None:
-                near_of[b] = best
-    return near_of
+def _pairs(skip, sig_refs: list, starts, bands: int, rows: int, threshold: float, *entries):
+    """Reduce task of one hash partition: its confirmed pairs (a, b, equal)."""
+    import ray
+
+    return confirmed_pairs(list(entries), skip, ray.get(sig_refs[0]), starts, bands, rows, threshold)
 
 
-def dedup_records_ray(
-    records: Sequence[Mapping[str, Any]], cfg: DedupSection, curation: CurationSection,
-    progress: Progress | None = None,
-) -> tuple[list[dict[str, Any]], list[dict[str, Any]], dict[str, Any]]:
-    """``llmpipe.data.dedup.dedup_records`` on Ray: (kept records, clusters, metrics)."""
+def _batches(path, size: int):
+    lines: list[str] = []
+    where: list[tuple[str, int]] = []
+    for file, lineno, line in canonical.iter_record_lines(path, DedupError, missing_hint=_HINT):
+        lines.append(line)
+        where.append((file, lineno))
+        if len(lines) >= size:
+            yield lines, where
+            lines, where = [], []
+    if lines:
+        yield lines, where
+
+
+def _components_greedy(a: np.ndarray, b: np.ndarray, equal: np.ndarray, n: int, num_perm: int,
+                       say: Progress) -> dict[int, tuple[int, float]]:
+    """Connected components of the confirmed pairs, then the local greedy in input order."""
     from scipy.sparse import coo_matrix
     from scipy.sparse.csgraph import connected_components
 
+    if not len(a):
+        return {}
+    nodes, inv = np.unique(np.concatenate([a, b]), return_inverse=True)
+    graph = coo_matrix((np.ones(len(a), np.int8), (inv[: len(a)], inv[len(a):])), shape=(len(nodes), len(nodes)))
+    count, _label = connected_components(graph, directed=False)
+    near_of = greedy(a, b, equal, num_perm)
+    say(f"near pass: {len(a)} confirmed pairs in {count} connected components, {len(near_of)} near duplicates")
+    return near_of
+
+
+def dedup_file_ray(
+    path: str | os.PathLike[str], out_records: str | os.PathLike[str], cfg: DedupSection,
+    curation: CurationSection, shards: int = 1, progress: Progress | None = None,
+) -> tuple[list[dict[str, Any]], dict[str, Any]]:
+    """``llmpipe.data.dedup.dedup_file`` on Ray (inside a Ray session): the same kept records
+    (written to ``out_records``), clusters and metrics, in memory bounded by the batch on the
+    driver. Returns ``(clusters, metrics)``."""
+    import ray
+
     say = progress or (lambda _msg: None)
-    n = len(records)
-    bands, rows = lsh_params(cfg.threshold, cfg.num_perm)
-    with library_errors(DedupError):
-        signed = to_dataset(records, curation.batch_size).map_batches(
-            _sign_records, batch_size=curation.batch_size, batch_format="pyarrow", udf_modifying_row_count=False,
-        concurrency=curation.workers,
-            fn_kwargs={"cfg": cfg, "bands": bands, "rows": rows}).materialize()
-    say(f"signatures: {n} records, {cfg.num_perm} permutations, LSH {bands} bands x {rows} rows")
+    parts = max(1, curation.workers)
+    bands, rows = _Signer(cfg, None, say).bands, _Signer(cfg, None, say).rows
+    sign = ray.remote(num_cpus=1)(_sign_lines).options(num_returns=2 + parts)
+    reduce = ray.remote(num_cpus=1)(_pairs)
+    out_dir = os.path.dirname(os.path.abspath(out_records))
+    os.makedirs(out_dir, exist_ok=True)
+    with library_errors(DedupError), tempfile.TemporaryDirectory(prefix=".dedup-", suffix=".tmp", dir=out_dir) as work:
+        cols = _Columns(work)  # digests and flags, memory-mapped
+        sig_refs: list[Any] = []
+        part_refs: list[list[Any]] = []
+        starts: list[int] = []
+        cfg_ref = ray.put(cfg)
+        in_flight: deque = deque()
+        n = 0
 
-    exact_copies: dict[int, list[int]] = defaultdict(list)
-    grouped = group_blocks(signed.select_columns(["i", "key"]), "key")
-    for t in iter_tables(grouped.map_batches(_exact_groups, batch_size=None, batch_format="pyarrow")):
-        for rep, copy in zip(t.column("rep").to_pylist(), t.column("copy").to_pylist()):
-            exact_copies[rep].append(copy)
-    for copies in exact_copies.values():
-        copies.sort()
-    is_copy = np.zeros(n, dtype=bool)
-    for copies in exact_copies.values():
-        is_copy[copies] = True
-    say(f"exact pass: {int(is_copy.sum())} exact duplicates")
+        def collect() -> None:
+            refs = in_flight.popleft()
+            digest, empty, canon = ray.get(refs[0])
+            cols.add("key", digest)
+            cols.add("empty", empty)
+            cols.add("canon", canon)
+            sig_refs.append(refs[1])
+            part_refs.append(refs[2:])
 
-    sig = np.empty((n, cfg.num_perm), dtype=np.uint32)
-    empty = np.zeros(n, dtype=bool)
-    for t in iter_tables(signed.select_columns(["i", "sig", "empty"])):
-        i = t.column("i").to_numpy()
-        sig[i] = np.frombuffer(b"".join(t.column("sig").to_pylist()), dtype=np.uint32).reshape(len(i), -1)
-        empty[i] = t.column("empty").to_numpy(zero_copy_only=False)
-    a, b, sims = similar_pairs(signed, sig, is_copy | empty, bands, rows, cfg.threshold, curation)
+        for lines, where in _batches(path, curation.batch_size):
+            starts.append(n)
+            in_flight.append(sign.remote(n, lines, where, cfg_ref, parts))
+            n += len(lines)
+            while len(in_flight) >= 2 * parts:
+                collect()
+        while in_flight:
+            collect()
+        say(f"signatures: {n} records in {len(starts)} batches, LSH {bands} bands x {rows} rows, {parts} partitions")
 
-    nodes = np.unique(np.concatenate([a, b]))
-    edges: dict[int, list[tuple[int, float]]] = defaultdict(list)
-    for x, y, s in zip(a.tolist(), b.tolist(), sims.tolist()):
-        edges[y].append((x, s))  # x < y: y may join x
-    components: dict[int, list[int]] = defaultdict(list)
-    if len(nodes):
-        pos = {int(v): k for k, v in enumerate(nodes)}
-        graph = coo_matrix((np.ones(len(a)), ([pos[int(x)] for x in a], [pos[int(y)] for y in b])),
-                           shape=(len(nodes), len(nodes)))
-        _, label = connected_components(graph, directed=False)
-        for node, comp in zip(nodes.tolist(), label.tolist()):
-            components[comp].append(node)
-    near_of = _greedy(components, edges)
-    say(f"near pass: {len(a)} confirmed pairs in {len(components)} connected components, "
-        f"{len(near_of)} near duplicates")
+        def near(skip: np.ndarray) -> dict[int, tuple[int, float]]:
+            skip_ref, starts_ref = ray.put(np.asarray(skip)), ray.put(np.asarray(starts, dtype=np.int64))
+            tasks = [reduce.remote(skip_ref, [sig_refs], starts_ref, bands, rows, float(cfg.threshold),
+                                   *[p[k] for p in part_refs]) for k in range(parts)]
+            found = ray.get(tasks)
+            a, b, equal = (np.concatenate(x) for x in zip(*found))
+            return _components_greedy(a, b, equal, n, cfg.num_perm, say)
 
-    rep_index = np.flatnonzero(~is_copy).tolist()
-    kept_rep_pos = [p for p, i in enumerate(rep_index) if i not in near_of]
-    n_empty = int((empty & ~is_copy).sum())
-    return assemble(records, cfg, rep_index, exact_copies, near_of, kept_rep_pos, n_empty, say)
+        if n == 0:
+            d = decisions(np.empty((0, 32), np.uint8), np.empty(0, bool), near, say)
+            canon = np.empty(0, bool)
+        else:
+            d = decisions(cols.get("key"), cols.get("empty"), near, say)
+            canon = np.array(cols.get("canon"))
+        sig_refs.clear()
+        part_refs.clear()
+    return write_kept(path, out_records, cfg, d, canon, shards, say)

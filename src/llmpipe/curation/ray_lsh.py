@@ -23,9 +23,9 @@ import numpy as np
 
 from llmpipe.config.data import CurationSection
 from llmpipe.curation.ray_runtime import group_blocks, iter_tables
-from llmpipe.data.dedup import band_keys, minhash_signatures
+from llmpipe.data.dedup import _range_pairs, band_keys, minhash_signatures
 
-__all__ = ["band_keys", "sign_batch", "similar_pairs"]
+__all__ = ["band_keys", "bucket_partitions", "confirmed_pairs", "sign_batch", "similar_pairs"]
 
 
 def sign_batch(texts: list[str], num_perm: int, shingle_size: int, bands: int, rows: int):
@@ -130,3 +130,82 @@ def similar_pairs(signed, sig: np.ndarray, skip: np.ndarray, bands: int, rows: i
     a, b, s = np.concatenate(a_all), np.concatenate(b_all), np.concatenate(s_all)
     _, first = np.unique(np.stack([a, b], axis=1), axis=0, return_index=True)  # a pair recurs per shared band
     return a[first], b[first], s[first]
+
+
+# --------------------------------------------------------------------------- Ray core: hash partitions
+#
+# minhash-dedup's shuffle, without Ray Data: each signing task returns its batch's band keys
+# split into P hash partitions (``bucket_partitions``, one task return value each), and P reduce
+# tasks each take partition p of every batch, so that every LSH bucket lies whole in one task
+# (``confirmed_pairs``). No sort shuffle, no executor or stats actors.
+
+
+def bucket_partitions(first: int, keys: np.ndarray, parts: int) -> list[tuple[np.ndarray, np.ndarray, np.ndarray]]:
+    """The band keys ``keys`` (``int64[n, bands]``, records ``first``..``first + n - 1``) as
+    ``parts`` hash partitions of (key, record, band) entries: equal keys land in the same
+    partition."""
+    n, bands = keys.shape
+    flat = np.ascontiguousarray(keys).reshape(-1)
+    ids = np.repeat(np.arange(first, first + n, dtype=np.int64), bands)
+    band = np.tile(np.arange(bands, dtype=np.uint8), n)
+    part = (flat.view(np.uint64) >> np.uint64(33)) % np.uint64(parts)  # keys are hashes already
+    order = np.argsort(part, kind="stable")
+    bounds = np.searchsorted(part[order], np.arange(parts + 1, dtype=np.uint64))
+    return [(flat[order[s:e]], ids[order[s:e]], band[order[s:e]]) for s, e in zip(bounds[:-1], bounds[1:])]
+
+
+def _gather(batches: list[np.ndarray], starts: np.ndarray, ids: np.ndarray) -> np.ndarray:
+    """Signature rows of records ``ids`` from per-batch arrays (batch j holds records from
+    ``starts[j]``)."""
+    out = np.empty((len(ids), batches[0].shape[1]), dtype=batches[0].dtype)
+    which = np.searchsorted(starts, ids, side="right") - 1
+    order = np.argsort(which, kind="stable")
+    bounds = np.flatnonzero(np.r_[True, which[order][1:] != which[order][:-1], True])
+    for s, e in zip(bounds[:-1], bounds[1:]):
+        sel = order[s:e]
+        j = int(which[sel[0]])
+        out[sel] = batches[j][ids[sel] - starts[j]]
+    return out
+
+
+def confirmed_pairs(entries: list[tuple[np.ndarray, np.ndarray, np.ndarray]], skip: np.ndarray,
+                    sig_batches: list[np.ndarray], starts: np.ndarray, bands: int, rows: int,
+                    threshold: float) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
+    """The confirmed pairs of one hash partition (its (key, record, band) entries from every
+    batch; records in ``skip`` take no part): (a, b, equal) with a < b, ``equal`` the number of
+    equal signature values.
+
+    Every pair of records sharing a bucket is a candidate; it is confirmed when the two
+    signatures agree on a whole band (datasketch's bucket rule: a 64-bit key collision never
+    adds a pair) and their estimated Jaccard reaches ``threshold``. A pair is reported only from
+    the first band its signatures agree on, so each confirmed pair comes from exactly one
+    bucket of one partition: no duplicates across bands or partitions. Candidates are confirmed
+    in blocks of ``_PAIR_BLOCK`` pairs."""
+    key = np.concatenate([e[0] for e in entries])
+    rec = np.concatenate([e[1] for e in entries])
+    band = np.concatenate([e[2] for e in entries])
+    keep = ~skip[rec]
+    key, rec, band = key[keep], rec[keep], band[keep]
+    order = np.lexsort((rec, key))  # buckets, records ascending in each
+    key, rec, band = key[order], rec[order], band[order]
+    del order, keep
+    out_a, out_b, out_eq = [], [], []
+    if len(key) > 1:
+        run_start = np.flatnonzero(np.r_[True, key[1:] != key[:-1]])
+        run_end = np.r_[run_start[1:], len(key)]
+        after = np.repeat(run_end, run_end - run_start) - 1 - np.arange(len(key))
+        num_perm = sig_batches[0].shape[1]
+        for later, first in _range_pairs(np.arange(len(key)) + 1, after):
+            same = band[later] == band[first]  # a different band: a 64-bit key collision
+            x, y, k = rec[first][same], rec[later][same], band[first][same]
+            eq = _gather(sig_batches, starts, x) == _gather(sig_batches, starts, y)
+            agree = eq[:, : bands * rows].reshape(len(x), bands, rows).all(axis=2)
+            equal = np.count_nonzero(eq, axis=1)
+            ok = agree[np.arange(len(x)), k] & (np.argmax(agree, axis=1) == k)
+            ok &= equal / num_perm >= threshold  # as estimated_jaccard() >= threshold
+            out_a.append(x[ok])
+            out_b.append(y[ok])
+            out_eq.append(equal[ok].astype(np.int32))
+    if not out_a:
+        return np.empty(0, np.int64), np.empty(0, np.int64), np.empty(0, np.int32)
+    return np.concatenate(out_a), np.concatenate(out_b), np.concatenate(out_eq)

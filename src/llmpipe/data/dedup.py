@@ -590,19 +590,33 @@ class Decisions:
 def decide(signer: _Signer, say: Progress) -> Decisions:
     """Exact groups, confirmed near pairs and the greedy, from pass 1's arrays."""
     signer.flush()
-    cfg, n = signer.cfg, signer.n
+    cols = signer.cols
+
+    def near(skip: np.ndarray) -> dict[int, tuple[int, float]]:
+        return near_duplicates(cols.get("sig"), lambda k: cols.get(f"band{k}"), np.flatnonzero(~skip),
+                               signer.bands, signer.rows, signer.cfg.threshold, say)
+
+    if signer.n == 0:
+        return Decisions(0, [], {}, {}, np.zeros(0, dtype=bool), 0)
+    return decisions(cols.get("key"), cols.get("empty"), near, say)
+
+
+def decisions(keys: np.ndarray, empty: np.ndarray, near: Callable[[np.ndarray], dict[int, tuple[int, float]]],
+              say: Progress) -> Decisions:
+    """:class:`Decisions` from the exact-key digests (``uint8[n, 32]``) and the no-text flags of
+    all records; ``near(skip)`` decides the near duplicates among the records not in ``skip``
+    (exact copies and records without text). Shared by the local and the Ray engine."""
+    n = len(keys)
     if n == 0:
         return Decisions(0, [], {}, {}, np.zeros(0, dtype=bool), 0)
-    rep = exact_groups(signer.cols.get("key"))
+    empty = np.asarray(empty, dtype=bool)
+    rep = exact_groups(keys)
     is_copy = rep != np.arange(n)
     exact_copies: dict[int, list[int]] = {}
     for c in np.flatnonzero(is_copy).tolist():
         exact_copies.setdefault(int(rep[c]), []).append(c)
     say(f"exact pass: {n} records, {int(is_copy.sum())} exact duplicates")
-    empty = signer.cols.get("empty")
-    active = np.flatnonzero(~is_copy & ~empty)
-    near_of = near_duplicates(signer.cols.get("sig"), lambda k: signer.cols.get(f"band{k}"), active,
-                              signer.bands, signer.rows, cfg.threshold, say)
+    near_of = near(is_copy | empty)
     kept = ~is_copy
     if near_of:
         kept[np.fromiter(near_of, dtype=np.int64, count=len(near_of))] = False
@@ -659,6 +673,24 @@ def dedup_file(
             signer.add(rec)
         d = decide(signer, say)
         del signer
+    return write_kept(path, out_records, cfg, d, canonical_line, shards, say)
+
+
+def write_kept(
+    path: str | os.PathLike[str],
+    out_records: str | os.PathLike[str],
+    cfg: DedupSection,
+    d: Decisions,
+    canonical_line: Sequence[bool],
+    shards: int = 1,
+    progress: Progress | None = None,
+) -> tuple[list[dict[str, Any]], dict[str, Any]]:
+    """Pass 2 of :func:`dedup_file` (shared with the Ray engine): stream the input again, write
+    the kept records ``d.kept`` to ``out_records`` (a line in the pipeline's own spelling,
+    ``canonical_line[i]``, is copied as it is) and return ``(clusters, metrics)``; only the
+    records named in clusters are parsed."""
+    say = progress or (lambda _msg: None)
+    hint = " (did the previous stage run?)"
     needed = np.zeros(d.n, dtype=bool)  # records named in the cluster report
     for rep, copies in d.exact_copies.items():
         needed[rep] = True
