@@ -28,6 +28,10 @@ is computed as for the ``dedup`` rows, so the rows of all three compare.
 
     python benchmarks/curation_scale.py --stages dedup-file --engines local local-datasketch \\
         --sizes 10000 100000 1000000 --out benchmarks/results/curation_scale_dedup.json
+
+The pii-scrub stage on a corpus file (``--stages pii-file``): ``scrub_file`` streams the file
+through the scrubbers (pool workers, or Ray actors) into the output file, so its memory does not
+grow with the records; digested as the ``pii`` rows.
 """
 
 from __future__ import annotations
@@ -48,7 +52,7 @@ from pathlib import Path
 
 ROOT = Path(__file__).resolve().parent.parent
 RESULTS = ROOT / "benchmarks" / "results" / "curation_scale.json"
-STAGES = ("validate", "pii", "dedup", "split", "dedup-file")
+STAGES = ("validate", "pii", "dedup", "split", "dedup-file", "pii-file")
 ENGINES = ("local", "ray", "local-datasketch")
 BASELINE_COMMIT = "43664f9"  # the last commit whose local minhash-dedup used datasketch's MinHashLSH
 CORPUS_DIR = Path(os.environ.get("TMPDIR", "/tmp")) / "llmpipe-curation-scale"
@@ -383,6 +387,38 @@ def rates(m: dict, n: int) -> dict:
             "output_sha256": m["digest"], "counts": m["counts"]}
 
 
+def run_pii_file(engine: str, corpus: Path, params, tmp: Path) -> tuple[str, dict]:
+    """The pii-scrub stage's work on a corpus file (``scrub_file``: stream in, scrub, stream out),
+    digested as the ``pii`` rows are."""
+    from llmpipe.data.pii import scrub_file
+
+    out = tmp / "scrubbed" / "records.jsonl"
+    batch_map = None
+    if engine == "ray":
+        from llmpipe.curation.ray_pii import ray_batch_map
+
+        batch_map = ray_batch_map(params.pii)
+    res = scrub_file(corpus, out, params.pii, progress=False, batch_map=batch_map)
+    return file_digest(out, res.metrics, res.review), {"touched": res.metrics["records_touched"],
+                                                        "workers": params.pii.workers}
+
+
+def run_one_pii_file(engine: str, n: int, params, corpus_dir: Path) -> dict:
+    path = corpus_file(n, corpus_dir)
+    import llmpipe.data.pii  # noqa: F401  imports are not the stage's work
+    if engine == "ray":
+        import ray  # noqa: F401
+
+        import llmpipe.curation.ray_pii  # noqa: F401
+    kb = json.loads(path.with_suffix(".json").read_text())["message_kb"]
+    m = measure(engine, params, lambda tmp: run_pii_file(engine, path, params, tmp), tmp_root=corpus_dir)
+    seconds = m["seconds"]
+    return {"engine": engine, "stage": "pii-file", "records": n, "where": m["where"],
+            "seconds": round(seconds, 3), "startup_seconds": m["startup_seconds"],
+            "records_per_s": round(n / seconds, 1), "message_kb": kb, "kb_per_s": round(kb / seconds, 1),
+            **rates(m, n)}
+
+
 def run_one_file(engine: str, n: int, params, corpus_dir: Path) -> dict:
     """One dedup-file measurement in this process (the corpus file exists already)."""
     global BASELINE
@@ -411,6 +447,8 @@ def run_one(engine: str, stage: str, n: int, corpus_dir: Path = CORPUS_DIR) -> d
     params = load_params(ROOT / "params.yaml")
     if stage == "dedup-file":
         return run_one_file(engine, n, params, corpus_dir)
+    if stage == "pii-file":
+        return run_one_pii_file(engine, n, params, corpus_dir)
     records = corpus(n)
     # imports are not the stage's work: load every module either engine uses before timing
     import llmpipe.data.dedup, llmpipe.data.pii, llmpipe.data.split, llmpipe.data.validate  # noqa: E401,F401
@@ -461,7 +499,7 @@ def main() -> int:
                 runs = []
                 for r in range(args.repeats):
                     print(f"[bench] {engine} {stage} x {n}, run {r + 1}/{args.repeats}", file=sys.stderr, flush=True)
-                    if stage == "dedup-file":
+                    if stage in ("dedup-file", "pii-file"):
                         corpus_file(n, Path(args.corpus_dir))  # made outside the measured process
                     proc = subprocess.run([sys.executable, __file__, "--one", engine, stage, str(n),
                                            "--corpus-dir", args.corpus_dir], capture_output=True, text=True, cwd=ROOT)
