@@ -565,3 +565,48 @@ def test_bounded_analysis_cache_clears_without_losing_texts(scrubber, monkeypatc
     again = scrubber.analyze_texts([shared, "a new text that overflows", "and a second new one"])
     assert [r.entity_type for r in first[0]] == [r.entity_type for r in again[0]]
     assert any(r.entity_type == "EMAIL_ADDRESS" for r in again[0])
+
+
+def test_scrub_file_streams_into_shards_with_the_same_bytes(tmp_path, corpus, scrubbed, cfg):
+    """scrub_file (the stage's streaming path) writes scrub_records' records, metrics and review,
+    into one file or a directory of shards."""
+    from llmpipe.data.pii import scrub_file
+    from llmpipe.data.records import read_records
+    from llmpipe.io import write_records
+
+    records, _ = corpus
+    src = tmp_path / "in.jsonl"
+    write_records(src, records)
+    one = cfg.model_copy(update={"workers": 1, "batch_size": 8})
+    res = scrub_file(src, tmp_path / "one.jsonl", one, progress=False)
+    write_records(tmp_path / "expected.jsonl", scrubbed[0])
+    assert (tmp_path / "one.jsonl").read_bytes() == (tmp_path / "expected.jsonl").read_bytes()
+    assert (res.metrics, res.review, res.records) == (scrubbed[1], scrubbed[2], len(records))
+    res3 = scrub_file(src, tmp_path / "sharded", one, shards=3, progress=False)
+    assert sorted(p.name for p in (tmp_path / "sharded").iterdir()) == [f"part-{k:05d}.jsonl" for k in range(3)]
+    assert read_records(tmp_path / "sharded") == scrubbed[0]
+    assert (res3.metrics, res3.review) == (scrubbed[1], scrubbed[2])
+
+
+def test_scrub_stream_reads_ahead_only_the_batches_in_flight(cfg, corpus):
+    """The pool path (2 worker processes) pulls at most 2 x workers batches ahead of what it has
+    yielded, so memory is bounded by the batch, not the input (Pool.imap would read it all)."""
+    from llmpipe.data.pii import ScrubStats, scrub_stream
+
+    records, _ = corpus
+    two = cfg.model_copy(update={"workers": 2, "batch_size": 4})
+    pulled = 0
+
+    def source():
+        nonlocal pulled
+        for k in range(200):
+            pulled += 1
+            yield records[k % len(records)]
+
+    stats = ScrubStats(review_limit=two.review_per_entity)
+    ahead, n = [], 0
+    for _ in scrub_stream(source(), two, stats, progress=False):
+        n += 1
+        ahead.append(pulled - n)
+    assert n == 200 and stats.records_out == 200
+    assert max(ahead) <= (2 * 2 + 1) * 4, max(ahead)
