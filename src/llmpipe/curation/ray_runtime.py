@@ -35,6 +35,9 @@ def ray_session(cfg: CurationSection) -> Iterator[str]:
         if address is None:  # embedded: one node on this machine, its traffic on loopback
             # Ray waits 30 s for its GCS to start; a busy shared box needs longer
             os.environ.setdefault("RAY_gcs_server_port_wait_time_s", "180")
+            # Ray renices its workers to 15; an embedded Ray's workers are the stage's own work,
+            # at the priority of the local engine's pool workers
+            os.environ.setdefault("RAY_worker_niceness", "0")
             # address="local": a new instance even if another Ray runs on this machine
             ray.init(address="local", num_cpus=cfg.num_cpus, _node_ip_address="127.0.0.1", **common)
         else:
