@@ -436,49 +436,51 @@ def _expand(lo: np.ndarray, count: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
 def contamination_positions(order: Mapping[str, np.ndarray], sig: np.ndarray, band_key: np.ndarray,
                             empty: np.ndarray, cfg: SplitSection, say: Progress) -> list[tuple[str, int, int, float]]:
     """(split, query input position, train rank, Jaccard) of every contamination pair, in report
-    order. ``sig``/``band_key``/``empty`` are indexed by input position (memory maps welcome)."""
+    order. ``sig``/``band_key``/``empty`` are indexed by input position (memory maps welcome).
+
+    One band at a time: the train records' keys of the band, sorted (12 bytes per train record),
+    are searched for the val/test records' keys in blocks of ``_QUERY_BLOCK``; each candidate pair
+    is confirmed on the whole band's values (so a 64-bit key collision never adds one) and on the
+    Jaccard estimate, in blocks of ``_PAIR_BLOCK`` pairs. Only confirmed pairs are kept."""
     num_perm = cfg.contamination_num_perm
     bands, rows = lsh_params(cfg.contamination_threshold, num_perm)
+    empty = np.asarray(empty)
     train = order["train"]
-    t_rank = np.flatnonzero(~np.asarray(empty)[train]) if len(train) else np.zeros(0, np.int64)
+    t_rank = np.flatnonzero(~empty[train]).astype(np.int32 if len(train) < 2**31 else np.int64)
     t_pos = train[t_rank]
-    index = []  # per band: (sorted keys, train ranks)
-    for k in range(bands):
-        keys = np.asarray(band_key[t_pos, k]) if len(t_pos) else np.zeros(0, np.int64)
+    names = SPLITS[1:]
+    queries = [order[name][~empty[order[name]]] for name in names]
+    q_pos = np.concatenate(queries)  # val, then test: file order, records with text
+    q_split = np.repeat(np.arange(len(names)), [len(q) for q in queries])
+    hits_q, hits_t, hits_eq = [], [], []
+    for k in range(bands if len(t_pos) and len(q_pos) else 0):
+        keys = np.asarray(band_key[t_pos, k])
         o = np.argsort(keys, kind="stable")
-        index.append((keys[o], t_rank[o]))
+        keys, ranks = keys[o], t_rank[o]
+        for q0 in range(0, len(q_pos), _QUERY_BLOCK):
+            block = q_pos[q0:q0 + _QUERY_BLOCK]
+            qkeys = np.asarray(band_key[block, k])
+            lo = np.searchsorted(keys, qkeys, side="left")
+            partner, q = _expand(lo, np.searchsorted(keys, qkeys, side="right") - lo)
+            for p0 in range(0, len(q), _PAIR_BLOCK):
+                pq, pt = q[p0:p0 + _PAIR_BLOCK], ranks[partner[p0:p0 + _PAIR_BLOCK]]
+                eq = np.asarray(sig[block[pq]]) == np.asarray(sig[train[pt]])
+                ok = eq[:, k * rows:(k + 1) * rows].all(axis=1)  # the whole band: no key collision
+                equal = np.count_nonzero(eq, axis=1)
+                ok &= equal / num_perm >= cfg.contamination_threshold  # as estimated_jaccard() >= threshold
+                hits_q.append(pq[ok] + q0)
+                hits_t.append(pt[ok])
+                hits_eq.append(equal[ok])
     pairs: list[tuple[str, int, int, float]] = []
-    for name in SPLITS[1:]:
-        queries = order[name]
-        queries = queries[~np.asarray(empty)[queries]] if len(queries) else queries
-        found = 0
-        for q0 in range(0, len(queries) if len(t_pos) else 0, _QUERY_BLOCK):
-            block = queries[q0:q0 + _QUERY_BLOCK]
-            qkeys = np.asarray(band_key[block])
-            qsig = np.asarray(sig[block])
-            hits_q, hits_t, hits_eq = [], [], []
-            for k, (keys, ranks) in enumerate(index):
-                lo = np.searchsorted(keys, qkeys[:, k], side="left")
-                count = np.searchsorted(keys, qkeys[:, k], side="right") - lo
-                partner, q = _expand(lo, count)
-                for p0 in range(0, len(q), _PAIR_BLOCK):
-                    pq, pt = q[p0:p0 + _PAIR_BLOCK], ranks[partner[p0:p0 + _PAIR_BLOCK]]
-                    eq = qsig[pq] == np.asarray(sig[train[pt]])
-                    ok = eq[:, k * rows:(k + 1) * rows].all(axis=1)  # the whole band: no key collision
-                    equal = np.count_nonzero(eq, axis=1)
-                    ok &= equal / num_perm >= cfg.contamination_threshold
-                    hits_q.append(pq[ok])
-                    hits_t.append(pt[ok])
-                    hits_eq.append(equal[ok])
-            if not hits_q:
-                continue
-            q_all, t_all, e_all = (np.concatenate(x) for x in (hits_q, hits_t, hits_eq))
-            o = np.lexsort((t_all, -e_all, q_all))  # query, Jaccard descending, train rank
-            q_all, t_all, e_all = q_all[o], t_all[o], e_all[o]
-            first = np.r_[True, (q_all[1:] != q_all[:-1]) | (t_all[1:] != t_all[:-1])]  # once per pair
-            for qi, ti, ei in zip(q_all[first].tolist(), t_all[first].tolist(), e_all[first].tolist()):
-                pairs.append((name, int(block[qi]), ti, ei / num_perm))
-                found += 1
+    if hits_q:
+        q_all, t_all, e_all = (np.concatenate(x).astype(np.int64) for x in (hits_q, hits_t, hits_eq))
+        o = np.lexsort((t_all, -e_all, q_all))  # query (val then test, file order), Jaccard desc, train rank
+        q_all, t_all, e_all = q_all[o], t_all[o], e_all[o]
+        once = np.r_[True, (q_all[1:] != q_all[:-1]) | (t_all[1:] != t_all[:-1])]  # a pair recurs per shared band
+        for qi, ti, ei in zip(q_all[once].tolist(), t_all[once].tolist(), e_all[once].tolist()):
+            pairs.append((names[q_split[qi]], int(q_pos[qi]), ti, ei / num_perm))
+    for j, name in enumerate(names):
+        found = sum(1 for p in pairs if p[0] == name)
         say(f"contamination check {name}: {len(order[name])} records vs {len(train)} train, {found} pairs")
     return pairs
 
