@@ -277,7 +277,13 @@ def run_stage(engine: str, stage: str, records: list[dict], params, tmp: Path) -
     """Run one stage with one engine; returns (output digest, a few counts)."""
     ray = engine == "ray"
     if stage == "validate":
-        from llmpipe.data.validate import TokenCounter, ValidateOutputs, Validator, local_batch_map, validate_files
+        from llmpipe.data.validate import (
+            TokenCounter,
+            ValidateOutputs,
+            Validator,
+            local_batch_map,
+            validate_files,
+        )
         from llmpipe.model.source import load_tokenizer
 
         with open(tmp / "corpus.jsonl", "w", encoding="utf-8") as fh:

@@ -14,8 +14,16 @@ import sys
 import time
 
 from llmpipe.config import ParamsError, load_stage_params
-from llmpipe.data.validate import StrictValidationError, TokenCounter, stderr_progress, validate_inputs
-from llmpipe.io import write_json, write_jsonl, write_records, write_timings
+from llmpipe.data.validate import (
+    StrictValidationError,
+    TokenCounter,
+    ValidateOutputs,
+    Validator,
+    local_batch_map,
+    stderr_progress,
+    validate_files,
+)
+from llmpipe.io import write_json, write_timings
 from llmpipe.model.source import ModelSourceError, load_tokenizer
 
 PARAMS = ["model.name_or_path", "model.max_seq_len", "validate", "curation"]
@@ -31,29 +39,31 @@ def main(argv: list[str] | None = None) -> int:
     args = ap.parse_args(argv)
 
     t0 = time.perf_counter()
+    out = ValidateOutputs(args.out_records, args.out_rejects, args.out_repairs)  # shards > 1: records is a dir
     try:
         cfg = load_stage_params(PARAMS, args.params)
-        if cfg.curation.engine == "ray":  # same outputs, on Ray Data (docs/curation.md "Engines")
+        if cfg.curation.engine == "ray":  # same outputs, on a Ray actor pool (docs/curation.md "Engines")
             from llmpipe.curation.ray_runtime import ray_session
-            from llmpipe.curation.ray_validate import validate_inputs_ray
+            from llmpipe.curation.ray_validate import ray_batch_map
 
             with ray_session(cfg.curation) as where:
-                print(f"[validate] engine ray ({where})", file=sys.stderr)
-                result = validate_inputs_ray(cfg.validate, cfg.model.max_seq_len, cfg.model.name_or_path,
-                                             cfg.curation, lambda msg: print(f"[validate] {msg}", file=sys.stderr))
-        else:
+                print(f"[validate] engine ray ({where}): batches of {cfg.curation.batch_size} items on "
+                      f"{cfg.curation.workers} actors", file=sys.stderr)
+                batch_map = ray_batch_map(cfg.validate, cfg.model.max_seq_len, cfg.model.name_or_path,
+                                          cfg.curation.workers)
+                summary = validate_files(cfg.validate, out, batch_map, cfg.curation.batch_size,
+                                         cfg.curation.shards, stderr_progress())
+        else:  # one item at a time: strict mode stops at the first bad record
             counter = TokenCounter(load_tokenizer(cfg.model.name_or_path))
-            result = validate_inputs(cfg.validate, cfg.model.max_seq_len, counter, stderr_progress())
+            batch_map = local_batch_map(Validator(cfg.validate, cfg.model.max_seq_len, counter))
+            summary = validate_files(cfg.validate, out, batch_map, 1, cfg.curation.shards, stderr_progress())
     except (ParamsError, ModelSourceError) as exc:
         print(f"[validate] error: {exc}", file=sys.stderr)
         return 2
     except (StrictValidationError, FileNotFoundError) as exc:
         print(f"[validate] error: {exc}", file=sys.stderr)
         return 1
-    write_records(args.out_records, result.records, cfg.curation.shards)  # shards > 1: a directory
-    write_jsonl(args.out_rejects, (r.to_json() for r in result.rejects))
-    write_jsonl(args.out_repairs, result.repairs)
-    metrics = result.metrics
+    metrics = summary.metrics
     write_json(args.metrics, metrics)
     seconds = time.perf_counter() - t0
     write_timings("validate", {"seconds": round(seconds, 3), "items_read": metrics["items_read"]})
@@ -62,10 +72,11 @@ def main(argv: list[str] | None = None) -> int:
         f"{metrics['records_rejected']} rejected {metrics['rejected_by_reason']} in {seconds:.1f}s",
         file=sys.stderr,
     )
-    for r in result.rejects[:20]:
+    for r in summary.first_rejects:
         print(f"[validate] rejected {r.describe()}", file=sys.stderr)
-    if len(result.rejects) > 20:
-        print(f"[validate] ... {len(result.rejects) - 20} more in {args.out_rejects}", file=sys.stderr)
+    if metrics["records_rejected"] > len(summary.first_rejects):
+        print(f"[validate] ... {metrics['records_rejected'] - len(summary.first_rejects)} more in "
+              f"{args.out_rejects}", file=sys.stderr)
     return 0
 
 

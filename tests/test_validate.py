@@ -16,7 +16,13 @@ from llmpipe.data.repair import REPAIR_KINDS
 from llmpipe.data.validate import (
     StrictValidationError,
     TokenCounter,
+    ValidateOutputs,
+    ValidationStats,
+    Validator,
     iter_inputs,
+    iter_outcomes,
+    local_batch_map,
+    validate_files,
     validate_items,
 )
 from llmpipe.model.source import load_tokenizer
@@ -365,6 +371,97 @@ def test_nothing_is_dropped_silently(tmp_path, counter):
 def test_discover_errors_on_missing_input(tmp_path):
     with pytest.raises(FileNotFoundError, match="does not exist"):
         formats.discover([str(tmp_path / "nope")])
+
+
+# --- streaming (validate_files: what the stage runs) ------------------------------------------
+
+def mixed_inputs(tmp_path: Path) -> Path:
+    """Three formats, every reject reason, repairs, read problems, in two files and a JSON array."""
+    raw = tmp_path / "raw"
+    raw.mkdir()
+    objs = [chat(metadata={"k": 1.5e-7}), sharegpt(("gpt", "tail"), ("human", "a"), ("human", "b"), ("gpt", REPLY)),
+            *REASON_CASES.values(), chat(user="u\u2028v \u00e9")]
+    write_lines(raw / "a.jsonl", objs * 3)
+    write_lines(raw / "b.jsonl", [chat(user=f"b{i}") for i in range(7)] + ['{"x"'])
+    rows = [{"instruction": "Triage this support message.", "input": f"kettle {i}", "output": REPLY}
+            for i in range(5)]
+    (raw / "c.json").write_text(json.dumps(rows, indent=2), encoding="utf-8")
+    return raw
+
+
+def list_outputs(res, out: Path, shards: int = 1) -> None:
+    """What the stage wrote before it streamed: the lists of ``validate_items``, written whole."""
+    from llmpipe.io import write_jsonl, write_records
+
+    write_records(out / "records.jsonl", res.records, shards)
+    write_jsonl(out / "rejects.jsonl", (r.to_json() for r in res.rejects))
+    write_jsonl(out / "repairs.jsonl", res.repairs)
+
+
+def stream(c: ValidateSection, counter: TokenCounter, out: Path, batch_size: int = 1, shards: int = 1):
+    return validate_files(c, ValidateOutputs(out / "records.jsonl", out / "rejects.jsonl", out / "repairs.jsonl"),
+                          local_batch_map(Validator(c, 512, counter)), batch_size, shards)
+
+
+def tree_bytes(root: Path) -> dict[str, bytes]:
+    return {str(p.relative_to(root)): p.read_bytes() for p in sorted(root.rglob("*")) if p.is_file()}
+
+
+@pytest.mark.parametrize("batch_size,shards", [(1, 1), (4, 1), (3, 4)])
+def test_streamed_outputs_equal_the_lists_written_whole(tmp_path, counter, batch_size, shards):
+    c = cfg(mixed_inputs(tmp_path), repair=ALL_REPAIRS)
+    res = validate_items(iter_inputs(c), c, 512, counter)
+    assert res.rejects and res.repairs and len(res.records) > 10  # something to compare in each file
+    list_outputs(res, tmp_path / "lists", shards)
+    summary = stream(c, counter, tmp_path / "streamed", batch_size, shards)
+    assert tree_bytes(tmp_path / "streamed") == tree_bytes(tmp_path / "lists")
+    assert summary.metrics == res.metrics
+    assert [r.describe() for r in summary.first_rejects] == [r.describe() for r in res.rejects[:20]]
+    if shards > 1:
+        parts = sorted((tmp_path / "streamed" / "records.jsonl").iterdir())
+        assert [p.name for p in parts] == [f"part-{k:05d}.jsonl" for k in range(shards)]
+        joined = b"".join(p.read_bytes() for p in parts)
+        list_outputs(res, tmp_path / "single")
+        assert joined == (tmp_path / "single" / "records.jsonl").read_bytes()
+        assert not [p for p in (tmp_path / "streamed").iterdir() if p.name.startswith(".")]  # no temp left
+
+
+def test_outcomes_stream_one_batch_at_a_time(tmp_path, counter):
+    c = cfg(tmp_path)
+    taken = []
+
+    def items():
+        for i in range(10_000):
+            taken.append(i)
+            yield formats.RawItem("gen.jsonl", i + 1, chat(user=f"question {i}"))
+
+    outcomes = iter_outcomes(items(), c, local_batch_map(Validator(c, 512, counter)), 4, ValidationStats())
+    first = [next(outcomes) for _ in range(5)]
+    assert [o.record["source"]["line"] for o in first] == [1, 2, 3, 4, 5]
+    assert len(taken) == 8  # two batches of 4 read, not the 10,000 items
+
+
+def test_strict_streaming_stops_at_the_first_bad_record_and_writes_nothing(tmp_path, counter):
+    raw = tmp_path / "raw"
+    raw.mkdir()
+    write_lines(raw / "in.jsonl", [chat(), chat(user="two"), REASON_CASES["no_user_turn"], '{"messages": [',
+                                   *[chat(user=f"later {i}") for i in range(20)]])
+    c = cfg(raw, strict=True)
+    read = []
+
+    def items():
+        for item in iter_inputs(c):
+            read.append(item.line)
+            yield item
+
+    stats = ValidationStats()
+    with pytest.raises(StrictValidationError, match=r"in\.jsonl:3: no_user_turn"):
+        list(iter_outcomes(items(), c, local_batch_map(Validator(c, 512, counter)), 1, stats))
+    assert read == [1, 2, 3] and stats.seen == 3  # nothing after the first bad record was read
+    out = tmp_path / "out" / "deeper"
+    with pytest.raises(StrictValidationError, match=r"in\.jsonl:3: no_user_turn"):
+        stream(c, counter, out, batch_size=4)
+    assert not (tmp_path / "out").exists()  # no output, no temp file, no folder made for them
 
 
 # --- the stage script ----------------------------------------------------------------------

@@ -1,89 +1,54 @@
-"""validate on Ray Data: an actor pool of ``curation.workers`` validators (one tokenizer each)
-over batches of ``curation.batch_size`` raw items.
+"""validate on Ray: an actor pool of ``curation.workers`` validators (one tokenizer each, one
+CPU each) over batches of ``curation.batch_size`` raw items.
 
-The driver reads the input files (``formats`` yields items and read problems in file order,
-with file and line); each batch runs ``validate_items``, the local engine's code, with strict
-mode off; the batches' records, rejects and repairs are concatenated in input order and their
-metrics summed. With ``validate.strict`` the first reject in input order is raised, as locally.
+The driver reads the input files lazily (``formats`` yields items and read problems in file
+order, with file and line) and hands batches to the pool; each batch is judged by
+``Validator``, the local engine's code, and its outcomes come back in input order, so the
+driver counts and writes them exactly as the local engine does (``validate_files``), strict
+mode included (the first reject in input order stops the run). At most 2 x workers batches are
+in flight: the driver never holds the corpus.
+
+Ray core actors (``ray_runtime.ordered_actor_map``), not Ray Data's ``map_batches``: on the
+2-core box Ray Data's executor and its stats, autoscaling and location actors cost ~20-30% of
+a core next to the work.
 """
 
 from __future__ import annotations
 
-import pickle
-from collections import Counter
-from typing import Callable
+from typing import Iterator
 
-from llmpipe.config.data import CurationSection, ValidateSection
-from llmpipe.curation.ray_runtime import PICKLE, binary, iter_tables, library_errors, to_dataset
-from llmpipe.data.validate import (
-    StrictValidationError,
-    TokenCounter,
-    ValidationResult,
-    iter_inputs,
-    validation_metrics,
-    validate_items,
-)
-from llmpipe.model.source import ModelSourceError, load_tokenizer
+from llmpipe.config.data import ValidateSection
+from llmpipe.curation.ray_runtime import library_errors, ordered_actor_map
+from llmpipe.data.validate import BatchMap, Item, Outcome, TokenCounter, Validator
+from llmpipe.model.source import ModelSourceError, load_tokenizer, resolve
 
 
 class _ValidateActor:
+    """One tokenizer per actor, loaded once and reused for every batch the actor gets.
+
+    Loaded at the first batch, not in ``__init__``: Ray keeps the exception of a failed call
+    (``library_errors`` re-raises the ``ModelSourceError`` in it), but of a failed constructor
+    only the message (``ActorDiedError``).
+    """
+
     def __init__(self, cfg: ValidateSection, max_seq_len: int, model: str):
-        self.cfg = cfg.model_copy(update={"strict": False})  # the driver enforces strict, in order
-        self.max_seq_len = max_seq_len
-        self.counter = TokenCounter(load_tokenizer(model))
+        self.args = (cfg, max_seq_len, model)
+        self.validator: Validator | None = None
 
-    def __call__(self, table):
-        import pyarrow as pa
-
-        items = [pickle.loads(b) for b in table.column("obj").to_pylist()]
-        part = validate_items(items, self.cfg, self.max_seq_len, self.counter)
-        return pa.table({"part": binary([pickle.dumps(part, PICKLE)])})
+    def __call__(self, batch: list[Item]) -> list[Outcome]:
+        if self.validator is None:
+            cfg, max_seq_len, model = self.args
+            self.validator = Validator(cfg, max_seq_len, TokenCounter(load_tokenizer(model)))
+        return self.validator(batch)
 
 
-def merge(parts: list[ValidationResult]) -> ValidationResult:
-    """Concatenate per-batch results (in input order) and sum their metrics."""
-    records, rejects, repairs = [], [], []
-    seen = 0
-    by_reason: Counter[str] = Counter()
-    per_format: Counter[str] = Counter()
-    per_file: dict[str, Counter[str]] = {}
-    for part in parts:
-        records += part.records
-        rejects += part.rejects
-        repairs += part.repairs
-        seen += part.metrics["items_read"]
-        by_reason.update(part.metrics["rejected_by_reason"])
-        per_format.update(part.metrics["valid_by_format"])
-        for name, counts in part.metrics["by_file"].items():
-            per_file.setdefault(name, Counter()).update(counts)
-    return ValidationResult(records, rejects, repairs,
-                            validation_metrics(seen, records, rejects, repairs, by_reason, per_format, per_file))
+def ray_batch_map(cfg: ValidateSection, max_seq_len: int, model: str, workers: int) -> BatchMap:
+    """The ``batch_map`` of ``validate_files`` that runs the batches on ``workers`` Ray actors
+    (inside ``ray_runtime.ray_session``); ``model`` is model.name_or_path. A model that cannot
+    be loaded raises ``ModelSourceError``, here or from the actors, as on the local engine."""
+    resolve(model)  # a missing model: a clear error here rather than in every actor
 
-
-def validate_inputs_ray(
-    cfg: ValidateSection,
-    max_seq_len: int,
-    model: str,
-    curation: CurationSection,
-    progress: Callable[[str], None] | None = None,
-) -> ValidationResult:
-    """``llmpipe.data.validate.validate_inputs`` on Ray; ``model`` is model.name_or_path (each
-    actor loads its tokenizer)."""
-    import ray
-
-    items = list(iter_inputs(cfg))
-    if progress:
-        progress(f"{len(items)} items read; validating in batches of {curation.batch_size} "
-                 f"on {curation.workers} actors")
-    ds = to_dataset(items, curation.batch_size).map_batches(
-        _ValidateActor, fn_constructor_args=(cfg, max_seq_len, model), batch_size=curation.batch_size,
-        batch_format="pyarrow", compute=ray.data.ActorPoolStrategy(size=curation.workers))
-    with library_errors(ModelSourceError):
-        parts = [pickle.loads(b) for t in iter_tables(ds) for b in t.column("part").to_pylist()]
-    result = merge(parts)
-    if cfg.strict and result.rejects:
-        raise StrictValidationError(
-            f"{result.rejects[0].describe()}\n(validate.strict is true: fix the input or set "
-            "validate.strict=false to reject such records and continue)"
-        )
-    return result
+    def run(batches: Iterator[list[Item]]) -> Iterator[list[Outcome]]:
+        with library_errors(ModelSourceError):
+            yield from ordered_actor_map(_ValidateActor, (cfg, max_seq_len, model), batches, workers)
+    return run
