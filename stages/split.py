@@ -17,7 +17,7 @@ from pathlib import Path
 from llmpipe.config import ParamsError, load_stage_params
 from llmpipe.data.dedup import DedupError
 from llmpipe.data.split import SPLITS, split_file
-from llmpipe.io import write_json, write_jsonl, write_timings
+from llmpipe.io import write_json, write_timings
 
 PARAMS = ["split", "curation"]
 
@@ -47,15 +47,14 @@ def main(argv: list[str] | None = None) -> int:
 
             with ray_session(cfg.curation) as where:
                 _progress(f"engine ray ({where})")
-                contamination, metrics = split_file(
-                    args.input, out_dir, cfg.split, _progress,
-                    batch_map=ray_batch_map(cfg.split, cfg.curation), batch_size=cfg.curation.batch_size)
+                metrics = split_file(args.input, out_dir, cfg.split, _progress,
+                                     batch_map=ray_batch_map(cfg.split, cfg.curation),
+                                     batch_size=cfg.curation.batch_size, contamination_path=contamination_path)
         else:
-            contamination, metrics = split_file(args.input, out_dir, cfg.split, _progress)
+            metrics = split_file(args.input, out_dir, cfg.split, _progress, contamination_path=contamination_path)
     except (DedupError, ParamsError, ValueError) as exc:
         print(f"[split] error: {exc}", file=sys.stderr)
         return 2
-    write_jsonl(contamination_path, contamination)
     metrics = {**metrics, "files": {name: str(out_dir / f"{name}.jsonl") for name in SPLITS}}
     write_json(args.metrics, metrics)
     seconds = time.perf_counter() - t0

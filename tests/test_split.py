@@ -384,12 +384,14 @@ def test_split_file_writes_split_records_bytes(tmp_path, shards):
     assert want.metrics["pinned"] != {"train": 0, "val": 0, "test": 0} and want.contamination
     inp = tmp_path / "records.jsonl"
     _write_messy(inp, recs, shards)
-    contamination, metrics = split_file(inp, tmp_path / "out", cfg, batch_size=100)  # several batches
+    metrics = split_file(inp, tmp_path / "out", cfg, batch_size=100)  # several batches
     for s in SPLITS:
         assert (tmp_path / "out" / f"{s}.jsonl").read_bytes() == want.files[s], s
-    assert contamination == want.contamination
+    assert (tmp_path / "out" / "contamination.jsonl").read_text(encoding="utf-8") == "".join(
+        json.dumps(p, ensure_ascii=False, sort_keys=True) + "\n" for p in want.contamination)
     assert metrics == want.metrics
-    assert sorted(os.listdir(tmp_path / "out")) == ["test.jsonl", "train.jsonl", "val.jsonl"]  # no temp files left
+    assert sorted(os.listdir(tmp_path / "out")) == [  # no temp files left
+        "contamination.jsonl", "test.jsonl", "train.jsonl", "val.jsonl"]
 
 
 def test_split_file_memory_does_not_grow_with_records(tmp_path):

@@ -57,6 +57,7 @@ import os
 import tempfile
 from dataclasses import dataclass
 from fractions import Fraction
+from functools import lru_cache
 from typing import Any, Callable, Iterator, Mapping, Sequence
 
 import numpy as np
@@ -72,7 +73,7 @@ from llmpipe.data.dedup import (
     near_text,
     selected_contents,
 )
-from llmpipe.io import atomic_path, jsonl_line
+from llmpipe.io import atomic_path, jsonl_line, write_jsonl
 
 SPLITS = ("train", "val", "test")
 MISSING_STRATUM = "<missing>"
@@ -362,13 +363,25 @@ class _FileSource:
 
 
 @dataclass
+class Pairs:
+    """Contamination pairs in report order: the query's split (index into ``SPLITS``), input
+    position and the train record's rank in train (its line in train.jsonl), and the number of
+    equal signature values (Jaccard = equal / num_perm)."""
+
+    split: np.ndarray
+    query: np.ndarray
+    train: np.ndarray
+    equal: np.ndarray
+
+
+@dataclass
 class Plan:
     """The split of the scanned records: input positions of each split in file order, counts per
-    stratum, and the contamination pairs (split, query position, train position, Jaccard)."""
+    stratum, and the contamination pairs."""
 
     order: dict[str, np.ndarray]
     per_stratum: dict[str, dict[str, int]]
-    pairs: list[tuple[str, int, int, float]]
+    pairs: Pairs
 
 
 def global_order(digest: np.ndarray, source: Any) -> np.ndarray:
@@ -434,24 +447,25 @@ def _expand(lo: np.ndarray, count: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
 
 
 def contamination_positions(order: Mapping[str, np.ndarray], sig: np.ndarray, band_key: np.ndarray,
-                            empty: np.ndarray, cfg: SplitSection, say: Progress) -> list[tuple[str, int, int, float]]:
-    """(split, query input position, train rank, Jaccard) of every contamination pair, in report
-    order. ``sig``/``band_key``/``empty`` are indexed by input position (memory maps welcome).
+                            empty: np.ndarray, cfg: SplitSection, say: Progress) -> Pairs:
+    """Every contamination pair, in report order: by split (val, test), query record (file
+    order), then Jaccard descending and train rank. ``sig``/``band_key``/``empty`` are indexed by
+    input position (memory maps welcome).
 
     One band at a time: the train records' keys of the band, sorted (12 bytes per train record),
     are searched for the val/test records' keys in blocks of ``_QUERY_BLOCK``; each candidate pair
     is confirmed on the whole band's values (so a 64-bit key collision never adds one) and on the
-    Jaccard estimate, in blocks of ``_PAIR_BLOCK`` pairs. Only confirmed pairs are kept."""
+    Jaccard estimate, in blocks of ``_PAIR_BLOCK`` pairs. A pair is kept at the first band its
+    two signatures agree on, so each confirmed pair is held once."""
     num_perm = cfg.contamination_num_perm
     bands, rows = lsh_params(cfg.contamination_threshold, num_perm)
     empty = np.asarray(empty)
     train = order["train"]
     t_rank = np.flatnonzero(~empty[train]).astype(np.int32 if len(train) < 2**31 else np.int64)
     t_pos = train[t_rank]
-    names = SPLITS[1:]
-    queries = [order[name][~empty[order[name]]] for name in names]
+    queries = [order[name][~empty[order[name]]] for name in SPLITS[1:]]
     q_pos = np.concatenate(queries)  # val, then test: file order, records with text
-    q_split = np.repeat(np.arange(len(names)), [len(q) for q in queries])
+    q_split = np.repeat(np.arange(1, len(SPLITS), dtype=np.int8), [len(q) for q in queries])
     hits_q, hits_t, hits_eq = [], [], []
     for k in range(bands if len(t_pos) and len(q_pos) else 0):
         keys = np.asarray(band_key[t_pos, k])
@@ -465,22 +479,22 @@ def contamination_positions(order: Mapping[str, np.ndarray], sig: np.ndarray, ba
             for p0 in range(0, len(q), _PAIR_BLOCK):
                 pq, pt = q[p0:p0 + _PAIR_BLOCK], ranks[partner[p0:p0 + _PAIR_BLOCK]]
                 eq = np.asarray(sig[block[pq]]) == np.asarray(sig[train[pt]])
-                ok = eq[:, k * rows:(k + 1) * rows].all(axis=1)  # the whole band: no key collision
+                band_eq = eq[:, :(k + 1) * rows].reshape(len(pq), k + 1, rows).all(axis=2)
+                ok = band_eq[:, k] & ~band_eq[:, :k].any(axis=1)  # band k is the first whole equal band
                 equal = np.count_nonzero(eq, axis=1)
                 ok &= equal / num_perm >= cfg.contamination_threshold  # as estimated_jaccard() >= threshold
-                hits_q.append(pq[ok] + q0)
-                hits_t.append(pt[ok])
-                hits_eq.append(equal[ok])
-    pairs: list[tuple[str, int, int, float]] = []
+                hits_q.append((pq[ok] + q0).astype(np.int64))
+                hits_t.append(pt[ok].astype(np.int64))
+                hits_eq.append(equal[ok].astype(np.int32))
     if hits_q:
-        q_all, t_all, e_all = (np.concatenate(x).astype(np.int64) for x in (hits_q, hits_t, hits_eq))
-        o = np.lexsort((t_all, -e_all, q_all))  # query (val then test, file order), Jaccard desc, train rank
-        q_all, t_all, e_all = q_all[o], t_all[o], e_all[o]
-        once = np.r_[True, (q_all[1:] != q_all[:-1]) | (t_all[1:] != t_all[:-1])]  # a pair recurs per shared band
-        for qi, ti, ei in zip(q_all[once].tolist(), t_all[once].tolist(), e_all[once].tolist()):
-            pairs.append((names[q_split[qi]], int(q_pos[qi]), ti, ei / num_perm))
-    for j, name in enumerate(names):
-        found = sum(1 for p in pairs if p[0] == name)
+        qi, t, e = (np.concatenate(x) for x in (hits_q, hits_t, hits_eq))
+        o = np.lexsort((t, -e, qi))  # query (val then test, file order), Jaccard descending, train rank
+        qi, t, e = qi[o], t[o], e[o]
+    else:
+        qi, t, e = np.zeros(0, np.int64), np.zeros(0, np.int64), np.zeros(0, np.int32)
+    pairs = Pairs(q_split[qi], q_pos[qi], t, e)
+    for j, name in enumerate(SPLITS[1:], start=1):
+        found = int(np.count_nonzero(pairs.split == j))
         say(f"contamination check {name}: {len(order[name])} records vs {len(train)} train, {found} pairs")
     return pairs
 
@@ -522,27 +536,37 @@ def _plan(scan: _Scan, source: Any, say: Progress) -> Plan:
     return Plan(order, per_stratum, pairs)
 
 
-def _report(plan: Plan, source: Any, cfg: SplitSection, hashes: Mapping[str, str], n: int
-            ) -> tuple[list[dict[str, Any]], dict[str, Any]]:
-    """The contamination report and metrics/data.json's content."""
-    train = plan.order["train"]
-    contamination = [contamination_pair(name, source.record(q), source.record(int(train[t])), jac, cfg)
-                     for name, q, t, jac in plan.pairs]
-    metrics = {
+def _contamination(plan: Plan, source: Any, cfg: SplitSection) -> Iterator[dict[str, Any]]:
+    """The contamination report's rows, record ids and sources read back by position (the train
+    partners of a query recur: the last few thousand records read are cached)."""
+
+    @lru_cache(maxsize=4096)
+    def who(i: int) -> dict[str, Any]:
+        rec = source.record(i)
+        return {"id": rec.get("id"), "source": rec.get("source")}
+
+    train, num_perm = plan.order["train"], cfg.contamination_num_perm
+    p = plan.pairs
+    for s, q, t, e in zip(p.split.tolist(), p.query.tolist(), p.train.tolist(), p.equal.tolist()):
+        yield contamination_pair(SPLITS[s], who(q), who(int(train[t])), e / num_perm, cfg)
+
+
+def _metrics(plan: Plan, digest: np.ndarray, cfg: SplitSection, hashes: Mapping[str, str], n: int) -> dict[str, Any]:
+    """metrics/data.json's content (``digest``: the order digests, one per id, by position)."""
+    p = plan.pairs
+    contaminated = np.unique(np.c_[p.split[:, None].astype(np.uint8), np.asarray(digest)[p.query]], axis=0)
+    return {
         "dataset_version": dataset_version(hashes),
         "records": n,
         "counts": {s: len(plan.order[s]) for s in SPLITS},
         "sha256": dict(hashes),
         "strata": plan.per_stratum,
-        "contamination_pairs": len(contamination),
-        "contamination_by_split": {
-            s: sum(1 for p in contamination if p["split"] == s) for s in SPLITS[1:]
-        },
-        "contaminated_records": len({(p["split"], p["id"]) for p in contamination}),
+        "contamination_pairs": len(p.query),
+        "contamination_by_split": {s: int(np.count_nonzero(p.split == j)) for j, s in enumerate(SPLITS) if j},
+        "contaminated_records": len(contaminated),  # (split, id) pairs: one digest per id
         "pinned": plan.per_stratum.get(PINNED_STRATUM, {s: 0 for s in SPLITS}),
         "params": cfg.model_dump(mode="json"),
     }
-    return contamination, metrics
 
 
 def split_file(
@@ -552,10 +576,12 @@ def split_file(
     progress: Progress | None = None,
     batch_map: BatchMap | None = None,
     batch_size: int = SCAN_BATCH,
-) -> tuple[list[dict[str, Any]], dict[str, Any]]:
-    """Split a records file or shard directory into ``out_dir``/{train,val,test}.jsonl in memory
-    bounded by the batch, not the corpus (two passes, see the module docstring). Returns
-    ``(contamination pairs, metrics)``; the files are the bytes of :func:`split_records`'.
+    contamination_path: str | os.PathLike[str] | None = None,
+) -> dict[str, Any]:
+    """Split a records file or shard directory into ``out_dir``/{train,val,test}.jsonl and write
+    the contamination report (default ``out_dir``/contamination.jsonl), in memory bounded by the
+    batch, not the corpus (two passes, see the module docstring). Returns the metrics. The bytes
+    are :func:`split_records`'.
 
     ``batch_map`` runs pass 1 on batches of input lines (default: in this process; the Ray engine
     passes an actor pool) and yields their :class:`Scanned` in input order."""
@@ -580,11 +606,13 @@ def split_file(
                         h.update(data)
                         fh.write(data)
                 hashes[s] = h.hexdigest()
-            contamination, metrics = _report(plan, source, cfg, hashes, scan.n)
+            write_jsonl(contamination_path or os.path.join(out_dir, "contamination.jsonl"),
+                        _contamination(plan, source, cfg))
+            metrics = _metrics(plan, scan.cols.get("digest", np.uint8, (32,)), cfg, hashes, scan.n)
         finally:
             source.close()
             del scan
-    return contamination, metrics
+    return metrics
 
 
 def split_records(
@@ -603,7 +631,8 @@ def split_records(
     splits = {s: [dict(records[i]) for i in plan.order[s].tolist()] for s in SPLITS}
     files = {s: serialize(splits[s]) for s in SPLITS}
     hashes = {s: hashlib.sha256(files[s]).hexdigest() for s in SPLITS}
-    contamination, metrics = _report(plan, source, cfg, hashes, len(records))
+    contamination = list(_contamination(plan, source, cfg))
+    metrics = _metrics(plan, scan.cols.get("digest", np.uint8, (32,)), cfg, hashes, len(records))
     return SplitResult(splits=splits, files=files, contamination=contamination, metrics=metrics)
 
 
