@@ -331,27 +331,34 @@ def run_stage(engine: str, stage: str, records: list[dict], params, tmp: Path) -
             out, metrics, review = scrub_records(records, params.pii, progress=False)
         return digest(out, metrics, review), {"touched": metrics["records_touched"], "workers": params.pii.workers}
     if stage == "dedup":
-        if ray:
-            from llmpipe.curation.ray_dedup import dedup_records_ray
+        if ray:  # the Ray engine streams a file: the records written first (not timed apart)
+            from llmpipe.curation.ray_dedup import dedup_file_ray
+            from llmpipe.io import write_records
 
-            kept, clusters, metrics = dedup_records_ray(records, params.dedup, params.curation)
-        else:
-            from llmpipe.data.dedup import dedup_records
+            write_records(tmp / "in.jsonl", records)
+            clusters, metrics = dedup_file_ray(tmp / "in.jsonl", tmp / "out.jsonl", params.dedup, params.curation)
+            return file_digest(tmp / "out.jsonl", clusters, metrics), {
+                "kept": metrics["records_out"], "exact": metrics["exact_duplicates_removed"],
+                "near": metrics["near_duplicates_removed"]}
+        from llmpipe.data.dedup import dedup_records
 
-            kept, clusters, metrics = dedup_records(records, params.dedup)
+        kept, clusters, metrics = dedup_records(records, params.dedup)
         return digest(kept, clusters, metrics), {"kept": len(kept), "exact": metrics["exact_duplicates_removed"],
                                                  "near": metrics["near_duplicates_removed"]}
-    if stage == "split":
+    if stage == "split":  # the stage's work on a file (written here, by both engines): read, split, write
+        from llmpipe.data.split import SPLITS, split_file
+        from llmpipe.io import read_jsonl, sha256_file, write_records
+
+        write_records(tmp / "records.jsonl", records)
+        batch_map, batch_size = None, {}
         if ray:
-            from llmpipe.curation.ray_split import split_records_ray
+            from llmpipe.curation.ray_split import ray_batch_map
 
-            res = split_records_ray(records, params.split, params.curation)
-        else:
-            from llmpipe.data.split import split_records
-
-            res = split_records(records, params.split)
-        return digest({k: hashlib.sha256(v).hexdigest() for k, v in res.files.items()}, res.contamination,
-                      res.metrics), {"contamination_pairs": res.metrics["contamination_pairs"]}
+            batch_map, batch_size = ray_batch_map(params.split, params.curation), {"batch_size": params.curation.batch_size}
+        metrics = split_file(tmp / "records.jsonl", tmp / "split", params.split, batch_map=batch_map, **batch_size)
+        files = {s: sha256_file(tmp / "split" / f"{s}.jsonl") for s in SPLITS}
+        contamination = list(read_jsonl(tmp / "split" / "contamination.jsonl"))
+        return digest(files, contamination, metrics), {"contamination_pairs": metrics["contamination_pairs"]}
     raise SystemExit(f"unknown stage {stage}")
 
 
