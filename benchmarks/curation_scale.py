@@ -331,18 +331,14 @@ def run_stage(engine: str, stage: str, records: list[dict], params, tmp: Path) -
             out, metrics, review = scrub_records(records, params.pii, progress=False)
         return digest(out, metrics, review), {"touched": metrics["records_touched"], "workers": params.pii.workers}
     if stage == "dedup":
-        if ray:  # the Ray engine streams a file: the records written first (not timed apart)
-            from llmpipe.curation.ray_dedup import dedup_file_ray
-            from llmpipe.io import write_records
+        if ray:
+            from llmpipe.curation.ray_dedup import dedup_records_ray
 
-            write_records(tmp / "in.jsonl", records)
-            clusters, metrics = dedup_file_ray(tmp / "in.jsonl", tmp / "out.jsonl", params.dedup, params.curation)
-            return file_digest(tmp / "out.jsonl", clusters, metrics), {
-                "kept": metrics["records_out"], "exact": metrics["exact_duplicates_removed"],
-                "near": metrics["near_duplicates_removed"]}
-        from llmpipe.data.dedup import dedup_records
+            kept, clusters, metrics = dedup_records_ray(records, params.dedup, params.curation)
+        else:
+            from llmpipe.data.dedup import dedup_records
 
-        kept, clusters, metrics = dedup_records(records, params.dedup)
+            kept, clusters, metrics = dedup_records(records, params.dedup)
         return digest(kept, clusters, metrics), {"kept": len(kept), "exact": metrics["exact_duplicates_removed"],
                                                  "near": metrics["near_duplicates_removed"]}
     if stage == "split":  # the stage's work on a file (written here, by both engines): read, split, write
