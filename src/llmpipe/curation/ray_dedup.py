@@ -42,6 +42,7 @@ from llmpipe.data.dedup import (
     _Signer,
     decisions,
     greedy,
+    lsh_params,
     write_kept,
 )
 from llmpipe.io import jsonl_line
@@ -64,14 +65,15 @@ def _sign_lines(first: int, lines: list[str], where: list[tuple[str, int]], cfg:
     cols = signer.cols
     keys = np.stack([cols.get(f"band{k}") for k in range(signer.bands)], axis=1)
     meta = (cols.get("key"), cols.get("empty"), canon)
-    return (meta, cols.get("sig"), *bucket_partitions(first, keys, parts))
+    return (meta, cols.get("sig"), keys, *bucket_partitions(first, keys, parts))
 
 
-def _pairs(skip, sig_refs: list, starts, bands: int, rows: int, threshold: float, *entries):
+def _pairs(skip, refs: list, batch: int, rows: int, threshold: float, *entries):
     """Reduce task of one hash partition: its confirmed pairs (a, b, equal)."""
     import ray
 
-    return confirmed_pairs(list(entries), skip, ray.get(sig_refs[0]), starts, bands, rows, threshold)
+    key_refs, sig_refs = refs
+    return confirmed_pairs(list(entries), skip, ray.get(key_refs), ray.get(sig_refs), batch, rows, threshold)
 
 
 def _batches(path, size: int):
@@ -114,16 +116,17 @@ def dedup_file_ray(
 
     say = progress or (lambda _msg: None)
     parts = max(1, curation.workers)
-    bands, rows = _Signer(cfg, None, say).bands, _Signer(cfg, None, say).rows
-    sign = ray.remote(num_cpus=1)(_sign_lines).options(num_returns=2 + parts)
+    bands, rows = lsh_params(cfg.threshold, cfg.num_perm)
+    sign = ray.remote(num_cpus=1)(_sign_lines).options(num_returns=3 + parts)
     reduce = ray.remote(num_cpus=1)(_pairs)
     out_dir = os.path.dirname(os.path.abspath(out_records))
     os.makedirs(out_dir, exist_ok=True)
     with library_errors(DedupError), tempfile.TemporaryDirectory(prefix=".dedup-", suffix=".tmp", dir=out_dir) as work:
         cols = _Columns(work)  # digests and flags, memory-mapped
-        sig_refs: list[Any] = []
+        sig_refs: list[Any] = []  # per batch: signatures, band keys, band-key partitions
+        key_refs: list[Any] = []
         part_refs: list[list[Any]] = []
-        starts: list[int] = []
+        batches = 0
         cfg_ref = ray.put(cfg)
         in_flight: deque = deque()
         n = 0
@@ -135,21 +138,22 @@ def dedup_file_ray(
             cols.add("empty", empty)
             cols.add("canon", canon)
             sig_refs.append(refs[1])
-            part_refs.append(refs[2:])
+            key_refs.append(refs[2])
+            part_refs.append(refs[3:])
 
         for lines, where in _batches(path, curation.batch_size):
-            starts.append(n)
+            batches += 1
             in_flight.append(sign.remote(n, lines, where, cfg_ref, parts))
             n += len(lines)
             while len(in_flight) >= 2 * parts:
                 collect()
         while in_flight:
             collect()
-        say(f"signatures: {n} records in {len(starts)} batches, LSH {bands} bands x {rows} rows, {parts} partitions")
+        say(f"signatures: {n} records in {batches} batches, LSH {bands} bands x {rows} rows, {parts} partitions")
 
         def near(skip: np.ndarray) -> dict[int, tuple[int, float]]:
-            skip_ref, starts_ref = ray.put(np.asarray(skip)), ray.put(np.asarray(starts, dtype=np.int64))
-            tasks = [reduce.remote(skip_ref, [sig_refs], starts_ref, bands, rows, float(cfg.threshold),
+            skip_ref = ray.put(np.asarray(skip))
+            tasks = [reduce.remote(skip_ref, [key_refs, sig_refs], curation.batch_size, rows, float(cfg.threshold),
                                    *[p[k] for p in part_refs]) for k in range(parts)]
             found = ray.get(tasks)
             a, b, equal = (np.concatenate(x) for x in zip(*found))
@@ -161,6 +165,6 @@ def dedup_file_ray(
         else:
             d = decisions(cols.get("key"), cols.get("empty"), near, say)
             canon = np.array(cols.get("canon"))
-        sig_refs.clear()
-        part_refs.clear()
+        for refs in (sig_refs, key_refs, part_refs):  # the object store frees them
+            refs.clear()
     return write_kept(path, out_records, cfg, d, canon, shards, say)

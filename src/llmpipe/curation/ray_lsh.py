@@ -154,33 +154,34 @@ def bucket_partitions(first: int, keys: np.ndarray, parts: int) -> list[tuple[np
     return [(flat[order[s:e]], ids[order[s:e]], band[order[s:e]]) for s, e in zip(bounds[:-1], bounds[1:])]
 
 
-def _gather(batches: list[np.ndarray], starts: np.ndarray, ids: np.ndarray) -> np.ndarray:
-    """Signature rows of records ``ids`` from per-batch arrays (batch j holds records from
-    ``starts[j]``)."""
-    out = np.empty((len(ids), batches[0].shape[1]), dtype=batches[0].dtype)
-    which = np.searchsorted(starts, ids, side="right") - 1
+def _gather(batches: list[np.ndarray], batch: int, ids: np.ndarray) -> np.ndarray:
+    """Rows ``ids`` of per-batch arrays (batch j holds the rows ``j * batch`` ...)."""
+    out = np.empty((len(ids), *batches[0].shape[1:]), dtype=batches[0].dtype)
+    which = ids // batch
     order = np.argsort(which, kind="stable")
-    bounds = np.flatnonzero(np.r_[True, which[order][1:] != which[order][:-1], True])
+    w = which[order]
+    bounds = np.flatnonzero(np.r_[True, w[1:] != w[:-1], True])
     for s, e in zip(bounds[:-1], bounds[1:]):
         sel = order[s:e]
-        j = int(which[sel[0]])
-        out[sel] = batches[j][ids[sel] - starts[j]]
+        j = int(w[s])
+        out[sel] = batches[j][ids[sel] - j * batch]
     return out
 
 
 def confirmed_pairs(entries: list[tuple[np.ndarray, np.ndarray, np.ndarray]], skip: np.ndarray,
-                    sig_batches: list[np.ndarray], starts: np.ndarray, bands: int, rows: int,
+                    key_batches: list[np.ndarray], sig_batches: list[np.ndarray], batch: int, rows: int,
                     threshold: float) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
     """The confirmed pairs of one hash partition (its (key, record, band) entries from every
     batch; records in ``skip`` take no part): (a, b, equal) with a < b, ``equal`` the number of
-    equal signature values.
+    equal signature values. ``key_batches``/``sig_batches``: every record's band keys and
+    signature, ``batch`` records per array.
 
-    Every pair of records sharing a bucket is a candidate; it is confirmed when the two
+    Every pair of records sharing a bucket is a candidate, but a pair sharing several buckets
+    is taken only in the first band where its keys are equal (its band keys are compared), so
+    each candidate pair is confirmed once, in one partition. It is confirmed when the two
     signatures agree on a whole band (datasketch's bucket rule: a 64-bit key collision never
-    adds a pair) and their estimated Jaccard reaches ``threshold``. A pair is reported only from
-    the first band its signatures agree on, so each confirmed pair comes from exactly one
-    bucket of one partition: no duplicates across bands or partitions. Candidates are confirmed
-    in blocks of ``_PAIR_BLOCK`` pairs."""
+    adds a pair) and their estimated Jaccard reaches ``threshold``. Candidates are taken in
+    blocks of ``_PAIR_BLOCK`` pairs."""
     key = np.concatenate([e[0] for e in entries])
     rec = np.concatenate([e[1] for e in entries])
     band = np.concatenate([e[2] for e in entries])
@@ -194,15 +195,18 @@ def confirmed_pairs(entries: list[tuple[np.ndarray, np.ndarray, np.ndarray]], sk
         run_start = np.flatnonzero(np.r_[True, key[1:] != key[:-1]])
         run_end = np.r_[run_start[1:], len(key)]
         after = np.repeat(run_end, run_end - run_start) - 1 - np.arange(len(key))
+        bands = key_batches[0].shape[1]
         num_perm = sig_batches[0].shape[1]
         for later, first in _range_pairs(np.arange(len(key)) + 1, after):
-            same = band[later] == band[first]  # a different band: a 64-bit key collision
-            x, y, k = rec[first][same], rec[later][same], band[first][same]
-            eq = _gather(sig_batches, starts, x) == _gather(sig_batches, starts, y)
-            agree = eq[:, : bands * rows].reshape(len(x), bands, rows).all(axis=2)
+            k = band[first]
+            first_equal = np.argmax(_gather(key_batches, batch, rec[first]) == _gather(key_batches, batch, rec[later]),
+                                    axis=1)
+            take = (first_equal == k) & (band[later] == k)  # else: taken in an earlier band, or a key collision
+            x, y = rec[first][take], rec[later][take]
+            eq = _gather(sig_batches, batch, x) == _gather(sig_batches, batch, y)
+            agree = eq[:, : bands * rows].reshape(len(x), bands, rows).all(axis=2).any(axis=1)
             equal = np.count_nonzero(eq, axis=1)
-            ok = agree[np.arange(len(x)), k] & (np.argmax(agree, axis=1) == k)
-            ok &= equal / num_perm >= threshold  # as estimated_jaccard() >= threshold
+            ok = agree & (equal / num_perm >= threshold)  # as estimated_jaccard() >= threshold
             out_a.append(x[ok])
             out_b.append(y[ok])
             out_eq.append(equal[ok].astype(np.int32))
