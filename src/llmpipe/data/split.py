@@ -269,11 +269,12 @@ class _Scan:
 
     def add(self, s: Scanned) -> None:
         codes = np.array([self.names.setdefault(name, len(self.names)) for name in s.strata] + [-1], dtype=np.int32)
-        self.cols.add("digest", s.digest)
+        # copies: arrays from Ray are views of the whole batch's object (signatures included)
+        self.cols.add("digest", s.digest.copy())
         self.cols.add("stratum", codes[s.stratum])  # -1 picks the appended -1
-        self.cols.add("pinned", s.pinned)
-        self.cols.add("canonical", s.canonical)
-        self.cols.add("empty", s.empty)
+        self.cols.add("pinned", s.pinned.copy())
+        self.cols.add("canonical", s.canonical.copy())
+        self.cols.add("empty", s.empty.copy())
         self.cols.add("sig", s.sig, on_disk=True)
         self.cols.add("bands", s.bands, on_disk=True)
         self.n += len(s.digest)
