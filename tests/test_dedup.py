@@ -464,3 +464,61 @@ def test_read_records_errors(tmp_path):
     p.write_text('{"id": "a", "messages": []}\n\n[1]\n', encoding="utf-8")
     with pytest.raises(DedupError, match=r"x.jsonl:3: expected a JSON object"):
         read_records(str(p))
+
+
+# --------------------------------------------------------------------------- Ray engine
+
+
+@pytest.fixture(scope="module")
+def embedded_ray():
+    pytest.importorskip("ray")
+    from llmpipe.config.data import CurationSection
+    from llmpipe.curation.ray_runtime import ray_session
+
+    # 3 partitions, 2 CPUs: partitions outnumber the CPUs; small batches: many per pass
+    curation = CurationSection.model_validate(
+        dict(engine="ray", ray_address=None, num_cpus=2, batch_size=53, workers=3, shards=1))
+    with ray_session(curation):
+        yield curation
+
+
+@pytest.mark.slow
+@pytest.mark.parametrize("threshold, num_perm, shards", [(0.8, 128, 1), (0.5, 32, 3)])
+def test_ray_engine_writes_the_local_bytes(embedded_ray, tmp_path, threshold, num_perm, shards):
+    from llmpipe.curation.ray_dedup import dedup_file_ray
+
+    records = _chain_corpus(n_base=30, n_variants=300)
+    inp = tmp_path / "in.jsonl"
+    # half the lines not in the pipeline's own spelling: re-serialised by both engines
+    inp.write_text("".join(json.dumps(r, ensure_ascii=bool(k % 2)) + "\n" for k, r in enumerate(records)),
+                   encoding="utf-8")
+    cfg = dedup_cfg(threshold=threshold, num_perm=num_perm)
+    clusters, metrics = dedup_file(inp, tmp_path / "local" / "records.jsonl", cfg, shards=shards)
+    got_clusters, got_metrics = dedup_file_ray(inp, tmp_path / "ray" / "records.jsonl", cfg, embedded_ray,
+                                               shards=shards)
+    assert metrics["near_duplicates_removed"] > 20 and metrics["exact_duplicates_removed"] > 2
+    assert got_clusters == clusters and got_metrics == metrics
+    local, ray_out = tmp_path / "local" / "records.jsonl", tmp_path / "ray" / "records.jsonl"
+    if shards == 1:
+        assert ray_out.read_bytes() == local.read_bytes()
+    else:
+        assert [p.name for p in sorted(ray_out.iterdir())] == [p.name for p in sorted(local.iterdir())]
+        assert all(p.read_bytes() == (local / p.name).read_bytes() for p in ray_out.iterdir())
+    assert not [p for p in (tmp_path / "ray").iterdir() if p.name.startswith(".")]  # temp files gone
+
+
+@pytest.mark.slow
+def test_ray_engine_reports_bad_lines_and_empty_input(embedded_ray, tmp_path):
+    from llmpipe.curation.ray_dedup import dedup_file_ray
+
+    good = [json.dumps(_record(f"hello there number {k}", "{}", k + 1)) for k in range(120)]
+    inp = tmp_path / "bad.jsonl"
+    inp.write_text("\n".join(good[:100] + ["{not json"] + good[100:] + ['{"id": "x", "messages": "nope"}']) + "\n",
+                   encoding="utf-8")
+    out = tmp_path / "out" / "records.jsonl"
+    with pytest.raises(DedupError, match=rf"{inp}:101: invalid JSON"):  # the first bad line, as locally
+        dedup_file_ray(inp, out, dedup_cfg(), embedded_ray)
+    assert not out.exists()
+    (tmp_path / "empty.jsonl").write_text("", encoding="utf-8")
+    clusters, metrics = dedup_file_ray(tmp_path / "empty.jsonl", out, dedup_cfg(), embedded_ray)
+    assert clusters == [] and metrics["records_in"] == metrics["records_out"] == 0 and out.read_bytes() == b""

@@ -1,143 +1,28 @@
-"""MinHash-LSH similar pairs on Ray Data (minhash-dedup, and split's contamination check).
+"""MinHash-LSH confirmed pairs across a Ray cluster (minhash-dedup's shuffle and reduce).
 
-The design follows NeMo Curator's fuzzy dedup (minhash -> LSH buckets -> edges -> connected
-components), with the local engine's exact semantics:
+The design follows NeMo Curator's fuzzy dedup (minhash -> LSH buckets -> candidate pairs ->
+connected components), with the local engine's exact semantics, on Ray core tasks (no Ray Data
+sort shuffle, no executor, stats or autoscaling actors: on a 2-core box they cost more than the
+work):
 
-1. ``sign_batch`` (in ``map_batches``): MinHash signatures (``llmpipe.data.dedup``'s numpy
-   signatures, equal to datasketch's) and one 64-bit key per LSH band (band index and the band's
-   ``rows`` hash values).
-2. Band keys are grouped across the cluster: a hash shuffle on the key (``repartition(keys=...,
-   sort=True)``, the shuffle Ray's own ``groupby().map_groups()`` runs) puts every bucket in one
-   block, where ``_bucket_pairs`` lists the candidate pairs of each bucket with numpy.
-3. ``_confirm`` (in ``map_batches``, signatures from the object store) keeps a pair only if the
-   two signatures agree on a whole band (datasketch's bucket test, so a 64-bit key collision
-   never adds a pair) and their estimated Jaccard reaches the threshold.
+1. Each signing task (``ray_dedup``) splits its batch's LSH band keys into P hash partitions,
+   one task return value each (:func:`bucket_partitions`): equal keys land in the same
+   partition, so every LSH bucket lies whole in one partition.
+2. One reduce task per partition takes partition p of every batch and lists the candidate pairs
+   of each bucket, confirmed by signature similarity (:func:`confirmed_pairs`; signatures and
+   band keys read from the object store).
 
-What is done with the confirmed pairs (connected components, greedy in input order) belongs to
-the caller: ``ray_dedup`` and ``ray_split``.
+What is done with the confirmed pairs (connected components, the greedy in input order) belongs
+to the caller.
 """
 
 from __future__ import annotations
 
 import numpy as np
 
-from llmpipe.config.data import CurationSection
-from llmpipe.curation.ray_runtime import group_blocks, iter_tables
-from llmpipe.data.dedup import _range_pairs, band_keys, minhash_signatures
+from llmpipe.data.dedup import _range_pairs
 
-__all__ = ["band_keys", "bucket_partitions", "confirmed_pairs", "sign_batch", "similar_pairs"]
-
-
-def sign_batch(texts: list[str], num_perm: int, shingle_size: int, bands: int, rows: int):
-    """Signatures (uint32[n, num_perm]) and band keys (int64[n, bands]) of ``texts``."""
-    sig = minhash_signatures(texts, num_perm, shingle_size)
-    return sig, band_keys(sig, bands, rows)
-
-
-def _explode(table, skip: list, bands: int):
-    """One row per (record, band): {bucket, i, side}; records marked in ``skip`` take no part."""
-    import pyarrow as pa
-
-    skip_mask = _cached(skip[0])
-    i = table.column("i").to_numpy()
-    keep = ~skip_mask[i]
-    i = i[keep]
-    keys = np.frombuffer(b"".join(table.column("bands").to_pylist()), dtype=np.int64).reshape(-1, bands)[keep]
-    side = table.column("side").to_numpy()[keep]
-    return pa.table({"bucket": keys.reshape(-1), "i": np.repeat(i, bands), "side": np.repeat(side, bands)})
-
-
-def _bucket_pairs(table, cross: bool):
-    """Candidate pairs (a < b, or index a x query b when ``cross``) of every bucket in the block
-    (the block holds whole buckets, sorted by key)."""
-    import pyarrow as pa
-
-    bucket = table.column("bucket").to_numpy()
-    i = table.column("i").to_numpy()
-    side = table.column("side").to_numpy()
-    order = np.lexsort((i, bucket))
-    bucket, i, side = bucket[order], i[order], side[order]
-    a_parts, b_parts = [], []
-    if len(bucket) > 1:
-        starts = np.flatnonzero(np.r_[True, bucket[1:] != bucket[:-1]])
-        sizes = np.diff(np.r_[starts, len(bucket)])
-        for s, size in zip(starts[sizes > 1], sizes[sizes > 1]):
-            members, sides = i[s:s + size], side[s:s + size]
-            if cross:
-                idx, qry = members[sides == 0], members[sides == 1]
-                a_parts.append(np.repeat(idx, len(qry)))
-                b_parts.append(np.tile(qry, len(idx)))
-            else:
-                x, y = np.triu_indices(size, k=1)
-                a_parts.append(members[x])
-                b_parts.append(members[y])
-    a = np.concatenate(a_parts) if a_parts else np.empty(0, np.int64)
-    b = np.concatenate(b_parts) if b_parts else np.empty(0, np.int64)
-    return pa.table({"a": a.astype(np.int64), "b": b.astype(np.int64)})
-
-
-def _confirm(table, sigs: list, bands: int, rows: int, threshold: float):
-    """Pairs that share a whole band and have estimated Jaccard >= threshold, with it."""
-    import pyarrow as pa
-
-    sig = _cached(sigs[0])
-    a = table.column("a").to_numpy()
-    b = table.column("b").to_numpy()
-    eq = sig[a] == sig[b]
-    same_band = eq[:, : bands * rows].reshape(len(a), bands, rows).all(axis=2).any(axis=1)
-    sim = np.count_nonzero(eq, axis=-1) / sig.shape[-1]  # as llmpipe.data.dedup.estimated_jaccard
-    ok = same_band & (sim >= threshold)
-    return pa.table({"a": a[ok], "b": b[ok], "sim": sim[ok]})
-
-
-_CACHE: dict[str, np.ndarray] = {}
-
-
-def _cached(ref) -> np.ndarray:
-    """An array from the object store, fetched once per worker process (zero-copy)."""
-    import ray
-
-    key = ref.hex()
-    if key not in _CACHE:
-        _CACHE.clear()
-        _CACHE[key] = ray.get(ref)
-    return _CACHE[key]
-
-
-def similar_pairs(signed, sig: np.ndarray, skip: np.ndarray, bands: int, rows: int, threshold: float,
-                  curation: CurationSection, cross: bool = False) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
-    """Confirmed pairs among the rows of ``signed`` (columns i, side, bands): arrays (a, b, sim),
-    unique, sorted by (a, b). ``sig`` holds every row's signature by ``i``; rows with ``skip[i]``
-    take no part; ``cross``: only pairs of an index row (side 0) and a query row (side 1)."""
-    import ray
-
-    sig_ref, skip_ref = ray.put(sig), ray.put(skip)
-    pairs = (
-        group_blocks(signed.map_batches(_explode, batch_size=None, batch_format="pyarrow",
-                                        fn_kwargs={"skip": [skip_ref], "bands": bands}), "bucket")
-        
-        .map_batches(_bucket_pairs, batch_size=None, batch_format="pyarrow", fn_kwargs={"cross": cross})
-        .map_batches(_confirm, batch_size=curation.batch_size * 16, batch_format="pyarrow",
-                     fn_kwargs={"sigs": [sig_ref], "bands": bands, "rows": rows, "threshold": float(threshold)})
-    )
-    a_all, b_all, s_all = [], [], []
-    for t in iter_tables(pairs):
-        a_all.append(t.column("a").to_numpy())
-        b_all.append(t.column("b").to_numpy())
-        s_all.append(t.column("sim").to_numpy())
-    if not a_all:
-        return np.empty(0, np.int64), np.empty(0, np.int64), np.empty(0, np.float64)
-    a, b, s = np.concatenate(a_all), np.concatenate(b_all), np.concatenate(s_all)
-    _, first = np.unique(np.stack([a, b], axis=1), axis=0, return_index=True)  # a pair recurs per shared band
-    return a[first], b[first], s[first]
-
-
-# --------------------------------------------------------------------------- Ray core: hash partitions
-#
-# minhash-dedup's shuffle, without Ray Data: each signing task returns its batch's band keys
-# split into P hash partitions (``bucket_partitions``, one task return value each), and P reduce
-# tasks each take partition p of every batch, so that every LSH bucket lies whole in one task
-# (``confirmed_pairs``). No sort shuffle, no executor or stats actors.
+__all__ = ["bucket_partitions", "confirmed_pairs"]
 
 
 def bucket_partitions(first: int, keys: np.ndarray, parts: int) -> list[tuple[np.ndarray, np.ndarray, np.ndarray]]:
@@ -147,7 +32,7 @@ def bucket_partitions(first: int, keys: np.ndarray, parts: int) -> list[tuple[np
     n, bands = keys.shape
     flat = np.ascontiguousarray(keys).reshape(-1)
     ids = np.repeat(np.arange(first, first + n, dtype=np.int64), bands)
-    band = np.tile(np.arange(bands, dtype=np.uint8), n)
+    band = np.tile(np.arange(bands, dtype=np.uint16), n)
     part = (flat.view(np.uint64) >> np.uint64(33)) % np.uint64(parts)  # keys are hashes already
     order = np.argsort(part, kind="stable")
     bounds = np.searchsorted(part[order], np.arange(parts + 1, dtype=np.uint64))
