@@ -413,3 +413,19 @@ def test_split_file_memory_does_not_grow_with_records(tmp_path):
         tracemalloc.stop()
     per_record = (peaks[4000] - peaks[1000]) / 3000
     assert per_record < 300, peaks  # holding the records would be > 1,500 bytes per record
+
+
+def test_stage_reports_a_bad_record_and_writes_nothing(tmp_path, corpus):
+    bad = _record("bad pin", None, 20_000)
+    bad["metadata"] = {"split": "holdout"}
+    inp = tmp_path / "records.jsonl"
+    inp.write_text("".join(json.dumps(r) + "\n" for r in corpus[:50] + [bad] + corpus[50:]), encoding="utf-8")
+    out_dir = tmp_path / "split"
+    proc = _run_stage(tmp_path, inp, out_dir, tmp_path / "m.json")
+    assert proc.returncode == 2
+    assert "metadata.split pins it to a split" in proc.stderr and "'holdout'" in proc.stderr
+    assert not out_dir.exists() or not list(out_dir.iterdir())  # no split file, no temp files
+    assert not (tmp_path / "m.json").exists()
+    inp.write_text(inp.read_text(encoding="utf-8") + '{"id": "x", "messages": "not a list"}\n', encoding="utf-8")
+    proc = _run_stage(tmp_path, inp, out_dir, tmp_path / "m.json")
+    assert proc.returncode == 2 and f"{inp}:{len(corpus) + 2}: record needs" in proc.stderr
