@@ -295,14 +295,13 @@ def run_stage(engine: str, stage: str, records: list[dict], params, tmp: Path) -
         cwd = os.getcwd()
         os.chdir(tmp)
         try:  # the stage's work: stream the input file through the validators into the output files
+            counter = TokenCounter(load_tokenizer(params.model.name_or_path))  # as the stage: both engines
             if ray:
                 from llmpipe.curation.ray_validate import ray_batch_map
 
-                batch_map = ray_batch_map(cfg, params.model.max_seq_len, params.model.name_or_path,
-                                          params.curation.workers)
+                batch_map = ray_batch_map(cfg, params.model.max_seq_len, counter.tokenizer, params.curation.workers)
                 batch_size = params.curation.batch_size
             else:
-                counter = TokenCounter(load_tokenizer(params.model.name_or_path))
                 batch_map, batch_size = local_batch_map(Validator(cfg, params.model.max_seq_len, counter)), 1
             metrics = validate_files(cfg, out, batch_map, batch_size, 1).metrics
             # digest(records, rejects, repairs, metrics) of the lists, from the files: each line is
@@ -312,7 +311,7 @@ def run_stage(engine: str, stage: str, records: list[dict], params, tmp: Path) -
                 with open(path, encoding="utf-8", newline="\n") as fh:
                     h.update(b"[")
                     for k, line in enumerate(fh):
-                        h.update((", " if k else "").encode() + line.rstrip("\n").encode("utf-8", "surrogatepass"))
+                        h.update((", " if k else "").encode() + line.rstrip("\n").encode("utf-8"))
                     h.update(b"]")
             h.update(json.dumps(metrics, sort_keys=True, ensure_ascii=False, default=str).encode("utf-8", "surrogatepass"))
         finally:

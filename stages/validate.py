@@ -42,6 +42,7 @@ def main(argv: list[str] | None = None) -> int:
     out = ValidateOutputs(args.out_records, args.out_rejects, args.out_repairs)  # shards > 1: records is a dir
     try:
         cfg = load_stage_params(PARAMS, args.params)
+        counter = TokenCounter(load_tokenizer(cfg.model.name_or_path))
         if cfg.curation.engine == "ray":  # same outputs, on a Ray actor pool (docs/curation.md "Engines")
             from llmpipe.curation.ray_runtime import ray_session
             from llmpipe.curation.ray_validate import ray_batch_map
@@ -49,12 +50,11 @@ def main(argv: list[str] | None = None) -> int:
             with ray_session(cfg.curation) as where:
                 print(f"[validate] engine ray ({where}): batches of {cfg.curation.batch_size} items on "
                       f"{cfg.curation.workers} actors", file=sys.stderr)
-                batch_map = ray_batch_map(cfg.validate, cfg.model.max_seq_len, cfg.model.name_or_path,
+                batch_map = ray_batch_map(cfg.validate, cfg.model.max_seq_len, counter.tokenizer,
                                           cfg.curation.workers)
                 summary = validate_files(cfg.validate, out, batch_map, cfg.curation.batch_size,
                                          cfg.curation.shards, stderr_progress())
         else:  # one item at a time: strict mode stops at the first bad record
-            counter = TokenCounter(load_tokenizer(cfg.model.name_or_path))
             batch_map = local_batch_map(Validator(cfg.validate, cfg.model.max_seq_len, counter))
             summary = validate_files(cfg.validate, out, batch_map, 1, cfg.curation.shards, stderr_progress())
     except (ParamsError, ModelSourceError) as exc:

@@ -464,6 +464,96 @@ def test_strict_streaming_stops_at_the_first_bad_record_and_writes_nothing(tmp_p
     assert not (tmp_path / "out").exists()  # no output, no temp file, no folder made for them
 
 
+# --- the Ray engine (an embedded Ray in this process) -------------------------------------------
+
+@pytest.fixture(scope="module")
+def ray_local():
+    pytest.importorskip("ray")
+    from llmpipe.config import load_params
+    from llmpipe.curation.ray_runtime import ray_session
+
+    curation = load_params(ROOT / "params.yaml").curation.model_copy(
+        update={"engine": "ray", "ray_address": None, "num_cpus": 2})
+    with pytest.MonkeyPatch.context() as mp:  # Ray's workers inherit it: no hub look-ups, ever
+        mp.setenv("HF_HUB_OFFLINE", "1")
+        mp.setenv("TOKENIZERS_PARALLELISM", "false")
+        with ray_session(curation) as where:
+            yield where
+
+
+def ray_map(c: ValidateSection, counter: TokenCounter, workers: int = 2):
+    from llmpipe.curation.ray_validate import ray_batch_map
+
+    return ray_batch_map(c, 512, counter.tokenizer, workers)
+
+
+@pytest.mark.slow
+def test_ray_engine_writes_the_local_bytes_in_small_batches(tmp_path, counter, ray_local):
+    c = cfg(mixed_inputs(tmp_path), repair=ALL_REPAIRS)
+    local = stream(c, counter, tmp_path / "local", shards=3)
+    out = tmp_path / "ray"
+    # batches of 3 on 2 actors: results come back from both, out of order, and are put back in order
+    summary = validate_files(c, ValidateOutputs(out / "records.jsonl", out / "rejects.jsonl", out / "repairs.jsonl"),
+                             ray_map(c, counter), 3, 3)
+    assert tree_bytes(out) == tree_bytes(tmp_path / "local")
+    assert summary.metrics == local.metrics and summary.metrics["records_rejected"] > 20
+    assert [r.describe() for r in summary.first_rejects] == [r.describe() for r in local.first_rejects]
+
+
+@pytest.mark.slow
+def test_ray_engine_reads_a_bounded_number_of_batches_ahead(tmp_path, counter, ray_local):
+    c = cfg(tmp_path)
+    taken = []
+
+    def items():
+        for i in range(100_000):
+            taken.append(i)
+            yield formats.RawItem("gen.jsonl", i + 1, chat(user=f"question {i}"))
+
+    outcomes = iter_outcomes(items(), c, ray_map(c, counter), 10, ValidationStats())
+    assert next(outcomes).record["source"]["line"] == 1
+    assert len(taken) <= (2 * 2 + 1) * 10  # at most 2 x workers batches in flight, and the one being cut
+    outcomes.close()
+
+
+@pytest.mark.slow
+def test_ray_engine_strict_names_the_first_bad_record_in_input_order(tmp_path, counter, ray_local):
+    raw = tmp_path / "raw"
+    raw.mkdir()
+    lines = [chat(user=f"q{i}") for i in range(12)]
+    lines[6] = REASON_CASES["no_user_turn"]  # line 7, in the 3rd batch of 3
+    lines[10] = '{"messages": ['  # lines 11 and 12, in the 4th batch, in flight at the same time
+    lines[11] = REASON_CASES["unknown_role"]
+    write_lines(raw / "in.jsonl", lines)
+    c = cfg(raw, strict=True)
+    out = tmp_path / "out"
+    with pytest.raises(StrictValidationError, match=r"in\.jsonl:7: no_user_turn"):
+        validate_files(c, ValidateOutputs(out / "r.jsonl", out / "x.jsonl", out / "p.jsonl"), ray_map(c, counter), 3, 1)
+    assert not out.exists()
+
+
+@pytest.mark.slow
+def test_ray_engine_raises_the_library_error_of_an_actor(tmp_path, ray_local, monkeypatch):
+    """A tokenizer of a class the actors cannot import (a module only on the driver's path):
+    the actor's ModelSourceError reaches the caller as itself, not as a Ray error."""
+    from llmpipe.curation.ray_validate import ray_batch_map
+    from llmpipe.model.source import ModelSourceError
+
+    (tmp_path / "driver_only").mkdir()
+    (tmp_path / "driver_only" / "driver_only_tok.py").write_text("class Tok:\n    pass\n")
+    monkeypatch.syspath_prepend(str(tmp_path / "driver_only"))
+    from driver_only_tok import Tok
+
+    write_lines(tmp_path / "in.jsonl", [chat()])
+    c = cfg(tmp_path)
+    out = tmp_path / "out"
+    with pytest.raises(ModelSourceError, match="cannot load the driver's tokenizer in a Ray actor: "
+                                               "ModuleNotFoundError"):
+        validate_files(c, ValidateOutputs(out / "r.jsonl", out / "x.jsonl", out / "p.jsonl"),
+                       ray_batch_map(c, 512, Tok(), 1), 1, 1)
+    assert not out.exists()
+
+
 # --- the stage script ----------------------------------------------------------------------
 
 def test_stage_writes_outputs_and_metrics(tmp_path):
