@@ -522,3 +522,36 @@ def test_ray_engine_reports_bad_lines_and_empty_input(embedded_ray, tmp_path):
     (tmp_path / "empty.jsonl").write_text("", encoding="utf-8")
     clusters, metrics = dedup_file_ray(tmp_path / "empty.jsonl", out, dedup_cfg(), embedded_ray)
     assert clusters == [] and metrics["records_in"] == metrics["records_out"] == 0 and out.read_bytes() == b""
+
+
+@pytest.mark.parametrize("parts", [1, 3])
+def test_ray_reduce_finds_each_confirmed_pair_once(monkeypatch, parts):
+    # the reduce step without Ray: every pair that agrees on a whole band and reaches the
+    # threshold, found once over all partitions, in blocks of 7 candidates (some with no pair)
+    from llmpipe.curation.ray_lsh import bucket_partitions, confirmed_pairs
+
+    monkeypatch.setattr(dedup_module, "_PAIR_BLOCK", 7)
+    records = _chain_corpus(n_base=10, n_variants=80)
+    cfg = dedup_cfg()
+    bands, rows = lsh_params(cfg.threshold, cfg.num_perm)
+    texts = [near_text(selected_contents(r, cfg.roles)) for r in records]
+    sig = minhash_signatures(texts, cfg.num_perm, cfg.shingle_size)
+    keys = dedup_module.band_keys(sig, bands, rows)
+    skip = np.array([not t for t in texts])
+    batch = 16
+    starts = range(0, len(records), batch)
+    partitioned = [bucket_partitions(s, keys[s:s + batch], parts) for s in starts]
+    found = []
+    for p in range(parts):
+        a, b, equal = confirmed_pairs([pp[p] for pp in partitioned], skip, [keys[s:s + batch] for s in starts],
+                                      [sig[s:s + batch] for s in starts], batch, rows, cfg.threshold)
+        found += list(zip(a.tolist(), b.tolist(), equal.tolist()))
+    expected = []
+    for i in range(len(records)):
+        for j in range(i + 1, len(records)):
+            eq = sig[i] == sig[j]
+            agree = eq[: bands * rows].reshape(bands, rows).all(axis=1).any()
+            if agree and not skip[i] and not skip[j] and eq.sum() / cfg.num_perm >= cfg.threshold:
+                expected.append((i, j, int(eq.sum())))
+    assert len(expected) > 50
+    assert sorted(found) == expected

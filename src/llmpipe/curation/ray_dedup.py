@@ -13,13 +13,22 @@ Ray's object store.
 2. Exact duplicates on the driver: a sort of the digests (``dedup.decisions``).
 3. P reduce tasks, one per partition: every LSH bucket lies whole in one of them; candidate
    pairs of each bucket confirmed by signature similarity (``ray_lsh.confirmed_pairs``).
-4. The confirmed pairs on the driver, grouped into connected components; the local rule in input
-   order, per component: a record joins the most similar earlier *kept* record it is paired
-   with (earliest on ties), else it is kept. A record's candidates in the local engine are
-   exactly the earlier kept records sharing an LSH bucket, and only a confirmed pair can win,
-   so the decisions, Jaccards and clusters are the local engine's.
+4. The confirmed pairs (one per pair: each is taken only in its first key-equal band) on the
+   driver: their connected components (scipy; reported -- every cluster lies inside one), and
+   the local rule in input order over the pairs: a record joins the most similar earlier
+   *kept* record it is paired with (earliest on ties), else it is kept. Run over all pairs at
+   once this equals running it per component (components share no pair); keeping one record
+   per component instead would differ from the local engine on chains (A~B, B~C, A!~C keeps
+   A and C locally). A record's candidates in the local engine are exactly the earlier kept
+   records sharing an LSH bucket, and only a confirmed pair can win, so the decisions,
+   Jaccards and clusters are the local engine's.
 5. Pass 2 (``dedup.write_kept``, as locally) streams the input again and writes the kept
    records, the clusters and the metrics.
+
+Ray core tasks, not Ray Data: the earlier Ray Data version (records in a list on the driver,
+``map_batches``, a sort shuffle of one row per record and band) took 274 s for 100k records on
+the 2-core box where the local engine took 114 s; its executor, stats and autoscaling actors
+alone cost ~20-30% of a core there.
 """
 
 from __future__ import annotations

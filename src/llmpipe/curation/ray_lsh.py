@@ -31,7 +31,7 @@ def bucket_partitions(first: int, keys: np.ndarray, parts: int) -> list[tuple[np
     partition."""
     n, bands = keys.shape
     flat = np.ascontiguousarray(keys).reshape(-1)
-    ids = np.repeat(np.arange(first, first + n, dtype=np.int64), bands)
+    ids = np.repeat(np.arange(first, first + n, dtype=np.int32 if first + n < 2**31 else np.int64), bands)
     band = np.tile(np.arange(bands, dtype=np.uint16), n)
     part = (flat.view(np.uint64) >> np.uint64(33)) % np.uint64(parts)  # keys are hashes already
     order = np.argsort(part, kind="stable")
@@ -42,6 +42,8 @@ def bucket_partitions(first: int, keys: np.ndarray, parts: int) -> list[tuple[np
 def _gather(batches: list[np.ndarray], batch: int, ids: np.ndarray) -> np.ndarray:
     """Rows ``ids`` of per-batch arrays (batch j holds the rows ``j * batch`` ...)."""
     out = np.empty((len(ids), *batches[0].shape[1:]), dtype=batches[0].dtype)
+    if not len(ids):
+        return out
     which = ids // batch
     order = np.argsort(which, kind="stable")
     w = which[order]
@@ -67,14 +69,21 @@ def confirmed_pairs(entries: list[tuple[np.ndarray, np.ndarray, np.ndarray]], sk
     signatures agree on a whole band (datasketch's bucket rule: a 64-bit key collision never
     adds a pair) and their estimated Jaccard reaches ``threshold``. Candidates are taken in
     blocks of ``_PAIR_BLOCK`` pairs."""
-    key = np.concatenate([e[0] for e in entries])
     rec = np.concatenate([e[1] for e in entries])
-    band = np.concatenate([e[2] for e in entries])
     keep = ~skip[rec]
-    key, rec, band = key[keep], rec[keep], band[keep]
-    order = np.lexsort((rec, key))  # buckets, records ascending in each
-    key, rec, band = key[order], rec[order], band[order]
-    del order, keep
+    rec = rec[keep]
+    key = np.concatenate([e[0] for e in entries])[keep]
+    band = np.concatenate([e[2] for e in entries])[keep]
+    del keep
+    # entries arrive in record order (batches in input order, records ascending in each), so a
+    # stable sort by key gives buckets with their records ascending
+    order = np.argsort(key, kind="stable")
+    key = key[order]
+    in_bucket = np.r_[key[1:] == key[:-1], False] | np.r_[False, key[1:] == key[:-1]]
+    order = order[in_bucket]  # entries alone in their bucket have no pair
+    key = key[in_bucket]
+    rec, band = rec[order], band[order]
+    del order, in_bucket
     out_a, out_b, out_eq = [], [], []
     if len(key) > 1:
         run_start = np.flatnonzero(np.r_[True, key[1:] != key[:-1]])
@@ -86,7 +95,8 @@ def confirmed_pairs(entries: list[tuple[np.ndarray, np.ndarray, np.ndarray]], sk
             k = band[first]
             first_equal = np.argmax(_gather(key_batches, batch, rec[first]) == _gather(key_batches, batch, rec[later]),
                                     axis=1)
-            take = (first_equal == k) & (band[later] == k)  # else: taken in an earlier band, or a key collision
+            # else: taken in an earlier band, or a 64-bit key collision (across bands or records)
+            take = (first_equal == k) & (band[later] == k) & (rec[first] != rec[later])
             x, y = rec[first][take], rec[later][take]
             eq = _gather(sig_batches, batch, x) == _gather(sig_batches, batch, y)
             agree = eq[:, : bands * rows].reshape(len(x), bands, rows).all(axis=2).any(axis=1)
