@@ -23,7 +23,8 @@ process runs the stage's work on it -- read the file, deduplicate, write the kep
 clusters and metrics -- so its memory holds no corpus the stage itself would not hold. Engines:
 ``local`` (``dedup_file``: two streaming passes, bounded memory), ``local-datasketch`` (the
 local engine before it, loaded from git commit ``BASELINE_COMMIT``: all records in a list and
-datasketch's MinHashLSH), ``ray`` (records in a list, ``dedup_records_ray``). The output digest
+datasketch's MinHashLSH), ``ray`` (``dedup_file_ray``: the same two passes, signing and bucket
+reduce as Ray tasks). The output digest
 is computed as for the ``dedup`` rows, so the rows of all three compare.
 
     python benchmarks/curation_scale.py --stages dedup-file --engines local local-datasketch \\
@@ -181,7 +182,7 @@ def baseline_dedup_module():
 
 def run_dedup_file(engine: str, corpus: Path, params, tmp: Path) -> tuple[str, dict]:
     """The minhash-dedup stage's work on a corpus file: read, deduplicate, write outputs."""
-    from llmpipe.io import write_json, write_jsonl, write_records
+    from llmpipe.io import write_json, write_jsonl
 
     out = tmp / "dedup" / "records.jsonl"
     if engine == "local":
@@ -196,14 +197,9 @@ def run_dedup_file(engine: str, corpus: Path, params, tmp: Path) -> tuple[str, d
         write_jsonl(out, kept)
         del kept
     else:
-        from llmpipe.curation.ray_dedup import dedup_records_ray
-        from llmpipe.data.dedup import read_records
+        from llmpipe.curation.ray_dedup import dedup_file_ray
 
-        records = read_records(str(corpus))
-        kept, clusters, metrics = dedup_records_ray(records, params.dedup, params.curation)
-        del records
-        write_records(out, kept)
-        del kept
+        clusters, metrics = dedup_file_ray(corpus, out, params.dedup, params.curation)
     write_jsonl(tmp / "dedup" / "clusters.jsonl", clusters)
     write_json(tmp / "dedup" / "dedup.json", metrics)
     return file_digest(out, clusters, metrics), {"kept": metrics["records_out"],
@@ -330,14 +326,18 @@ def run_stage(engine: str, stage: str, records: list[dict], params, tmp: Path) -
             out, metrics, review = scrub_records(records, params.pii, progress=False)
         return digest(out, metrics, review), {"touched": metrics["records_touched"], "workers": params.pii.workers}
     if stage == "dedup":
-        if ray:
-            from llmpipe.curation.ray_dedup import dedup_records_ray
+        if ray:  # the Ray engine streams a file: the records written first (not timed apart)
+            from llmpipe.curation.ray_dedup import dedup_file_ray
+            from llmpipe.io import write_records
 
-            kept, clusters, metrics = dedup_records_ray(records, params.dedup, params.curation)
-        else:
-            from llmpipe.data.dedup import dedup_records
+            write_records(tmp / "in.jsonl", records)
+            clusters, metrics = dedup_file_ray(tmp / "in.jsonl", tmp / "out.jsonl", params.dedup, params.curation)
+            return file_digest(tmp / "out.jsonl", clusters, metrics), {
+                "kept": metrics["records_out"], "exact": metrics["exact_duplicates_removed"],
+                "near": metrics["near_duplicates_removed"]}
+        from llmpipe.data.dedup import dedup_records
 
-            kept, clusters, metrics = dedup_records(records, params.dedup)
+        kept, clusters, metrics = dedup_records(records, params.dedup)
         return digest(kept, clusters, metrics), {"kept": len(kept), "exact": metrics["exact_duplicates_removed"],
                                                  "near": metrics["near_duplicates_removed"]}
     if stage == "split":  # the stage's work on a file (written here, by both engines): read, split, write
