@@ -12,6 +12,8 @@ from pathlib import Path
 
 import pytest
 
+from llmpipe.config import ParamsError, parse_params, read_yaml
+from llmpipe.config.data import SplitSection
 from llmpipe.data.split import (
     MISSING_STRATUM,
     SPLITS,
@@ -21,8 +23,6 @@ from llmpipe.data.split import (
     split_file,
     split_records,
 )
-from llmpipe.config import ParamsError, parse_params, read_yaml
-from llmpipe.config.data import SplitSection
 
 REPO = Path(__file__).resolve().parents[1]
 INTENTS = ["order_status", "refund_request", "cancel_order", "technical_issue", "billing_question"]
@@ -306,7 +306,13 @@ def _datasketch_contamination(res, cfg: SplitSection) -> list[tuple]:
     """The contamination check as it was built on datasketch's MinHashLSH (the reference)."""
     from datasketch import LeanMinHash, MinHashLSH
 
-    from llmpipe.data.dedup import estimated_jaccard, lsh_params, minhash_signatures, near_text, selected_contents
+    from llmpipe.data.dedup import (
+        estimated_jaccard,
+        lsh_params,
+        minhash_signatures,
+        near_text,
+        selected_contents,
+    )
 
     def lean(sig):
         return LeanMinHash(seed=1, hashvalues=sig, scheme="affine32")
