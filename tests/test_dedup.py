@@ -484,8 +484,11 @@ def embedded_ray():
 
 @pytest.mark.slow
 @pytest.mark.parametrize("threshold, num_perm, shards", [(0.8, 128, 1), (0.5, 32, 3)])
-def test_ray_engine_writes_the_local_bytes(embedded_ray, tmp_path, threshold, num_perm, shards):
+def test_ray_engine_writes_the_local_bytes(embedded_ray, tmp_path, threshold, num_perm, shards, monkeypatch):
+    from llmpipe.curation import ray_dedup
     from llmpipe.curation.ray_dedup import dedup_file_ray
+
+    monkeypatch.setattr(ray_dedup, "_BLOCK_RECORDS", 41)  # many near-pass blocks: removed records leave the index
 
     records = _chain_corpus(n_base=30, n_variants=300)
     inp = tmp_path / "in.jsonl"
@@ -524,34 +527,31 @@ def test_ray_engine_reports_bad_lines_and_empty_input(embedded_ray, tmp_path):
     assert clusters == [] and metrics["records_in"] == metrics["records_out"] == 0 and out.read_bytes() == b""
 
 
-@pytest.mark.parametrize("parts", [1, 3])
-def test_ray_reduce_finds_each_confirmed_pair_once(monkeypatch, parts):
-    # the reduce step without Ray: every pair that agrees on a whole band and reaches the
-    # threshold, found once over all partitions, in blocks of 7 candidates (some with no pair)
-    from llmpipe.curation.ray_lsh import bucket_partitions, confirmed_pairs
+@pytest.mark.parametrize("parts, block", [(1, 1000), (3, 29)])
+def test_ray_bucket_index_gives_the_local_decisions(monkeypatch, parts, block):
+    # the Ray engine's near pass without Ray: P bucket indexes (hash partitions of the band
+    # keys), blocks of records in input order, 7-candidate pair blocks (some with no pair)
+    from llmpipe.curation.ray_dedup import near_pass
+    from llmpipe.curation.ray_lsh import BucketIndex, bucket_partitions
 
     monkeypatch.setattr(dedup_module, "_PAIR_BLOCK", 7)
-    records = _chain_corpus(n_base=10, n_variants=80)
+    records = _chain_corpus(n_base=10, n_variants=150)
     cfg = dedup_cfg()
     bands, rows = lsh_params(cfg.threshold, cfg.num_perm)
     texts = [near_text(selected_contents(r, cfg.roles)) for r in records]
     sig = minhash_signatures(texts, cfg.num_perm, cfg.shingle_size)
     keys = dedup_module.band_keys(sig, bands, rows)
-    skip = np.array([not t for t in texts])
+    rep = dedup_module.exact_groups(np.array([list(bytes.fromhex(exact_key(selected_contents(r, cfg.roles))))
+                                              for r in records], dtype=np.uint8))
+    skip = (rep != np.arange(len(records))) | np.array([not t for t in texts])
     batch = 16
     starts = range(0, len(records), batch)
     partitioned = [bucket_partitions(s, keys[s:s + batch], parts) for s in starts]
-    found = []
-    for p in range(parts):
-        a, b, equal = confirmed_pairs([pp[p] for pp in partitioned], skip, [keys[s:s + batch] for s in starts],
-                                      [sig[s:s + batch] for s in starts], batch, rows, cfg.threshold)
-        found += list(zip(a.tolist(), b.tolist(), equal.tolist()))
-    expected = []
-    for i in range(len(records)):
-        for j in range(i + 1, len(records)):
-            eq = sig[i] == sig[j]
-            agree = eq[: bands * rows].reshape(bands, rows).all(axis=1).any()
-            if agree and not skip[i] and not skip[j] and eq.sum() / cfg.num_perm >= cfg.threshold:
-                expected.append((i, j, int(eq.sum())))
-    assert len(expected) > 50
-    assert sorted(found) == expected
+    index = [BucketIndex(skip, [[keys[s:s + batch] for s in starts], [sig[s:s + batch] for s in starts]], batch,
+                         rows, cfg.threshold, *[pp[p] for pp in partitioned]) for p in range(parts)]
+    near_of, confirmed = near_pass(lambda lo, hi, removed: [ix.pairs(lo, hi, removed) for ix in index],
+                                   len(records), cfg.num_perm, block=block)
+    expected = dedup_module.near_duplicates(sig, lambda k: keys[:, k], np.flatnonzero(~skip), bands, rows,
+                                            cfg.threshold, lambda _m: None)
+    assert len(expected) > 50 and confirmed >= len(expected)
+    assert near_of == expected

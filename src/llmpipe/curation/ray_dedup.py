@@ -11,17 +11,21 @@ Ray's object store.
    ``_Signer``). The band keys come back split into P = ``curation.workers`` hash partitions,
    one task return value each (``ray_lsh.bucket_partitions``): the shuffle.
 2. Exact duplicates on the driver: a sort of the digests (``dedup.decisions``).
-3. P reduce tasks, one per partition: every LSH bucket lies whole in one of them; candidate
-   pairs of each bucket confirmed by signature similarity (``ray_lsh.confirmed_pairs``).
-4. The confirmed pairs (one per pair: each is taken only in its first key-equal band) on the
-   driver: their connected components (scipy; reported -- every cluster lies inside one), and
-   the local rule in input order over the pairs: a record joins the most similar earlier
-   *kept* record it is paired with (earliest on ties), else it is kept. Run over all pairs at
-   once this equals running it per component (components share no pair); keeping one record
-   per component instead would differ from the local engine on chains (A~B, B~C, A!~C keeps
-   A and C locally). A record's candidates in the local engine are exactly the earlier kept
-   records sharing an LSH bucket, and only a confirmed pair can win, so the decisions,
-   Jaccards and clusters are the local engine's.
+3. P actors, one per partition (``ray_lsh.BucketIndex``): every LSH bucket lies whole in one
+   of them. The near pass runs as the local ``dedup.near_duplicates`` does, in blocks of
+   65,536 records in input order: each actor returns the block's candidate pairs in its
+   buckets -- a block record and an earlier record still kept, or two block records -- each
+   taken only in the first band where the two records' keys are equal, and confirmed when the
+   signatures agree on a whole band (a 64-bit key collision adds nothing) and the estimated
+   Jaccard reaches the threshold.
+4. The driver runs the local rule over the block's confirmed pairs (``dedup.greedy``): a record
+   joins the most similar earlier *kept* record it is paired with (earliest on ties), else it
+   is kept; the block's removed records leave the actors' indexes before the next block. These
+   are the local engine's candidates and rule, so the decisions, Jaccards and clusters are its.
+   (The issue's design groups confirmed pairs into connected components instead; keeping one
+   record per component differs from the local rule on chains -- A~B, B~C, A!~C keeps A and C
+   locally -- and pairing every two records of a bucket grows with the square of a family's
+   size: on the benchmark corpus 3.6k confirmed pairs at 10k records, 362k at 100k.)
 5. Pass 2 (``dedup.write_kept``, as locally) streams the input again and writes the kept
    records, the clusters and the metrics.
 
@@ -36,15 +40,16 @@ from __future__ import annotations
 import os
 import tempfile
 from collections import deque
-from typing import Any
+from typing import Any, Callable
 
 import numpy as np
 
 from llmpipe.config.data import CurationSection, DedupSection
-from llmpipe.curation.ray_lsh import bucket_partitions, confirmed_pairs
+from llmpipe.curation.ray_lsh import BucketIndex, bucket_partitions
 from llmpipe.curation.ray_runtime import library_errors
 from llmpipe.data import records as canonical
 from llmpipe.data.dedup import (
+    _BLOCK_RECORDS,
     DedupError,
     Progress,
     _Columns,
@@ -77,14 +82,6 @@ def _sign_lines(first: int, lines: list[str], where: list[tuple[str, int]], cfg:
     return (meta, cols.get("sig"), keys, *bucket_partitions(first, keys, parts))
 
 
-def _pairs(skip, refs: list, batch: int, rows: int, threshold: float, *entries):
-    """Reduce task of one hash partition: its confirmed pairs (a, b, equal)."""
-    import ray
-
-    key_refs, sig_refs = refs
-    return confirmed_pairs(list(entries), skip, ray.get(key_refs), ray.get(sig_refs), batch, rows, threshold)
-
-
 def _batches(path, size: int):
     lines: list[str] = []
     where: list[tuple[str, int]] = []
@@ -98,20 +95,24 @@ def _batches(path, size: int):
         yield lines, where
 
 
-def _components_greedy(a: np.ndarray, b: np.ndarray, equal: np.ndarray, n: int, num_perm: int,
-                       say: Progress) -> dict[int, tuple[int, float]]:
-    """Connected components of the confirmed pairs, then the local greedy in input order."""
-    from scipy.sparse import coo_matrix
-    from scipy.sparse.csgraph import connected_components
-
-    if not len(a):
-        return {}
-    nodes, inv = np.unique(np.concatenate([a, b]), return_inverse=True)
-    graph = coo_matrix((np.ones(len(a), np.int8), (inv[: len(a)], inv[len(a):])), shape=(len(nodes), len(nodes)))
-    count, _label = connected_components(graph, directed=False)
-    near_of = greedy(a, b, equal, num_perm)
-    say(f"near pass: {len(a)} confirmed pairs in {count} connected components, {len(near_of)} near duplicates")
-    return near_of
+def near_pass(pairs: Callable[[int, int, np.ndarray], list], n: int, num_perm: int,
+              block: int | None = None) -> tuple[dict[int, tuple[int, float]], int]:
+    """The near pass over ``n`` records in blocks in input order (``dedup.near_duplicates``'
+    blocks): ``pairs(lo, hi, removed)`` gives every partition's confirmed pairs of block
+    [lo, hi), told the records removed by the block before; the local greedy decides them.
+    Returns (removed record -> (kept record, Jaccard), confirmed pairs seen)."""
+    block = block or _BLOCK_RECORDS
+    near_of: dict[int, tuple[int, float]] = {}
+    removed = np.empty(0, np.int64)
+    confirmed = 0
+    for lo in range(0, n, block):
+        found = pairs(lo, min(n, lo + block), removed)
+        a, b, equal = (np.concatenate(x) for x in zip(*found))
+        confirmed += len(a)
+        before = len(near_of)
+        greedy(a, b, equal, num_perm, near_of)  # adds the block's decisions in input order
+        removed = np.fromiter(list(near_of)[before:], dtype=np.int64, count=len(near_of) - before)
+    return near_of, confirmed
 
 
 def dedup_file_ray(
@@ -127,7 +128,6 @@ def dedup_file_ray(
     parts = max(1, curation.workers)
     bands, rows = lsh_params(cfg.threshold, cfg.num_perm)
     sign = ray.remote(num_cpus=1)(_sign_lines).options(num_returns=3 + parts)
-    reduce = ray.remote(num_cpus=1)(_pairs)
     out_dir = os.path.dirname(os.path.abspath(out_records))
     os.makedirs(out_dir, exist_ok=True)
     with library_errors(DedupError), tempfile.TemporaryDirectory(prefix=".dedup-", suffix=".tmp", dir=out_dir) as work:
@@ -162,11 +162,20 @@ def dedup_file_ray(
 
         def near(skip: np.ndarray) -> dict[int, tuple[int, float]]:
             skip_ref = ray.put(np.asarray(skip))
-            tasks = [reduce.remote(skip_ref, [key_refs, sig_refs], curation.batch_size, rows, float(cfg.threshold),
-                                   *[p[k] for p in part_refs]) for k in range(parts)]
-            found = ray.get(tasks)
-            a, b, equal = (np.concatenate(x) for x in zip(*found))
-            return _components_greedy(a, b, equal, n, cfg.num_perm, say)
+            # no CPU reserved for the actors' lifetime (P may exceed the CPUs): spread over the nodes
+            actor = ray.remote(num_cpus=0, scheduling_strategy="SPREAD")(BucketIndex)
+            index = [actor.remote(
+                skip_ref, [key_refs, sig_refs], curation.batch_size, rows, float(cfg.threshold),
+                *[p[k] for p in part_refs]) for k in range(parts)]
+            try:
+                near_of, confirmed = near_pass(
+                    lambda lo, hi, removed: ray.get([ix.pairs.remote(lo, hi, removed) for ix in index]),
+                    n, cfg.num_perm)
+            finally:
+                for ix in index:
+                    ray.kill(ix)
+            say(f"near pass: {confirmed} confirmed pairs, {len(near_of)} near duplicates")
+            return near_of
 
         if n == 0:
             d = decisions(np.empty((0, 32), np.uint8), np.empty(0, bool), near, say)

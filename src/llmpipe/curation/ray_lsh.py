@@ -8,12 +8,12 @@ work):
 1. Each signing task (``ray_dedup``) splits its batch's LSH band keys into P hash partitions,
    one task return value each (:func:`bucket_partitions`): equal keys land in the same
    partition, so every LSH bucket lies whole in one partition.
-2. One reduce task per partition takes partition p of every batch and lists the candidate pairs
-   of each bucket, confirmed by signature similarity (:func:`confirmed_pairs`; signatures and
-   band keys read from the object store).
+2. One actor per partition (:class:`BucketIndex`) holds its buckets for the near pass and
+   returns, block by block in input order, the local engine's candidate pairs in them (a
+   block record and an earlier kept record, or two block records), confirmed by signature
+   similarity (signatures and band keys read from the object store).
 
-What is done with the confirmed pairs (connected components, the greedy in input order) belongs
-to the caller.
+The greedy over the confirmed pairs (the local rule) belongs to the caller (``ray_dedup``).
 """
 
 from __future__ import annotations
@@ -22,7 +22,7 @@ import numpy as np
 
 from llmpipe.data.dedup import _range_pairs
 
-__all__ = ["bucket_partitions", "confirmed_pairs"]
+__all__ = ["BucketIndex", "bucket_partitions"]
 
 
 def bucket_partitions(first: int, keys: np.ndarray, parts: int) -> list[tuple[np.ndarray, np.ndarray, np.ndarray]]:
@@ -55,56 +55,75 @@ def _gather(batches: list[np.ndarray], batch: int, ids: np.ndarray) -> np.ndarra
     return out
 
 
-def confirmed_pairs(entries: list[tuple[np.ndarray, np.ndarray, np.ndarray]], skip: np.ndarray,
-                    key_batches: list[np.ndarray], sig_batches: list[np.ndarray], batch: int, rows: int,
-                    threshold: float) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
-    """The confirmed pairs of one hash partition (its (key, record, band) entries from every
-    batch; records in ``skip`` take no part): (a, b, equal) with a < b, ``equal`` the number of
-    equal signature values. ``key_batches``/``sig_batches``: every record's band keys and
-    signature, ``batch`` records per array.
+def _fetch(items: list) -> list[np.ndarray]:
+    """Arrays from the object store (a list of refs), or the arrays themselves (no Ray)."""
+    if items and not isinstance(items[0], np.ndarray):
+        import ray
 
-    Every pair of records sharing a bucket is a candidate, but a pair sharing several buckets
-    is taken only in the first band where its keys are equal (its band keys are compared), so
-    each candidate pair is confirmed once, in one partition. It is confirmed when the two
-    signatures agree on a whole band (datasketch's bucket rule: a 64-bit key collision never
-    adds a pair) and their estimated Jaccard reaches ``threshold``. Candidates are taken in
-    blocks of ``_PAIR_BLOCK`` pairs."""
-    rec = np.concatenate([e[1] for e in entries])
-    keep = ~skip[rec]
-    rec = rec[keep]
-    key = np.concatenate([e[0] for e in entries])[keep]
-    band = np.concatenate([e[2] for e in entries])[keep]
-    del keep
-    # entries arrive in record order (batches in input order, records ascending in each), so a
-    # stable sort by key gives buckets with their records ascending
-    order = np.argsort(key, kind="stable")
-    key = key[order]
-    in_bucket = np.r_[key[1:] == key[:-1], False] | np.r_[False, key[1:] == key[:-1]]
-    order = order[in_bucket]  # entries alone in their bucket have no pair
-    key = key[in_bucket]
-    rec, band = rec[order], band[order]
-    del order, in_bucket
-    out_a, out_b, out_eq = [], [], []
-    if len(key) > 1:
-        run_start = np.flatnonzero(np.r_[True, key[1:] != key[:-1]])
-        run_end = np.r_[run_start[1:], len(key)]
-        after = np.repeat(run_end, run_end - run_start) - 1 - np.arange(len(key))
-        bands = key_batches[0].shape[1]
-        num_perm = sig_batches[0].shape[1]
-        for later, first in _range_pairs(np.arange(len(key)) + 1, after):
-            k = band[first]
-            first_equal = np.argmax(_gather(key_batches, batch, rec[first]) == _gather(key_batches, batch, rec[later]),
-                                    axis=1)
-            # else: taken in an earlier band, or a 64-bit key collision (across bands or records)
-            take = (first_equal == k) & (band[later] == k) & (rec[first] != rec[later])
-            x, y = rec[first][take], rec[later][take]
-            eq = _gather(sig_batches, batch, x) == _gather(sig_batches, batch, y)
-            agree = eq[:, : bands * rows].reshape(len(x), bands, rows).all(axis=2).any(axis=1)
-            equal = np.count_nonzero(eq, axis=1)
-            ok = agree & (equal / num_perm >= threshold)  # as estimated_jaccard() >= threshold
-            out_a.append(x[ok])
-            out_b.append(y[ok])
-            out_eq.append(equal[ok].astype(np.int32))
-    if not out_a:
-        return np.empty(0, np.int64), np.empty(0, np.int64), np.empty(0, np.int32)
-    return np.concatenate(out_a), np.concatenate(out_b), np.concatenate(out_eq)
+        return ray.get(items)
+    return items
+
+
+class BucketIndex:
+    """One hash partition of the LSH buckets, held by a Ray actor for the whole near pass: the
+    local engine's per-band index of kept records (``dedup.near_duplicates``), spread over P
+    actors by band key.
+
+    The near pass runs in blocks of records in input order. For a block, :meth:`pairs` returns
+    the confirmed pairs (a, b) with b in the block and a an earlier record sharing a bucket that
+    is still kept (records removed so far have been dropped) or in the block -- exactly the local
+    engine's candidates. A pair sharing several buckets is taken only in the first band where
+    its keys are equal (its band keys are compared), so its signatures are compared once, in
+    one partition; it is confirmed when the signatures agree on a whole band (datasketch's
+    bucket rule: a 64-bit key collision never adds a pair) and the estimated Jaccard reaches
+    ``threshold``, in blocks of ``_PAIR_BLOCK`` candidates. The caller runs the greedy over the
+    block's pairs and names the block's removed records in the next call."""
+
+    def __init__(self, skip: np.ndarray, refs: list, batch: int, rows: int, threshold: float, *entries):
+        rec = np.concatenate([e[1] for e in entries])
+        keep = ~skip[rec]
+        rec = rec[keep]
+        key = np.concatenate([e[0] for e in entries])[keep]
+        band = np.concatenate([e[2] for e in entries])[keep]
+        del keep
+        order = np.argsort(key, kind="stable")  # entries come in record order: buckets, records ascending
+        key = key[order]
+        shared = np.r_[key[1:] == key[:-1], False] | np.r_[False, key[1:] == key[:-1]]
+        order = order[shared]  # an entry alone in its bucket never pairs
+        self.key, self.rec, self.band = key[shared], rec[order], band[order]
+        self.removed = np.zeros(len(skip), dtype=bool)
+        self.keys, self.sigs = _fetch(refs[0]), _fetch(refs[1])  # zero-copy from the object store
+        self.batch, self.rows, self.threshold = batch, rows, threshold
+
+    def pairs(self, lo: int, hi: int, removed: np.ndarray) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
+        if len(removed):  # removed records leave the index, as in the local engine
+            self.removed[removed] = True
+            live = ~self.removed[self.rec]
+            self.key, self.rec, self.band = self.key[live], self.rec[live], self.band[live]
+        key, rec, band = self.key, self.rec, self.band
+        out_a, out_b, out_eq = [], [], []
+        in_block = np.flatnonzero((rec >= lo) & (rec < hi))
+        if len(in_block):
+            run_start = np.flatnonzero(np.r_[True, key[1:] != key[:-1]])
+            start_of = run_start[np.searchsorted(run_start, in_block, side="right") - 1]
+            bands = self.keys[0].shape[1]
+            num_perm = self.sigs[0].shape[1]
+            # earlier entries of each block entry's bucket: kept records before the block, block records
+            for partner, query in _range_pairs(start_of, in_block - start_of):
+                first, later = partner, in_block[query]
+                k = band[later]
+                x, y = rec[first], rec[later]
+                first_equal = np.argmax(_gather(self.keys, self.batch, x) == _gather(self.keys, self.batch, y), axis=1)
+                # else: taken in an earlier band, or a 64-bit key collision (across bands or records)
+                take = (first_equal == k) & (band[first] == k) & (x != y)
+                x, y = x[take], y[take]
+                eq = _gather(self.sigs, self.batch, x) == _gather(self.sigs, self.batch, y)
+                agree = eq[:, : bands * self.rows].reshape(len(x), bands, self.rows).all(axis=2).any(axis=1)
+                equal = np.count_nonzero(eq, axis=1)
+                ok = agree & (equal / num_perm >= self.threshold)  # as estimated_jaccard() >= threshold
+                out_a.append(x[ok])
+                out_b.append(y[ok])
+                out_eq.append(equal[ok].astype(np.int32))
+        if not out_a:
+            return np.empty(0, np.int64), np.empty(0, np.int64), np.empty(0, np.int32)
+        return np.concatenate(out_a), np.concatenate(out_b), np.concatenate(out_eq)
