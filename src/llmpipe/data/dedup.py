@@ -60,14 +60,16 @@ import tempfile
 import unicodedata
 from dataclasses import dataclass
 from functools import lru_cache
-from typing import Any, Callable, Iterator, Mapping, Sequence
+from typing import TYPE_CHECKING, Any, Callable, Iterator, Mapping, Sequence
 
 import numpy as np
-from datasketch import LeanMinHash, MinHash, MinHashLSH
 
 from llmpipe.config.data import DedupSection
 from llmpipe.data import records as canonical
 from llmpipe.io import jsonl_line, write_jsonl_lines
+
+if TYPE_CHECKING:  # imported where used: datasketch imports scipy (~1.5 CPU-s per process)
+    from datasketch import LeanMinHash, MinHashLSH
 
 MINHASH_SEED = 1  # datasketch's default seed; fixed so signatures are reproducible
 MINHASH_SCHEME = "affine32"
@@ -184,8 +186,13 @@ def _fmix32(h: np.ndarray) -> np.ndarray:
 
 @lru_cache(maxsize=8)
 def _permutations(num_perm: int, seed: int) -> tuple[np.ndarray, np.ndarray]:
-    """The (a, b) permutation parameters datasketch draws for (num_perm, seed, affine32)."""
-    a, b = MinHash(num_perm=num_perm, seed=seed, scheme=MINHASH_SCHEME).permutations
+    """The (a, b) permutation parameters datasketch draws for (num_perm, seed, affine32): its
+    ``MinHash._init_permutations``, written out so that signing does not import datasketch
+    (which imports scipy: ~1.5 CPU-s in every process that signs, e.g. each Ray worker).
+    tests/test_dedup.py checks the signatures against datasketch's."""
+    gen = np.random.RandomState(seed)
+    a = gen.randint(0, 1 << 31, num_perm, dtype=_U32) * _U32(2) + _U32(1)
+    b = gen.randint(0, 1 << 32, num_perm, dtype=_U32)
     return a.astype(_U32).reshape(-1, 1), b.astype(_U32).reshape(-1, 1)
 
 
@@ -278,6 +285,8 @@ def minhash_signatures(
 
 def lean_minhash(signature: np.ndarray, seed: int = MINHASH_SEED) -> LeanMinHash:
     """Wrap a signature row for datasketch (LSH insert/query)."""
+    from datasketch import LeanMinHash
+
     return LeanMinHash(seed=seed, hashvalues=signature, scheme=MINHASH_SCHEME)
 
 
@@ -329,6 +338,8 @@ def gc_paused():
 
 def make_lsh(threshold: float, num_perm: int) -> MinHashLSH:
     """An empty datasketch MinHashLSH with :func:`lsh_params` banding."""
+    from datasketch import MinHashLSH
+
     bands_rows = lsh_params(threshold, num_perm)
     return MinHashLSH(threshold=float(threshold), num_perm=num_perm, params=bands_rows)
 
