@@ -168,6 +168,8 @@ def dedup_file_ray(
                 skip_ref, [key_refs, sig_refs], curation.batch_size, rows, float(cfg.threshold),
                 *[p[k] for p in part_refs]) for k in range(parts)]
             try:
+                ray.get([ix.pairs.remote(0, 0, np.empty(0, np.int64)) for ix in index])  # built:
+                part_refs.clear()  # their partitions copied, the object store frees them
                 near_of, confirmed = near_pass(
                     lambda lo, hi, removed: ray.get([ix.pairs.remote(lo, hi, removed) for ix in index]),
                     n, cfg.num_perm)
