@@ -2,7 +2,7 @@
 
 The four curation stage scripts run as real subprocesses on demo-like tiny data (the end-to-end
 test's three formats with PII, exact and near duplicates and bad lines, plus slices of the
-bundled demo files): once with the local engine, once on Ray Data. Every record, reject, repair,
+bundled demo files): once with the local engine, once on Ray. Every record, reject, repair,
 review, cluster, split and contamination file and every metrics file must be byte-identical.
 The Ray run joins a 2-node Ray cluster on loopback (ray.cluster_utils.Cluster on 127.0.0.2,
 started and stopped here) through curation.ray_address; one stage also runs on an embedded local Ray.

@@ -176,8 +176,8 @@ class CurationSection(Section):
     ray_address: str | None = Field(min_length=1)
     # Logical CPUs of the embedded local Ray (null: the machine's); ignored on a cluster.
     num_cpus: int | None = Field(ge=1)
-    # Records per Ray Data batch for validate, minhash-dedup and split (pii-scrub: pii.batch_size,
-    # over an actor pool of pii.workers analyzers).
+    # Records per Ray batch (one task or actor call) for validate, minhash-dedup and split
+    # (pii-scrub: pii.batch_size, over an actor pool of pii.workers analyzers).
     batch_size: int = Field(ge=1)
     # Ray workers (validate: actors, each with its own tokenizer; minhash/split: tasks) per step.
     workers: int = Field(ge=1)

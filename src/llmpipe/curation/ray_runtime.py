@@ -1,20 +1,19 @@
-"""Ray for the curation stages: join a cluster or start an embedded local Ray, and move Python
-objects through Ray Data.
+"""Ray for the curation stages: join a cluster or start an embedded local Ray, run batches on a
+pool of actors in input order, and re-raise a library error raised inside Ray as itself.
 
-Records travel as pickled bytes in a binary column (``obj``) next to their input position
-(``i``): Arrow never sees a record, so metadata of any shape, lone surrogates and float
-spellings come out exactly as they went in, and outputs are byte-identical to the local engine.
-Order is preserved (``preserve_order``), so results come back in input order.
+The stages use Ray core (actors and tasks), not Ray Data: records travel as Python objects
+(pickled by Ray), so metadata of any shape, lone surrogates and float spellings come out exactly
+as they went in, and on the 2-core box Ray Data's executor with its stats, autoscaling and
+location actors cost ~20-30% of a core next to the work (docs/curation.md "Engines").
 """
 
 from __future__ import annotations
 
 import contextlib
 import logging
-import math
 import os
 import pickle
-from typing import Any, Iterable, Iterator, Sequence
+from typing import Any, Iterable, Iterator
 
 from llmpipe.config.data import CurationSection
 
@@ -26,7 +25,6 @@ def ray_session(cfg: CurationSection) -> Iterator[str]:
     """Connect to ``curation.ray_address`` (or ``$RAY_ADDRESS``), else start an embedded local
     Ray for the duration of the block. Yields a description of where the work runs."""
     import ray
-    import ray.data
 
     started = False
     if not ray.is_initialized():
@@ -48,11 +46,6 @@ def ray_session(cfg: CurationSection) -> Iterator[str]:
                 common["_node_ip_address"] = host
             ray.init(address=address, **common)
         started = True
-    ctx = ray.data.DataContext.get_current()
-    ctx.execution_options.preserve_order = True  # results in input order, run to run
-    ctx.shuffle_strategy = ray.data.context.ShuffleStrategy.SORT_SHUFFLE_PULL_BASED
-    ctx.enable_progress_bars = False
-    ctx.print_on_execution_start = False
     nodes = [n for n in ray.nodes() if n.get("Alive")]
     cpus = int(ray.cluster_resources().get("CPU", 0))
     try:
@@ -97,54 +90,6 @@ def ordered_actor_map(actor_cls: type, args: tuple, items: Iterable[Any], worker
     while pending:
         yield pool.get_next()
         pending -= 1
-
-
-def to_dataset(objs: Sequence[Any], batch_size: int):
-    """A Ray dataset of ``{"i": position, "obj": pickled object}`` rows, one block per batch."""
-    import pyarrow as pa
-    import ray
-
-    blocks = []
-    for start in range(0, len(objs), batch_size):
-        part = objs[start:start + batch_size]
-        blocks.append(pa.table({
-            "i": pa.array(range(start, start + len(part)), pa.int64()),
-            "obj": pa.array([pickle.dumps(o, PICKLE) for o in part], pa.binary()),
-        }))
-    if not blocks:
-        blocks = [pa.table({"i": pa.array([], pa.int64()), "obj": pa.array([], pa.binary())})]
-    return ray.data.from_arrow(blocks)
-
-
-def loads(column) -> list[Any]:
-    """Unpickle a binary Arrow column."""
-    return [pickle.loads(b) for b in column.to_pylist()]
-
-
-def binary(values: Iterable[bytes]):
-    import pyarrow as pa
-
-    return pa.array(list(values), pa.binary())
-
-
-def iter_tables(ds) -> Iterator[Any]:
-    """The dataset's blocks as Arrow tables, in order."""
-    yield from ds.iter_batches(batch_size=None, batch_format="pyarrow")
-
-
-def group_blocks(ds, key: str):
-    """``ds`` shuffled so that each block holds whole groups of ``key``, sorted by it: the
-    shuffle under Ray's own ``groupby().map_groups()``, for a vectorised ``map_batches`` over
-    whole blocks (``batch_size=None``) instead of one Python call per group.
-
-    A sort shuffle (range partitions on sampled boundaries; tasks, no actors): on a small box
-    it starts in a fraction of the time of the actor-based hash shuffle.
-    """
-    return ds.sort(key)
-
-
-def num_batches(n: int, batch_size: int) -> int:
-    return max(1, math.ceil(n / batch_size))
 
 
 def unwrap(exc: BaseException, types: tuple[type[BaseException], ...]) -> BaseException | None:
