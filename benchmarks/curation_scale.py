@@ -411,38 +411,23 @@ def run_pii_file(engine: str, corpus: Path, params, tmp: Path) -> tuple[str, dic
                                                         "workers": params.pii.workers}
 
 
-def run_one_pii_file(engine: str, n: int, params, corpus_dir: Path) -> dict:
-    path = corpus_file(n, corpus_dir)
-    import llmpipe.data.pii  # noqa: F401  imports are not the stage's work
-    if engine == "ray":
-        import ray  # noqa: F401
-
-        import llmpipe.curation.ray_pii  # noqa: F401
-    kb = json.loads(path.with_suffix(".json").read_text())["message_kb"]
-    m = measure(engine, params, lambda tmp: run_pii_file(engine, path, params, tmp), tmp_root=corpus_dir)
-    seconds = m["seconds"]
-    return {"engine": engine, "stage": "pii-file", "records": n, "where": m["where"],
-            "seconds": round(seconds, 3), "startup_seconds": m["startup_seconds"],
-            "records_per_s": round(n / seconds, 1), "message_kb": kb, "kb_per_s": round(kb / seconds, 1),
-            **rates(m, n)}
-
-
-def run_one_file(engine: str, n: int, params, corpus_dir: Path) -> dict:
-    """One dedup-file measurement in this process (the corpus file exists already)."""
+def run_one_file(engine: str, stage: str, n: int, params, corpus_dir: Path) -> dict:
+    """One dedup-file or pii-file measurement in this process (the corpus file exists already)."""
     global BASELINE
     path = corpus_file(n, corpus_dir)
-    import llmpipe.data.dedup  # noqa: F401  imports are not the stage's work
+    import llmpipe.data.dedup, llmpipe.data.pii  # noqa: E401,F401  imports are not the stage's work
     if engine == "local-datasketch":
         BASELINE = baseline_dedup_module()
     if engine == "ray":
-        import ray.data  # noqa: F401
+        import ray  # noqa: F401
 
-        import llmpipe.curation.ray_dedup  # noqa: F401
+        import llmpipe.curation.ray_dedup, llmpipe.curation.ray_pii  # noqa: E401,F401
+    run = run_dedup_file if stage == "dedup-file" else run_pii_file
     file_mb = path.stat().st_size / 2**20
     kb = json.loads(path.with_suffix(".json").read_text())["message_kb"]
-    m = measure(engine, params, lambda tmp: run_dedup_file(engine, path, params, tmp), tmp_root=corpus_dir)
+    m = measure(engine, params, lambda tmp: run(engine, path, params, tmp), tmp_root=corpus_dir)
     seconds = m["seconds"]
-    return {"engine": engine, "stage": "dedup-file", "records": n, "where": m["where"],
+    return {"engine": engine, "stage": stage, "records": n, "where": m["where"],
             "seconds": round(seconds, 3), "startup_seconds": m["startup_seconds"],
             "records_per_s": round(n / seconds, 1), "message_kb": kb, "kb_per_s": round(kb / seconds, 1),
             "input_mb": round(file_mb, 1), "input_mb_per_s": round(file_mb / seconds, 2),
@@ -453,10 +438,8 @@ def run_one(engine: str, stage: str, n: int, corpus_dir: Path = CORPUS_DIR) -> d
     from llmpipe.config import load_params
 
     params = load_params(ROOT / "params.yaml")
-    if stage == "dedup-file":
-        return run_one_file(engine, n, params, corpus_dir)
-    if stage == "pii-file":
-        return run_one_pii_file(engine, n, params, corpus_dir)
+    if stage in ("dedup-file", "pii-file"):
+        return run_one_file(engine, stage, n, params, corpus_dir)
     records = corpus(n)
     # imports are not the stage's work: load every module either engine uses before timing
     import llmpipe.data.dedup, llmpipe.data.pii, llmpipe.data.split, llmpipe.data.validate  # noqa: E401,F401

@@ -86,6 +86,13 @@ def test_messages_format_with_metadata_and_content_parts(tmp_path, counter):
     assert len(first["id"]) == 16 and first["id"] != second["id"]
 
 
+def generated_items(n: int, taken: list[int]):
+    """n generated raw items, lazily; each index is appended to ``taken`` when it is read."""
+    for i in range(n):
+        taken.append(i)
+        yield formats.RawItem("gen.jsonl", i + 1, chat(user=f"question {i}"))
+
+
 def test_alpaca_json_array(tmp_path, counter):
     rows = [{"instruction": "Triage this support message.", "input": "My kettle broke, order KX482913.",
              "output": REPLY},
@@ -428,14 +435,8 @@ def test_streamed_outputs_equal_the_lists_written_whole(tmp_path, counter, batch
 
 def test_outcomes_stream_one_batch_at_a_time(tmp_path, counter):
     c = cfg(tmp_path)
-    taken = []
-
-    def items():
-        for i in range(10_000):
-            taken.append(i)
-            yield formats.RawItem("gen.jsonl", i + 1, chat(user=f"question {i}"))
-
-    outcomes = iter_outcomes(items(), c, local_batch_map(Validator(c, 512, counter)), 4, ValidationStats())
+    taken: list[int] = []
+    outcomes = iter_outcomes(generated_items(10_000, taken), c, local_batch_map(Validator(c, 512, counter)), 4, ValidationStats())
     first = [next(outcomes) for _ in range(5)]
     assert [o.record["source"]["line"] for o in first] == [1, 2, 3, 4, 5]
     assert len(taken) == 8  # two batches of 4 read, not the 10,000 items
@@ -503,14 +504,8 @@ def test_ray_engine_writes_the_local_bytes_in_small_batches(tmp_path, counter, r
 @pytest.mark.slow
 def test_ray_engine_reads_a_bounded_number_of_batches_ahead(tmp_path, counter, ray_local):
     c = cfg(tmp_path)
-    taken = []
-
-    def items():
-        for i in range(100_000):
-            taken.append(i)
-            yield formats.RawItem("gen.jsonl", i + 1, chat(user=f"question {i}"))
-
-    outcomes = iter_outcomes(items(), c, ray_map(c, counter), 10, ValidationStats())
+    taken: list[int] = []
+    outcomes = iter_outcomes(generated_items(100_000, taken), c, ray_map(c, counter), 10, ValidationStats())
     assert next(outcomes).record["source"]["line"] == 1
     assert len(taken) <= (2 * 2 + 1) * 10  # at most 2 x workers batches in flight, and the one being cut
     outcomes.close()
