@@ -444,7 +444,7 @@ def run_one(engine: str, stage: str, n: int, corpus_dir: Path = CORPUS_DIR) -> d
     # imports are not the stage's work: load every module either engine uses before timing
     import llmpipe.data.dedup, llmpipe.data.pii, llmpipe.data.split, llmpipe.data.validate  # noqa: E401,F401
     if engine == "ray":
-        import ray.data  # noqa: F401
+        import ray  # noqa: F401
 
         import llmpipe.curation.ray_dedup, llmpipe.curation.ray_pii, llmpipe.curation.ray_split  # noqa: E401,F401
         import llmpipe.curation.ray_validate  # noqa: F401
