@@ -41,13 +41,7 @@ def ray_batch_map(cfg: SplitSection, curation: CurationSection) -> BatchMap:
     """The ``batch_map`` of ``split_file`` that runs pass 1 on a Ray actor pool (inside
     ``ray_runtime.ray_session``)."""
 
-    def run(batches: Iterator[list[Line]]) -> Iterator[Scanned]:
-        def numbered() -> Iterator[tuple[int, list[Line]]]:
-            start = 0
-            for batch in batches:
-                yield start, batch
-                start += len(batch)
-
+    def run(batches: Iterator[tuple[int, list[Line]]]) -> Iterator[Scanned]:
         with library_errors(DedupError, ValueError):
-            yield from ordered_actor_map(_ScanActor, (cfg,), numbered(), curation.workers)
+            yield from ordered_actor_map(_ScanActor, (cfg,), batches, curation.workers)
     return run

@@ -843,10 +843,8 @@ def _pool_map(cfg: PiiSection, workers: int) -> BatchMap:
 
 
 def _local_map(scrubber: PiiScrubber) -> BatchMap:
-    def run(batches: Iterator[list[dict[str, Any]]]) -> Iterator[tuple[list[dict[str, Any]], ScrubStats]]:
-        for batch in batches:
-            yield scrubber.scrub_batch(batch)
-    return run
+    """Batches scrubbed in this process, one after the other, as they are asked for."""
+    return lambda batches: map(scrubber.scrub_batch, batches)
 
 
 class _Progress:

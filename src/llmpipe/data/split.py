@@ -186,7 +186,7 @@ class Scanned:
     bands: np.ndarray  # int64[m, bands]
 
 
-BatchMap = Callable[[Iterator[list[Line]]], Iterator[Scanned]]
+BatchMap = Callable[[Iterator[tuple[int, list[Line]]]], Iterator[Scanned]]  # (first position, lines)
 SCAN_BATCH = 4096  # records scanned together in this process (signatures are vectorised per batch)
 
 
@@ -520,12 +520,15 @@ def contamination_pair(
 
 
 def _local_map(cfg: SplitSection) -> BatchMap:
-    def run(batches: Iterator[list[Line]]) -> Iterator[Scanned]:
-        start = 0
-        for batch in batches:
-            yield scan_lines(batch, cfg, start)
-            start += len(batch)
-    return run
+    return lambda batches: (scan_lines(lines, cfg, start) for start, lines in batches)
+
+
+def _numbered(batches: Iterator[list[Line]]) -> Iterator[tuple[int, list[Line]]]:
+    """Each batch with the input position of its first line (scan_lines' record numbers)."""
+    start = 0
+    for batch in batches:
+        yield start, batch
+        start += len(batch)
 
 
 def _plan(scan: _Scan, source: Any, say: Progress) -> Plan:
@@ -591,7 +594,7 @@ def split_file(
     os.makedirs(out_dir, exist_ok=True)
     with tempfile.TemporaryDirectory(prefix=".split-", suffix=".tmp", dir=out_dir) as work:
         scan = _Scan(cfg, work)
-        for scanned in (batch_map or _local_map(cfg))(source.lines(batch_size)):
+        for scanned in (batch_map or _local_map(cfg))(_numbered(source.lines(batch_size))):
             scan.add(scanned)
         source.finish()
         say(f"read {scan.n} records from {path}")
