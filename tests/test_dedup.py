@@ -35,6 +35,7 @@ from llmpipe.data.dedup import (
     shingles,
 )
 from llmpipe.data import dedup as dedup_module
+from llmpipe.data import lsh_index
 from llmpipe.io import write_jsonl
 
 REPO = Path(__file__).resolve().parents[1]
@@ -366,8 +367,8 @@ def _chain_corpus(seed: int = 5, n_base: int = 60, n_variants: int = 700) -> lis
 @pytest.mark.parametrize("blocks", ["default", "small"])
 def test_same_decisions_as_datasketch_lsh(threshold, num_perm, blocks, monkeypatch):
     if blocks == "small":  # many record blocks (index lookups across blocks) and pair blocks
-        monkeypatch.setattr(dedup_module, "_BLOCK_RECORDS", 37)
-        monkeypatch.setattr(dedup_module, "_PAIR_BLOCK", 101)
+        monkeypatch.setattr(lsh_index, "BLOCK_RECORDS", 37)
+        monkeypatch.setattr(lsh_index, "PAIR_BLOCK", 101)
     records = _chain_corpus()
     cfg = dedup_cfg(threshold=threshold, num_perm=num_perm)
     kept, clusters, metrics = dedup_records(records, cfg)
@@ -485,10 +486,9 @@ def embedded_ray():
 @pytest.mark.slow
 @pytest.mark.parametrize("threshold, num_perm, shards", [(0.8, 128, 1), (0.5, 32, 3)])
 def test_ray_engine_writes_the_local_bytes(embedded_ray, tmp_path, threshold, num_perm, shards, monkeypatch):
-    from llmpipe.curation import ray_dedup
     from llmpipe.curation.ray_dedup import dedup_file_ray
 
-    monkeypatch.setattr(ray_dedup, "_BLOCK_RECORDS", 41)  # many near-pass blocks: removed records leave the index
+    monkeypatch.setattr(lsh_index, "BLOCK_RECORDS", 41)  # many near-pass blocks: removed records leave the index
 
     records = _chain_corpus(n_base=30, n_variants=300)
     inp = tmp_path / "in.jsonl"
@@ -527,16 +527,7 @@ def test_ray_engine_reports_bad_lines_and_empty_input(embedded_ray, tmp_path):
     assert clusters == [] and metrics["records_in"] == metrics["records_out"] == 0 and out.read_bytes() == b""
 
 
-@pytest.mark.parametrize("parts, block", [(1, 1000), (3, 29)])
-def test_ray_bucket_index_gives_the_local_decisions(monkeypatch, parts, block):
-    # the Ray engine's near pass without Ray: P bucket indexes (hash partitions of the band
-    # keys), blocks of records in input order, 7-candidate pair blocks (some with no pair)
-    from llmpipe.curation.ray_dedup import near_pass
-    from llmpipe.curation.ray_lsh import BucketIndex, bucket_partitions
-
-    monkeypatch.setattr(dedup_module, "_PAIR_BLOCK", 7)
-    records = _chain_corpus(n_base=10, n_variants=150)
-    cfg = dedup_cfg()
+def _near_inputs(records, cfg):
     bands, rows = lsh_params(cfg.threshold, cfg.num_perm)
     texts = [near_text(selected_contents(r, cfg.roles)) for r in records]
     sig = minhash_signatures(texts, cfg.num_perm, cfg.shingle_size)
@@ -544,14 +535,54 @@ def test_ray_bucket_index_gives_the_local_decisions(monkeypatch, parts, block):
     rep = dedup_module.exact_groups(np.array([list(bytes.fromhex(exact_key(selected_contents(r, cfg.roles))))
                                               for r in records], dtype=np.uint8))
     skip = (rep != np.arange(len(records))) | np.array([not t for t in texts])
+    return sig, keys, skip, bands, rows
+
+
+@pytest.mark.parametrize("parts, block", [(1, 1000), (3, 29)])
+def test_partitioned_bucket_indexes_give_the_local_decisions(monkeypatch, parts, block):
+    # the Ray engine's near pass without Ray: P bucket indexes (hash partitions of the band
+    # keys, signatures in per-batch arrays), blocks of records in input order, 7-candidate pair
+    # blocks (some with no pair), against the local engine's one index over whole arrays
+    records = _chain_corpus(n_base=10, n_variants=150)
+    cfg = dedup_cfg()
+    sig, keys, skip, bands, rows = _near_inputs(records, cfg)
+    n = len(records)
+    every = np.arange(n, dtype=np.int32)
+    one = lsh_index.BucketIndex(skip, [sig.astype(np.uint8)], [sig], n, bands, rows, cfg.threshold,
+                                *[(keys[:, k], every) for k in range(bands)])
+    expected, _ = lsh_index.near_pass(lambda lo, hi, removed: [one.pairs(lo, hi, removed)], n, cfg.num_perm)
+
+    monkeypatch.setattr(lsh_index, "PAIR_BLOCK", 7)
     batch = 16
-    starts = range(0, len(records), batch)
-    partitioned = [bucket_partitions(s, keys[s:s + batch], parts) for s in starts]
-    index = [BucketIndex(skip, [[keys[s:s + batch] for s in starts], [sig[s:s + batch] for s in starts]], batch,
-                         rows, cfg.threshold, *[pp[p] for pp in partitioned]) for p in range(parts)]
-    near_of, confirmed = near_pass(lambda lo, hi, removed: [ix.pairs(lo, hi, removed) for ix in index],
-                                   len(records), cfg.num_perm, block=block)
-    expected = dedup_module.near_duplicates(sig, lambda k: keys[:, k], np.flatnonzero(~skip), bands, rows,
-                                            cfg.threshold, lambda _m: None)
+    starts = range(0, n, batch)
+    partitioned = [lsh_index.bucket_partitions(s, keys[s:s + batch], parts) for s in starts]
+    index = [lsh_index.BucketIndex(skip, [sig[s:s + batch].astype(np.uint8) for s in starts],
+                                   [sig[s:s + batch] for s in starts], batch, bands, rows, cfg.threshold,
+                                   *[pp[p] for pp in partitioned]) for p in range(parts)]
+    near_of, confirmed = lsh_index.near_pass(lambda lo, hi, removed: [ix.pairs(lo, hi, removed) for ix in index],
+                                             n, cfg.num_perm, block=block)
     assert len(expected) > 50 and confirmed >= len(expected)
     assert near_of == expected
+
+
+def test_low_byte_prefilter_never_confirms_a_pair_the_full_signatures_reject():
+    # record 1 equals record 0 on every low byte, but on the full values only in 60% of them
+    # (and on band 0): the prefilter passes it, the full signatures must reject it (0.6 < 0.8);
+    # record 2 is a true near duplicate of record 0 (0.9)
+    rng = np.random.default_rng(3)
+    num_perm, bands, rows = 128, 21, 6
+    base = rng.integers(0, 2**32, num_perm, dtype=np.uint64).astype(np.uint32)
+    fake = base.copy()
+    changed = np.arange(rows, num_perm)[: int(0.4 * num_perm)]
+    fake[changed] = fake[changed] ^ np.uint32(1 << 20)  # differs above the low byte only
+    near = base.copy()
+    near[-int(0.1 * num_perm):] ^= np.uint32(0xFF)
+    sig = np.stack([base, fake, near])
+    keys = dedup_module.band_keys(sig, bands, rows)
+    recs = np.arange(3, dtype=np.int32)
+    index = lsh_index.BucketIndex(np.zeros(3, bool), [sig.astype(np.uint8)], [sig], 3, bands, rows, 0.8,
+                                  *[(keys[:, k], recs) for k in range(bands)])
+    assert (sig[1].astype(np.uint8) == sig[0].astype(np.uint8)).all()
+    a, b, equal = index.pairs(0, 3, np.empty(0, np.int64))
+    assert list(zip(a.tolist(), b.tolist())) == [(0, 2)]
+    assert equal.tolist() == [num_perm - int(0.1 * num_perm)]

@@ -7,21 +7,21 @@ Ray's object store.
 
 1. Signing, on the cluster (Ray core tasks, ``curation.workers`` batches in flight at most
    twice over): a batch of ``curation.batch_size`` input lines in, per record the exact-key
-   digest, the MinHash signature and the LSH band keys out (``_sign_lines``, the local engine's
-   ``_Signer``). The band keys come back split into P = ``curation.workers`` hash partitions,
-   one task return value each (``ray_lsh.bucket_partitions``): the shuffle.
+   digest, the MinHash signature, its low bytes and the LSH band keys out (``_sign_lines``, the
+   local engine's ``_Signer``). The band keys come back split into P = ``curation.workers``
+   hash partitions, one task return value each (``lsh_index.bucket_partitions``): the shuffle.
 2. Exact duplicates on the driver: a sort of the digests (``dedup.decisions``).
-3. P actors, one per partition (``ray_lsh.BucketIndex``): every LSH bucket lies whole in one
-   of them. The near pass runs as the local ``dedup.near_duplicates`` does, in blocks of
-   65,536 records in input order: each actor returns the block's candidate pairs in its
-   buckets -- a block record and an earlier record still kept, or two block records -- each
-   taken only in the first band where the two records' keys are equal, and confirmed when the
-   signatures agree on a whole band (a 64-bit key collision adds nothing) and the estimated
-   Jaccard reaches the threshold.
-4. The driver runs the local rule over the block's confirmed pairs (``dedup.greedy``): a record
-   joins the most similar earlier *kept* record it is paired with (earliest on ties), else it
-   is kept; the block's removed records leave the actors' indexes before the next block. These
-   are the local engine's candidates and rule, so the decisions, Jaccards and clusters are its.
+3. P actors, one per partition, each holding the local engine's ``lsh_index.BucketIndex`` over
+   its entries: every LSH bucket lies whole in one of them. The near pass
+   (``lsh_index.near_pass``, as locally) runs in blocks of records in input order: each actor
+   returns the block's confirmed pairs in its buckets -- a block record and an earlier record
+   not removed -- prefiltered on the signatures' low bytes and confirmed on the full signatures
+   (read zero-copy from the object store).
+4. The driver runs the local rule over the block's confirmed pairs (``lsh_index.greedy``): a
+   record joins the most similar earlier *kept* record it is paired with (earliest on ties),
+   else it is kept; the block's removed records leave the actors' indexes before the next
+   block. The index, the candidates and the rule are the local engine's, so the decisions,
+   Jaccards and clusters are its.
    (The issue's design groups confirmed pairs into connected components instead; keeping one
    record per component differs from the local rule on chains -- A~B, B~C, A!~C keeps A and C
    locally -- and pairing every two records of a bucket grows with the square of a family's
@@ -40,25 +40,15 @@ from __future__ import annotations
 import os
 import tempfile
 from collections import deque
-from typing import Any, Callable
+from typing import Any
 
 import numpy as np
 
 from llmpipe.config.data import CurationSection, DedupSection
-from llmpipe.curation.ray_lsh import BucketIndex, bucket_partitions
 from llmpipe.curation.ray_runtime import library_errors
 from llmpipe.data import records as canonical
-from llmpipe.data.dedup import (
-    _BLOCK_RECORDS,
-    DedupError,
-    Progress,
-    _Columns,
-    _Signer,
-    decisions,
-    greedy,
-    lsh_params,
-    write_kept,
-)
+from llmpipe.data.dedup import DedupError, Progress, _Columns, _Signer, decisions, lsh_params, write_kept
+from llmpipe.data.lsh_index import BucketIndex, bucket_partitions, near_pass
 from llmpipe.io import jsonl_line
 
 _HINT = " (did the previous stage run?)"
@@ -67,7 +57,7 @@ _HINT = " (did the previous stage run?)"
 def _sign_lines(first: int, lines: list[str], where: list[tuple[str, int]], cfg: DedupSection, parts: int):
     """Signing task: parse the lines (errors name file and line), then per record the exact-key
     digest, whether it has text, whether the line is in the pipeline's own spelling, the
-    signature, and the band keys in ``parts`` hash partitions."""
+    signature and its low bytes, and the band keys in ``parts`` hash partitions."""
     signer = _Signer(cfg, None, lambda _msg: None)
     signer.n = first  # record numbers in error messages are input positions
     canon = np.empty(len(lines), dtype=bool)
@@ -79,7 +69,7 @@ def _sign_lines(first: int, lines: list[str], where: list[tuple[str, int]], cfg:
     cols = signer.cols
     keys = np.stack([cols.get(f"band{k}") for k in range(signer.bands)], axis=1)
     meta = (cols.get("key"), cols.get("empty"), canon)
-    return (meta, cols.get("sig"), keys, *bucket_partitions(first, keys, parts))
+    return (meta, cols.get("sig"), cols.get("sig8"), *bucket_partitions(first, keys, parts))
 
 
 def _batches(path, size: int):
@@ -93,26 +83,6 @@ def _batches(path, size: int):
             lines, where = [], []
     if lines:
         yield lines, where
-
-
-def near_pass(pairs: Callable[[int, int, np.ndarray], list], n: int, num_perm: int,
-              block: int | None = None) -> tuple[dict[int, tuple[int, float]], int]:
-    """The near pass over ``n`` records in blocks in input order (``dedup.near_duplicates``'
-    blocks): ``pairs(lo, hi, removed)`` gives every partition's confirmed pairs of block
-    [lo, hi), told the records removed by the block before; the local greedy decides them.
-    Returns (removed record -> (kept record, Jaccard), confirmed pairs seen)."""
-    block = block or _BLOCK_RECORDS
-    near_of: dict[int, tuple[int, float]] = {}
-    removed = np.empty(0, np.int64)
-    confirmed = 0
-    for lo in range(0, n, block):
-        found = pairs(lo, min(n, lo + block), removed)
-        a, b, equal = (np.concatenate(x) for x in zip(*found))
-        confirmed += len(a)
-        before = len(near_of)
-        greedy(a, b, equal, num_perm, near_of)  # adds the block's decisions in input order
-        removed = np.fromiter(list(near_of)[before:], dtype=np.int64, count=len(near_of) - before)
-    return near_of, confirmed
 
 
 def dedup_file_ray(
@@ -132,8 +102,8 @@ def dedup_file_ray(
     os.makedirs(out_dir, exist_ok=True)
     with library_errors(DedupError), tempfile.TemporaryDirectory(prefix=".dedup-", suffix=".tmp", dir=out_dir) as work:
         cols = _Columns(work)  # digests and flags, memory-mapped
-        sig_refs: list[Any] = []  # per batch: signatures, band keys, band-key partitions
-        key_refs: list[Any] = []
+        sig_refs: list[Any] = []  # per batch: signatures, their low bytes, band-key partitions
+        sig8_refs: list[Any] = []
         part_refs: list[list[Any]] = []
         batches = 0
         cfg_ref = ray.put(cfg)
@@ -147,7 +117,7 @@ def dedup_file_ray(
             cols.add("empty", empty)
             cols.add("canon", canon)
             sig_refs.append(refs[1])
-            key_refs.append(refs[2])
+            sig8_refs.append(refs[2])
             part_refs.append(refs[3:])
 
         for lines, where in _batches(path, curation.batch_size):
@@ -165,14 +135,14 @@ def dedup_file_ray(
             # no CPU reserved for the actors' lifetime (P may exceed the CPUs): spread over the nodes
             actor = ray.remote(num_cpus=0, scheduling_strategy="SPREAD")(BucketIndex)
             index = [actor.remote(
-                skip_ref, [key_refs, sig_refs], curation.batch_size, rows, float(cfg.threshold),
+                skip_ref, sig8_refs, sig_refs, curation.batch_size, bands, rows, float(cfg.threshold),
                 *[p[k] for p in part_refs]) for k in range(parts)]
             try:
                 ray.get([ix.pairs.remote(0, 0, np.empty(0, np.int64)) for ix in index])  # built:
                 part_refs.clear()  # their partitions copied, the object store frees them
                 near_of, confirmed = near_pass(
                     lambda lo, hi, removed: ray.get([ix.pairs.remote(lo, hi, removed) for ix in index]),
-                    n, cfg.num_perm)
+                    n, cfg.num_perm, say=say)
             finally:
                 for ix in index:
                     ray.kill(ix)
@@ -185,6 +155,6 @@ def dedup_file_ray(
         else:
             d = decisions(cols.get("key"), cols.get("empty"), near, say)
             canon = np.array(cols.get("canon"))
-        for refs in (sig_refs, key_refs, part_refs):  # the object store frees them
+        for refs in (sig_refs, sig8_refs, part_refs):  # the object store frees them
             refs.clear()
     return write_kept(path, out_records, cfg, d, canon, shards, say)

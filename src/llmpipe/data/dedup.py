@@ -28,13 +28,12 @@ Bounded memory
 --------------
 There is no LSH index of Python objects (datasketch's, with the record list, took 891 MB at 100k
 records). Pass 1 keeps per record only fixed-size arrays: a 32-byte exact-key digest, the
-signature and one 64-bit key per band (:class:`_Signer`; :func:`dedup_file` keeps them in files
-read back as memory maps). Exact
-groups come from a sort of the digests (:func:`exact_groups`); near duplicates from sorted
-per-band indexes of the kept records' band keys, candidates confirmed on the band's values and
-the signatures, and the greedy over confirmed pairs (:func:`near_duplicates`), which gives the
-datasketch loop's decisions (tests/test_dedup.py compares the two). Pass 2 of
-:func:`dedup_file` streams the input again and writes the kept records.
+signature, its low bytes and one 64-bit key per band (:class:`_Signer`; :func:`dedup_file` keeps
+them in files read back as memory maps). Exact groups come from a sort of the digests
+(:func:`exact_groups`); near duplicates from ``lsh_index`` (the LSH buckets as sorted arrays of
+band keys, candidates confirmed on the signatures, the greedy in blocks of records in input
+order), which gives the datasketch loop's decisions (tests/test_dedup.py compares the two). Pass
+2 of :func:`dedup_file` streams the input again and writes the kept records.
 
 Speed
 -----
@@ -66,6 +65,7 @@ import numpy as np
 
 from llmpipe.config.data import DedupSection
 from llmpipe.data import records as canonical
+from llmpipe.data.lsh_index import BucketIndex, near_pass
 from llmpipe.io import jsonl_line, write_jsonl_lines
 
 if TYPE_CHECKING:  # imported where used: datasketch imports scipy (~1.5 CPU-s per process)
@@ -376,9 +376,6 @@ def band_keys(sig: np.ndarray, bands: int, rows: int) -> np.ndarray:
     return keys.view(np.int64)
 
 
-_PAIR_BLOCK = 1 << 17  # candidate pairs confirmed at once: 2 x 131072 x num_perm x 4 B = 128 MiB at 128
-
-
 class _Columns:
     """Per-record arrays grown batch by batch, in memory or in files under ``workdir`` (then
     read back as ``np.memmap``, so a large corpus's signatures are paged by the OS rather than
@@ -441,6 +438,7 @@ class _Signer:
         self.cols.add("key", np.frombuffer(bytes(self.digests), dtype=np.uint8).reshape(-1, 32))
         self.cols.add("empty", np.fromiter((not t for t in self.texts), dtype=bool, count=len(self.texts)))
         self.cols.add("sig", sig)
+        self.cols.add("sig8", sig.astype(np.uint8))  # the low bytes: the near pass's prefilter
         keys = band_keys(sig, self.bands, self.rows)
         for k in range(self.bands):  # one array per band: the near pass reads one band at a time
             self.cols.add(f"band{k}", keys[:, k])
@@ -463,120 +461,6 @@ def exact_groups(keys: np.ndarray) -> np.ndarray:
     first = order[np.flatnonzero(new_group)]
     rep[order] = first[np.cumsum(new_group) - 1]
     return rep
-
-
-def _range_pairs(lo: np.ndarray, count: np.ndarray) -> Iterator[tuple[np.ndarray, np.ndarray]]:
-    """For queries q with partner ranges ``[lo[q], lo[q] + count[q])``: (partner, query) index
-    arrays in blocks of about ``_PAIR_BLOCK`` pairs (a single query's range is never split)."""
-    q = np.flatnonzero(count)
-    if not len(q):
-        return
-    c = count[q]
-    cum = np.cumsum(c)
-    cuts = np.searchsorted(cum, np.arange(_PAIR_BLOCK, int(cum[-1]), _PAIR_BLOCK), side="right")
-    for part in np.split(np.arange(len(q)), np.unique(cuts)):
-        if not len(part):
-            continue
-        cc = c[part]
-        queries = np.repeat(q[part], cc)
-        partners = np.repeat(lo[q[part]], cc) + np.arange(int(cc.sum())) - np.repeat(np.cumsum(cc) - cc, cc)
-        yield partners, queries
-
-
-def _confirm(sig: np.ndarray, a: np.ndarray, b: np.ndarray, band: int, rows: int, threshold: float
-             ) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
-    """The candidate pairs (a, b) of LSH band ``band`` that agree on the whole band (so a 64-bit
-    key collision never adds a pair) and whose estimated Jaccard reaches the threshold:
-    (a, b, equal signature values)."""
-    eq = np.asarray(sig[a]) == np.asarray(sig[b])
-    ok = eq[:, band * rows:(band + 1) * rows].all(axis=1)
-    equal = np.count_nonzero(eq, axis=1)
-    ok &= equal / sig.shape[1] >= threshold  # as estimated_jaccard() >= threshold
-    return a[ok], b[ok], equal[ok]
-
-
-def greedy(a: np.ndarray, b: np.ndarray, equal: np.ndarray, num_perm: int,
-           near_of: dict[int, tuple[int, float]] | None = None) -> dict[int, tuple[int, float]]:
-    """The local rule in input order over confirmed pairs (a < b, repeats allowed): record b is
-    removed as a near duplicate of the most similar earlier record a that is still kept (the
-    earliest on ties); a record with no kept partner is kept. Adds to and returns ``near_of``:
-    removed record -> (kept record, Jaccard).
-
-    This is the datasketch loop's decision: its candidates for b are the earlier kept records
-    sharing a bucket, the first maximum of their estimated Jaccard wins if it reaches the
-    threshold, and only confirmed pairs can reach it."""
-    near_of = {} if near_of is None else near_of
-    order = np.lexsort((a, b))
-    a_l, b_l, e_l = a[order].tolist(), b[order].tolist(), equal[order].tolist()
-    j, total = 0, len(b_l)
-    while j < total:
-        rec, best, best_eq = b_l[j], -1, -1
-        while j < total and b_l[j] == rec:
-            if e_l[j] > best_eq and a_l[j] not in near_of:
-                best, best_eq = a_l[j], e_l[j]
-            j += 1
-        if best >= 0:
-            near_of[rec] = (best, best_eq / num_perm)
-    return near_of
-
-
-_BLOCK_RECORDS = 1 << 16  # records decided together by near_duplicates()
-
-
-def near_duplicates(sig: np.ndarray, band_key: Callable[[int], np.ndarray], active: np.ndarray, bands: int,
-                    rows: int, threshold: float, say: Progress) -> dict[int, tuple[int, float]]:
-    """The near-duplicate decisions among the records ``active`` (ascending indexes, each with a
-    signature row in ``sig`` and band keys ``band_key(k)[i]``): removed record -> (kept record,
-    Jaccard).
-
-    Records are decided in blocks of ``_BLOCK_RECORDS`` in input order, like the datasketch loop
-    but vectorised: per band, a sorted index of the band keys of the records kept so far. A
-    block's candidates are the index entries with a key equal to a block record's (two binary
-    searches) and the pairs of block records sharing a key (a sort); they are confirmed
-    (:func:`_confirm`) in blocks of ``_PAIR_BLOCK`` pairs, the greedy runs over the confirmed
-    ones, and the block's kept records join the index. As in the datasketch loop, removed records
-    never become candidates, so a family of near duplicates costs one candidate per member
-    rather than one per pair. Memory: the index (12 bytes per kept record and band), one block,
-    one pair block and the confirmed pairs of one block."""
-    near_of: dict[int, tuple[int, float]] = {}
-    index_keys = [np.empty(0, np.int64) for _ in range(bands)]
-    index_ids = [np.empty(0, np.int32 if len(sig) < 2**31 else np.int64) for _ in range(bands)]
-    candidates = confirmed = 0
-    for start in range(0, len(active), _BLOCK_RECORDS):
-        block = active[start:start + _BLOCK_RECORDS]
-        cols = [np.asarray(band_key(k)[block]) for k in range(bands)]
-        found: list[tuple[np.ndarray, np.ndarray, np.ndarray]] = []
-        for k in range(bands):
-            col, keys, ids = cols[k], index_keys[k], index_ids[k]
-            lo = np.searchsorted(keys, col, side="left")
-            for x, q in _range_pairs(lo, np.searchsorted(keys, col, side="right") - lo):
-                candidates += len(x)
-                found.append(_confirm(sig, ids[x].astype(np.int64), block[q], k, rows, threshold))
-            order = np.argsort(col, kind="stable")  # block records sharing a key, input order kept
-            members, sorted_col = block[order], col[order]
-            run_start = np.flatnonzero(np.r_[True, sorted_col[1:] != sorted_col[:-1]])
-            run_end = np.r_[run_start[1:], len(sorted_col)]
-            after = np.repeat(run_end, run_end - run_start) - 1 - np.arange(len(sorted_col))
-            for x, p in _range_pairs(np.arange(len(sorted_col)) + 1, after):
-                candidates += len(x)
-                found.append(_confirm(sig, members[p], members[x], k, rows, threshold))
-        if found:
-            a, b, equal = (np.concatenate(parts) for parts in zip(*found))
-            confirmed += len(a)
-            greedy(a, b, equal, sig.shape[1], near_of)
-        keep = np.fromiter((int(i) not in near_of for i in block), dtype=bool, count=len(block))
-        for k in range(bands):  # the block's kept records join the index, keys sorted, ids ascending
-            new_keys, new_ids = cols[k][keep], block[keep].astype(index_ids[k].dtype)
-            order = np.argsort(new_keys, kind="stable")
-            new_keys, new_ids = new_keys[order], new_ids[order]
-            at = np.searchsorted(index_keys[k], new_keys, side="right")
-            index_keys[k] = np.insert(index_keys[k], at, new_keys)
-            index_ids[k] = np.insert(index_ids[k], at, new_ids)
-        if start and (start // _BLOCK_RECORDS) % 4 == 0:
-            say(f"near pass: {start}/{len(active)} records, {candidates} candidate pairs")
-    say(f"near pass: {candidates} candidate pairs ({bands} bands), {confirmed} confirmed, "
-        f"{len(near_of)} near duplicates")
-    return near_of
 
 
 @dataclass
@@ -604,8 +488,14 @@ def decide(signer: _Signer, say: Progress) -> Decisions:
     cols = signer.cols
 
     def near(skip: np.ndarray) -> dict[int, tuple[int, float]]:
-        return near_duplicates(cols.get("sig"), lambda k: cols.get(f"band{k}"), np.flatnonzero(~skip),
-                               signer.bands, signer.rows, signer.cfg.threshold, say)
+        n = signer.n
+        every = np.arange(n, dtype=np.int32 if n < 2**31 else np.int64)
+        index = BucketIndex(skip, [cols.get("sig8")], [cols.get("sig")], n, signer.bands, signer.rows,
+                            signer.cfg.threshold, *[(cols.get(f"band{k}"), every) for k in range(signer.bands)])
+        near_of, confirmed = near_pass(lambda lo, hi, removed: [index.pairs(lo, hi, removed)], n,
+                                       signer.cfg.num_perm, say=say)
+        say(f"near pass: {confirmed} confirmed pairs ({signer.bands} bands), {len(near_of)} near duplicates")
+        return near_of
 
     if signer.n == 0:
         return Decisions(0, [], {}, {}, np.zeros(0, dtype=bool), 0)

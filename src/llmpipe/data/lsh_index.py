@@ -1,0 +1,274 @@
+"""The near-duplicate pass of minhash-dedup: LSH buckets, candidate pairs confirmed by
+signature, and the local rule in input order. One implementation for both engines: the local
+engine holds one :class:`BucketIndex` over all band keys in its process; the Ray engine holds one
+per hash partition of the band keys (:func:`bucket_partitions`), each in an actor.
+
+The rule (``dedup``'s docstring): records are decided in input order; a record is removed as a
+near duplicate of the most similar earlier record that is still *kept* and shares an LSH bucket
+with it (the earliest on ties) when their estimated Jaccard reaches the threshold, else it is
+kept. :func:`near_pass` runs it in blocks of :data:`BLOCK_RECORDS` records: each index returns a
+block's confirmed pairs, :func:`greedy` decides them, and the block's removed records leave the
+indexes before the next block, so a family of near duplicates costs one candidate per member
+and kept record, not one per pair.
+
+Costs, per candidate pair (a block record and an earlier record in one of its buckets):
+
+* a **prefilter on one byte per signature value** (the low 8 bits, ``sig8``: 128 bytes per
+  record at 128 permutations, a quarter of the signature): two values that are equal have equal
+  low bytes, so the byte count of equal values bounds the true count from above and a pair the
+  prefilter rejects can never be confirmed. Only its survivors (near duplicates, plus about one
+  in a few hundred pairs near the threshold) are checked on the full signatures;
+* no index rebuild per block: removed records are masked at once and dropped from the arrays
+  when they make up a quarter of the entries (:meth:`BucketIndex._compact`).
+
+Memory per index: 12 bytes per (record, band) entry that shares its bucket with another record
+(singletons never pair), plus 12 bytes of bookkeeping per entry; the signatures are read where
+they lie (a memory map locally, the object store on Ray).
+"""
+
+from __future__ import annotations
+
+from typing import Callable, Iterator, Sequence
+
+import numpy as np
+
+PAIR_BLOCK = 1 << 17  # candidate pairs prefiltered at once: 2 x 131072 x 128 B = 32 MiB at 128 perms
+BLOCK_RECORDS = 1 << 13  # records decided together; smaller blocks pair fewer undecided records
+COMPACT_SHARE = 4  # drop removed records' entries when they are 1/4 of an index
+
+Progress = Callable[[str], None]
+
+__all__ = ["BLOCK_RECORDS", "BucketIndex", "bucket_partitions", "greedy", "near_pass", "range_pairs"]
+
+
+def range_pairs(lo: np.ndarray, count: np.ndarray, block: int | None = None
+                ) -> Iterator[tuple[np.ndarray, np.ndarray]]:
+    """For queries q with partner ranges ``[lo[q], lo[q] + count[q])``: (partner, query) index
+    arrays in blocks of about ``block`` (default :data:`PAIR_BLOCK`) pairs (a single query's
+    range is never split)."""
+    block = block or PAIR_BLOCK
+    q = np.flatnonzero(count)
+    if not len(q):
+        return
+    c = count[q]
+    cum = np.cumsum(c)
+    cuts = np.searchsorted(cum, np.arange(block, int(cum[-1]), block), side="right")
+    for part in np.split(np.arange(len(q)), np.unique(cuts)):
+        if not len(part):
+            continue
+        cc = c[part]
+        queries = np.repeat(q[part], cc)
+        partners = np.repeat(lo[q[part]], cc) + np.arange(int(cc.sum())) - np.repeat(np.cumsum(cc) - cc, cc)
+        yield partners, queries
+
+
+def bucket_partitions(first: int, keys: np.ndarray, parts: int) -> list[tuple[np.ndarray, np.ndarray]]:
+    """The band keys ``keys`` (``int64[n, bands]``, records ``first``..``first + n - 1``) as
+    ``parts`` hash partitions of (key, record) entries, records ascending within a partition:
+    equal keys land in the same partition, so every bucket lies whole in one."""
+    n, bands = keys.shape
+    flat = np.ascontiguousarray(keys).reshape(-1)
+    ids = np.repeat(np.arange(first, first + n, dtype=np.int32 if first + n < 2**31 else np.int64), bands)
+    if parts == 1:
+        return [(flat, ids)]
+    part = (flat.view(np.uint64) >> np.uint64(33)) % np.uint64(parts)  # keys are hashes already
+    order = np.argsort(part, kind="stable")
+    bounds = np.searchsorted(part[order], np.arange(parts + 1, dtype=np.uint64))
+    return [(flat[order[s:e]], ids[order[s:e]]) for s, e in zip(bounds[:-1], bounds[1:])]
+
+
+class Rows:
+    """Rows of a per-record array held as consecutive batches of ``batch`` rows (the Ray engine's
+    per-task arrays, zero-copy from the object store) or as one array (``batch`` >= its rows)."""
+
+    def __init__(self, batches: Sequence[np.ndarray], batch: int):
+        self.batches = [np.asarray(b) for b in batches]  # a plain view of a memmap: faster indexing
+        self.batch = batch
+
+    def take(self, ids: np.ndarray) -> np.ndarray:
+        if len(self.batches) == 1:
+            return self.batches[0][ids]
+        first = self.batches[0]
+        out = np.empty((len(ids), *first.shape[1:]), dtype=first.dtype)
+        if not len(ids):
+            return out
+        which = ids // self.batch
+        order = np.argsort(which, kind="stable")
+        w = which[order]
+        bounds = np.flatnonzero(np.r_[True, w[1:] != w[:-1], True])
+        for s, e in zip(bounds[:-1], bounds[1:]):
+            sel = order[s:e]
+            j = int(w[s])
+            out[sel] = self.batches[j][ids[sel] - j * self.batch]
+        return out
+
+
+def _fetch(items: Sequence) -> list[np.ndarray]:
+    """Arrays from the object store (a list of refs), or the arrays themselves (no Ray)."""
+    if items and not isinstance(items[0], np.ndarray):
+        import ray
+
+        return ray.get(list(items))
+    return list(items)
+
+
+class BucketIndex:
+    """LSH buckets of the records not in ``skip`` (exact copies, records without text): the
+    (band key, record) ``entries`` -- several arrays of pairs, records ascending in each, e.g.
+    one per band or a Ray engine partition per signing batch -- sorted by key.
+
+    :meth:`pairs` returns a block's confirmed pairs (a, b): b in the block, a < b an earlier
+    record in one of b's buckets that is not removed (still kept, or undecided in the block), the
+    signatures agreeing on a whole band (so a 64-bit key collision never adds a pair) with an
+    estimated Jaccard >= ``threshold``; each pair once, with its count of equal signature values.
+    ``sig8``/``sig`` hold the low bytes and the full signatures (batches of ``batch`` rows, or
+    object-store refs to them)."""
+
+    def __init__(self, skip: np.ndarray, sig8: Sequence, sig: Sequence, batch: int, bands: int, rows: int,
+                 threshold: float, *entries: tuple[np.ndarray, np.ndarray]):
+        skip = np.asarray(skip, dtype=bool)
+        keys, recs = [], []
+        for key, rec in entries:
+            live = ~skip[rec]
+            keys.append(np.asarray(key)[live])
+            recs.append(np.asarray(rec)[live])
+        key = np.concatenate(keys) if keys else np.empty(0, np.int64)
+        rec = np.concatenate(recs) if recs else np.empty(0, np.int32)
+        del keys, recs
+        order = np.argsort(key, kind="stable")  # records ascending within a bucket
+        self.key, self.rec = key[order], rec[order]
+        del key, rec, order
+        self.removed = np.zeros(len(skip), dtype=bool)
+        self.sig8, self.sig = Rows(_fetch(sig8), batch), Rows(_fetch(sig), batch)
+        self.bands, self.rows, self.threshold = bands, rows, float(threshold)
+        self._compact()
+
+    def _compact(self) -> None:
+        """Drop the entries of removed records and of buckets left with one entry; rebuild the
+        bucket starts and the by-record order."""
+        key, rec = self.key, self.rec
+        if self.removed.any():
+            live = ~self.removed[rec]
+            key, rec = key[live], rec[live]
+        if len(key):
+            same = key[1:] == key[:-1]
+            shared = np.r_[same, False] | np.r_[False, same]  # an entry alone in its bucket never pairs
+            key, rec = key[shared], rec[shared]
+            del same, shared
+        self.key, self.rec = key, rec
+        del key, rec
+        new_run = np.r_[True, self.key[1:] != self.key[:-1]] if len(self.key) else np.empty(0, bool)
+        starts = np.flatnonzero(new_run)
+        pos_type = np.int32 if len(self.key) < 2**31 else np.int64
+        self.run_start = starts.astype(pos_type)[np.cumsum(new_run) - 1]
+        self.by_rec = np.argsort(self.rec, kind="stable").astype(pos_type)
+        self.rec_sorted = self.rec[self.by_rec]
+        self.entries_of = np.bincount(self.rec, minlength=len(self.removed)).astype(np.uint16)
+        self.stale = 0
+
+    def pairs(self, lo: int, hi: int, removed: np.ndarray) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
+        """The confirmed pairs of block [lo, hi), told the records the previous block removed."""
+        removed = np.asarray(removed, dtype=np.int64)
+        if len(removed):
+            self.removed[removed] = True
+            self.stale += int(self.entries_of[removed].sum())
+            if self.stale * COMPACT_SHARE >= len(self.key):
+                self._compact()
+        i0, i1 = np.searchsorted(self.rec_sorted, [lo, hi])
+        block = np.sort(self.by_rec[i0:i1]).astype(np.int64)
+        found_a, found_b = [], []
+        if len(block):
+            start = self.run_start[block].astype(np.int64)
+            for partner, query in range_pairs(start, block - start):  # earlier entries of each bucket
+                a, b = self.rec[partner].astype(np.int64), self.rec[block[query]].astype(np.int64)
+                ok = (a < b) & ~self.removed[a]  # a < b: a 64-bit key collision across bands may break the order
+                a, b = a[ok], b[ok]
+                ok, _ = self._agree(self.sig8.take(a) == self.sig8.take(b))
+                found_a.append(a[ok])
+                found_b.append(b[ok])
+        if not found_a:
+            return np.empty(0, np.int64), np.empty(0, np.int64), np.empty(0, np.int32)
+        a, b = np.concatenate(found_a), np.concatenate(found_b)
+        if len(a):  # a pair sharing several buckets: once
+            pair = np.unique(a * len(self.removed) + b)
+            a, b = pair // len(self.removed), pair % len(self.removed)
+        out_a, out_b, out_eq = [a[:0]], [b[:0]], [np.empty(0, np.int32)]
+        for s in range(0, len(a), PAIR_BLOCK // 4):  # full signatures: 4 x the bytes
+            x, y = a[s:s + PAIR_BLOCK // 4], b[s:s + PAIR_BLOCK // 4]
+            ok, equal = self._agree(self.sig.take(x) == self.sig.take(y))
+            out_a.append(x[ok])
+            out_b.append(y[ok])
+            out_eq.append(equal[ok].astype(np.int32))
+        return np.concatenate(out_a), np.concatenate(out_b), np.concatenate(out_eq)
+
+    def _agree(self, eq: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
+        """(ok, equal) for the pairs (rows of the equality matrix ``eq``): ``equal`` their counts of
+        equal values, ``ok`` whether the estimated Jaccard reaches the threshold and they agree on
+        a whole band. The count comes first: few pairs pass it, and numpy's reduction over a
+        band's 6 values costs ~15x the count (measured)."""
+        equal = _count_true(eq)
+        ok = equal / eq.shape[1] >= self.threshold  # as estimated_jaccard() >= threshold
+        passed = np.flatnonzero(ok)
+        if len(passed):
+            by_band = eq[passed, : self.bands * self.rows].reshape(len(passed), self.bands, self.rows)
+            whole = by_band[:, :, 0].copy()
+            for j in range(1, self.rows):
+                whole &= by_band[:, :, j]
+            ok[passed] = whole.any(axis=1)
+        return ok, equal
+
+
+def _count_true(eq: np.ndarray) -> np.ndarray:
+    """``np.count_nonzero(eq, axis=1)`` for a C-contiguous boolean matrix, ~2x faster by
+    counting the bits of 8 booleans at a time when the rows allow it."""
+    if eq.shape[1] % 8 == 0 and eq.flags.c_contiguous and hasattr(np, "bitwise_count"):
+        return np.bitwise_count(eq.view(np.uint64)).sum(axis=1, dtype=np.int64)
+    return np.count_nonzero(eq, axis=1)
+
+
+def greedy(a: np.ndarray, b: np.ndarray, equal: np.ndarray, num_perm: int,
+           near_of: dict[int, tuple[int, float]] | None = None) -> dict[int, tuple[int, float]]:
+    """The local rule in input order over confirmed pairs (a < b, repeats allowed): record b is
+    removed as a near duplicate of the most similar earlier record a that is still kept (the
+    earliest on ties); a record with no kept partner is kept. Adds to and returns ``near_of``:
+    removed record -> (kept record, Jaccard).
+
+    This is the datasketch loop's decision: its candidates for b are the earlier kept records
+    sharing a bucket, the first maximum of their estimated Jaccard wins if it reaches the
+    threshold, and only confirmed pairs can reach it."""
+    near_of = {} if near_of is None else near_of
+    order = np.lexsort((a, b))
+    a_l, b_l, e_l = a[order].tolist(), b[order].tolist(), equal[order].tolist()
+    j, total = 0, len(b_l)
+    while j < total:
+        rec, best, best_eq = b_l[j], -1, -1
+        while j < total and b_l[j] == rec:
+            if e_l[j] > best_eq and a_l[j] not in near_of:
+                best, best_eq = a_l[j], e_l[j]
+            j += 1
+        if best >= 0:
+            near_of[rec] = (best, best_eq / num_perm)
+    return near_of
+
+
+def near_pass(pairs: Callable[[int, int, np.ndarray], list], n: int, num_perm: int,
+              block: int | None = None, say: Progress | None = None) -> tuple[dict[int, tuple[int, float]], int]:
+    """The near pass over ``n`` records in blocks in input order: ``pairs(lo, hi, removed)``
+    gives every index's confirmed pairs of block [lo, hi), told the records removed by the block
+    before; :func:`greedy` decides them. Returns (removed record -> (kept record, Jaccard),
+    confirmed pairs seen)."""
+    block = block or BLOCK_RECORDS
+    near_of: dict[int, tuple[int, float]] = {}
+    removed = np.empty(0, np.int64)
+    confirmed = 0
+    every = max(1, (1 << 17) // block)
+    for step, lo in enumerate(range(0, n, block)):
+        found = pairs(lo, min(n, lo + block), removed)
+        a, b, equal = (np.concatenate(x) for x in zip(*found))
+        confirmed += len(a)
+        before = len(near_of)
+        greedy(a, b, equal, num_perm, near_of)  # adds the block's decisions in input order
+        removed = np.fromiter(list(near_of)[before:], dtype=np.int64, count=len(near_of) - before)
+        if say is not None and step and step % every == 0:
+            say(f"near pass: {lo}/{n} records, {confirmed} confirmed pairs, {len(near_of)} near duplicates")
+    return near_of, confirmed
