@@ -549,7 +549,7 @@ def test_partitioned_bucket_indexes_give_the_local_decisions(monkeypatch, parts,
     n = len(records)
     every = np.arange(n, dtype=np.int32)
     one = lsh_index.BucketIndex(skip, [sig.astype(np.uint8)], [sig], n, bands, rows, cfg.threshold,
-                                *[(keys[:, k], every) for k in range(bands)])
+                                [(keys[:, k], every) for k in range(bands)])
     expected, _ = lsh_index.near_pass(lambda lo, hi, removed: [one.pairs(lo, hi, removed)], n, cfg.num_perm)
 
     monkeypatch.setattr(lsh_index, "PAIR_BLOCK", 7)
@@ -558,7 +558,7 @@ def test_partitioned_bucket_indexes_give_the_local_decisions(monkeypatch, parts,
     partitioned = [lsh_index.bucket_partitions(s, keys[s:s + batch], parts) for s in starts]
     index = [lsh_index.BucketIndex(skip, [sig[s:s + batch].astype(np.uint8) for s in starts],
                                    [sig[s:s + batch] for s in starts], batch, bands, rows, cfg.threshold,
-                                   *[pp[p] for pp in partitioned]) for p in range(parts)]
+                                   [pp[p] for pp in partitioned]) for p in range(parts)]
     near_of, confirmed = lsh_index.near_pass(lambda lo, hi, removed: [ix.pairs(lo, hi, removed) for ix in index],
                                              n, cfg.num_perm, block=block)
     assert len(expected) > 50 and confirmed >= len(expected)
@@ -581,7 +581,7 @@ def test_low_byte_prefilter_never_confirms_a_pair_the_full_signatures_reject():
     keys = dedup_module.band_keys(sig, bands, rows)
     recs = np.arange(3, dtype=np.int32)
     index = lsh_index.BucketIndex(np.zeros(3, bool), [sig.astype(np.uint8)], [sig], 3, bands, rows, 0.8,
-                                  *[(keys[:, k], recs) for k in range(bands)])
+                                  [(keys[:, k], recs) for k in range(bands)])
     assert (sig[1].astype(np.uint8) == sig[0].astype(np.uint8)).all()
     a, b, equal = index.pairs(0, 3, np.empty(0, np.int64))
     assert list(zip(a.tolist(), b.tolist())) == [(0, 2)]

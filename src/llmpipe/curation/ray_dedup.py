@@ -2,8 +2,8 @@
 
 The input (a records file or a shard directory) is read twice by the driver, as by the local
 ``llmpipe.data.dedup.dedup_file``, and never held whole: the driver keeps per record only its
-32-byte exact-key digest (a memory-mapped file) and two flags; signatures and band keys live in
-Ray's object store.
+32-byte exact-key digest, two flags and the signature with its low bytes (memory-mapped files);
+for the near pass the signatures go to Ray's object store as one object each.
 
 1. Signing, on the cluster (Ray core tasks, ``curation.workers`` batches in flight at most
    twice over): a batch of ``curation.batch_size`` input lines in, per record the exact-key
@@ -72,6 +72,32 @@ def _sign_lines(first: int, lines: list[str], where: list[tuple[str, int]], cfg:
     return (meta, cols.get("sig"), cols.get("sig8"), *bucket_partitions(first, keys, parts))
 
 
+class PartitionIndex:
+    """Ray actor: one hash partition of the LSH buckets. Its entries arrive batch by batch while
+    the input is signed (:meth:`add`, in batch order), the index is built once the exact pass
+    has named the records to skip (:meth:`build`), then it answers the near pass
+    (:meth:`pairs`). Entries never accumulate in the object store: each batch's partition is
+    freed once added."""
+
+    def __init__(self) -> None:
+        self.entries: list[tuple[np.ndarray, np.ndarray]] = []
+        self.index: BucketIndex | None = None
+
+    def add(self, entries: tuple[np.ndarray, np.ndarray]) -> None:
+        key, rec = entries
+        self.entries.append((key.copy(), rec.copy()))  # out of the object store: it frees the batch
+
+    def build(self, skip: np.ndarray, sig8: list, sig: list, batch: int, bands: int, rows: int,
+              threshold: float) -> int:
+        entries, self.entries = self.entries, []
+        self.index = BucketIndex(skip, sig8, sig, batch, bands, rows, threshold, entries)
+        return len(self.index.key)
+
+    def pairs(self, lo: int, hi: int, removed: np.ndarray) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
+        assert self.index is not None
+        return self.index.pairs(lo, hi, removed)
+
+
 def _batches(path, size: int):
     lines: list[str] = []
     where: list[tuple[str, int]] = []
@@ -101,60 +127,60 @@ def dedup_file_ray(
     out_dir = os.path.dirname(os.path.abspath(out_records))
     os.makedirs(out_dir, exist_ok=True)
     with library_errors(DedupError), tempfile.TemporaryDirectory(prefix=".dedup-", suffix=".tmp", dir=out_dir) as work:
-        cols = _Columns(work)  # digests and flags, memory-mapped
-        sig_refs: list[Any] = []  # per batch: signatures, their low bytes, band-key partitions
-        sig8_refs: list[Any] = []
-        part_refs: list[list[Any]] = []
+        cols = _Columns(work)  # digests, flags and signatures, memory-mapped
         batches = 0
         cfg_ref = ray.put(cfg)
         in_flight: deque = deque()
         n = 0
+        # no CPU reserved for the actors' lifetime (P may exceed the CPUs): spread over the nodes
+        index = [ray.remote(num_cpus=0, scheduling_strategy="SPREAD")(PartitionIndex).remote()
+                 for _ in range(parts)]
 
         def collect() -> None:
             refs = in_flight.popleft()
-            digest, empty, canon = ray.get(refs[0])
+            (digest, empty, canon), sig, sig8 = ray.get(refs[:3])
             cols.add("key", digest)
             cols.add("empty", empty)
             cols.add("canon", canon)
-            sig_refs.append(refs[1])
-            sig8_refs.append(refs[2])
-            part_refs.append(refs[3:])
-
-        for lines, where in _batches(path, curation.batch_size):
-            batches += 1
-            in_flight.append(sign.remote(n, lines, where, cfg_ref, parts))
-            n += len(lines)
-            while len(in_flight) >= 2 * parts:
-                collect()
-        while in_flight:
-            collect()
-        say(f"signatures: {n} records in {batches} batches, LSH {bands} bands x {rows} rows, {parts} partitions")
+            cols.add("sig", sig)
+            cols.add("sig8", sig8)
+            del sig, sig8  # the object store frees the batch's copies
+            for ix, part in zip(index, refs[3:]):  # in batch order: records ascending in each index
+                ix.add.remote(part)
 
         def near(skip: np.ndarray) -> dict[int, tuple[int, float]]:
             skip_ref = ray.put(np.asarray(skip))
-            # no CPU reserved for the actors' lifetime (P may exceed the CPUs): spread over the nodes
-            actor = ray.remote(num_cpus=0, scheduling_strategy="SPREAD")(BucketIndex)
-            index = [actor.remote(
-                skip_ref, sig8_refs, sig_refs, curation.batch_size, bands, rows, float(cfg.threshold),
-                *[p[k] for p in part_refs]) for k in range(parts)]
-            try:
-                ray.get([ix.pairs.remote(0, 0, np.empty(0, np.int64)) for ix in index])  # built:
-                part_refs.clear()  # their partitions copied, the object store frees them
-                near_of, confirmed = near_pass(
-                    lambda lo, hi, removed: ray.get([ix.pairs.remote(lo, hi, removed) for ix in index]),
-                    n, cfg.num_perm, say=say)
-            finally:
-                for ix in index:
-                    ray.kill(ix)
+            # the signatures as one object each, put once the batches' objects are freed: the
+            # object store's high-water mark stays near their size (signatures kept per batch
+            # among the short-lived batch arguments took 2.5x their size in /dev/shm)
+            sig8_ref = ray.put(np.asarray(cols.get("sig8")))
+            sig_ref = ray.put(np.asarray(cols.get("sig")))
+            entries = ray.get([ix.build.remote(skip_ref, [sig8_ref], [sig_ref], max(1, n), bands, rows,
+                                               float(cfg.threshold)) for ix in index])
+            say(f"near pass: {sum(entries)} shared-bucket entries in {parts} partitions")
+            near_of, confirmed = near_pass(
+                lambda lo, hi, removed: ray.get([ix.pairs.remote(lo, hi, removed) for ix in index]),
+                n, cfg.num_perm, say=say)
             say(f"near pass: {confirmed} confirmed pairs, {len(near_of)} near duplicates")
             return near_of
 
-        if n == 0:
-            d = decisions(np.empty((0, 32), np.uint8), np.empty(0, bool), near, say)
-            canon = np.empty(0, bool)
-        else:
-            d = decisions(cols.get("key"), cols.get("empty"), near, say)
-            canon = np.array(cols.get("canon"))
-        for refs in (sig_refs, sig8_refs, part_refs):  # the object store frees them
-            refs.clear()
+        try:
+            for lines, where in _batches(path, curation.batch_size):
+                batches += 1
+                in_flight.append(sign.remote(n, lines, where, cfg_ref, parts))
+                n += len(lines)
+                while len(in_flight) >= 2 * parts:
+                    collect()
+            while in_flight:
+                collect()
+            say(f"signatures: {n} records in {batches} batches, LSH {bands} bands x {rows} rows, {parts} partitions")
+            if n == 0:
+                d = decisions(np.empty((0, 32), np.uint8), np.empty(0, bool), near, say)
+                canon = np.empty(0, bool)
+            else:
+                d = decisions(cols.get("key"), cols.get("empty"), near, say)
+                canon = np.array(cols.get("canon"))
+        finally:
+            for ix in index:
+                ray.kill(ix)
     return write_kept(path, out_records, cfg, d, canon, shards, say)

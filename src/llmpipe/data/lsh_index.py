@@ -114,8 +114,8 @@ def _fetch(items: Sequence) -> list[np.ndarray]:
 
 class BucketIndex:
     """LSH buckets of the records not in ``skip`` (exact copies, records without text): the
-    (band key, record) ``entries`` -- several arrays of pairs, records ascending in each, e.g.
-    one per band or a Ray engine partition per signing batch -- sorted by key.
+    (band key, record) ``entries`` -- a list of array pairs, records ascending in each, e.g. one
+    per band or a Ray engine partition per signing batch, consumed -- sorted by key.
 
     :meth:`pairs` returns a block's confirmed pairs (a, b): b in the block, a < b an earlier
     record in one of b's buckets that is not removed (still kept, or undecided in the block), the
@@ -125,16 +125,20 @@ class BucketIndex:
     object-store refs to them)."""
 
     def __init__(self, skip: np.ndarray, sig8: Sequence, sig: Sequence, batch: int, bands: int, rows: int,
-                 threshold: float, *entries: tuple[np.ndarray, np.ndarray]):
+                 threshold: float, entries: list[tuple[np.ndarray, np.ndarray]]):
         skip = np.asarray(skip, dtype=bool)
         keys, recs = [], []
-        for key, rec in entries:
+        entries.reverse()
+        while entries:  # consumed: each array is released once filtered
+            key, rec = entries.pop()
             live = ~skip[rec]
             keys.append(np.asarray(key)[live])
             recs.append(np.asarray(rec)[live])
+            del key, rec, live
         key = np.concatenate(keys) if keys else np.empty(0, np.int64)
+        del keys
         rec = np.concatenate(recs) if recs else np.empty(0, np.int32)
-        del keys, recs
+        del recs
         order = np.argsort(key, kind="stable")  # records ascending within a bucket
         self.key, self.rec = key[order], rec[order]
         del key, rec, order
