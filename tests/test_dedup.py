@@ -541,14 +541,14 @@ def _near_inputs(records, cfg):
 @pytest.mark.parametrize("parts, block", [(1, 1000), (3, 29)])
 def test_partitioned_bucket_indexes_give_the_local_decisions(monkeypatch, parts, block):
     # the Ray engine's near pass without Ray: P bucket indexes (hash partitions of the band
-    # keys, signatures in per-batch arrays), blocks of records in input order, 7-candidate pair
+    # keys, signing batches of 16), blocks of records in input order, 7-candidate pair
     # blocks (some with no pair), against the local engine's one index over whole arrays
     records = _chain_corpus(n_base=10, n_variants=150)
     cfg = dedup_cfg()
     sig, keys, skip, bands, rows = _near_inputs(records, cfg)
     n = len(records)
     every = np.arange(n, dtype=np.int32)
-    one = lsh_index.BucketIndex(skip, [sig.astype(np.uint8)], [sig], n, bands, rows, cfg.threshold,
+    one = lsh_index.BucketIndex(skip, sig.astype(np.uint8), sig, bands, rows, cfg.threshold,
                                 [(keys[:, k], every) for k in range(bands)])
     expected, _ = lsh_index.near_pass(lambda lo, hi, removed: [one.pairs(lo, hi, removed)], n, cfg.num_perm)
 
@@ -556,8 +556,7 @@ def test_partitioned_bucket_indexes_give_the_local_decisions(monkeypatch, parts,
     batch = 16
     starts = range(0, n, batch)
     partitioned = [lsh_index.bucket_partitions(s, keys[s:s + batch], parts) for s in starts]
-    index = [lsh_index.BucketIndex(skip, [sig[s:s + batch].astype(np.uint8) for s in starts],
-                                   [sig[s:s + batch] for s in starts], batch, bands, rows, cfg.threshold,
+    index = [lsh_index.BucketIndex(skip, sig.astype(np.uint8), sig, bands, rows, cfg.threshold,
                                    [pp[p] for pp in partitioned]) for p in range(parts)]
     near_of, confirmed = lsh_index.near_pass(lambda lo, hi, removed: [ix.pairs(lo, hi, removed) for ix in index],
                                              n, cfg.num_perm, block=block)
@@ -580,7 +579,7 @@ def test_low_byte_prefilter_never_confirms_a_pair_the_full_signatures_reject():
     sig = np.stack([base, fake, near])
     keys = dedup_module.band_keys(sig, bands, rows)
     recs = np.arange(3, dtype=np.int32)
-    index = lsh_index.BucketIndex(np.zeros(3, bool), [sig.astype(np.uint8)], [sig], 3, bands, rows, 0.8,
+    index = lsh_index.BucketIndex(np.zeros(3, bool), sig.astype(np.uint8), sig, bands, rows, 0.8,
                                   [(keys[:, k], recs) for k in range(bands)])
     assert (sig[1].astype(np.uint8) == sig[0].astype(np.uint8)).all()
     a, b, equal = index.pairs(0, 3, np.empty(0, np.int64))

@@ -87,10 +87,10 @@ class PartitionIndex:
         key, rec = entries
         self.entries.append((key.copy(), rec.copy()))  # out of the object store: it frees the batch
 
-    def build(self, skip: np.ndarray, sig8: list, sig: list, batch: int, bands: int, rows: int,
+    def build(self, skip: np.ndarray, sig8: np.ndarray, sig: np.ndarray, bands: int, rows: int,
               threshold: float) -> int:
         entries, self.entries = self.entries, []
-        self.index = BucketIndex(skip, sig8, sig, batch, bands, rows, threshold, entries)
+        self.index = BucketIndex(skip, sig8, sig, bands, rows, threshold, entries)
         return len(self.index.key)
 
     def pairs(self, lo: int, hi: int, removed: np.ndarray) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
@@ -154,8 +154,9 @@ def dedup_file_ray(
             # object store's high-water mark stays near their size (signatures kept per batch
             # among the short-lived batch arguments took 2.5x their size in /dev/shm)
             sig8_ref = ray.put(np.asarray(cols.get("sig8")))
-            sig_ref = ray.put(np.asarray(cols.get("sig")))
-            entries = ray.get([ix.build.remote(skip_ref, [sig8_ref], [sig_ref], max(1, n), bands, rows,
+            sig_ref = ray.put(np.asarray(cols.get("sig")))  # held here until the near pass ends: the
+            # actors read them zero-copy
+            entries = ray.get([ix.build.remote(skip_ref, sig8_ref, sig_ref, bands, rows,
                                                float(cfg.threshold)) for ix in index])
             say(f"near pass: {sum(entries)} shared-bucket entries in {parts} partitions")
             near_of, confirmed = near_pass(

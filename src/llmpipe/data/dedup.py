@@ -490,7 +490,7 @@ def decide(signer: _Signer, say: Progress) -> Decisions:
     def near(skip: np.ndarray) -> dict[int, tuple[int, float]]:
         n = signer.n
         every = np.arange(n, dtype=np.int32 if n < 2**31 else np.int64)
-        index = BucketIndex(skip, [cols.get("sig8")], [cols.get("sig")], n, signer.bands, signer.rows,
+        index = BucketIndex(skip, cols.get("sig8"), cols.get("sig"), signer.bands, signer.rows,
                             signer.cfg.threshold, [(cols.get(f"band{k}"), every) for k in range(signer.bands)])
         near_of, confirmed = near_pass(lambda lo, hi, removed: [index.pairs(lo, hi, removed)], n,
                                        signer.cfg.num_perm, say=say)

@@ -28,7 +28,7 @@ they lie (a memory map locally, the object store on Ray).
 
 from __future__ import annotations
 
-from typing import Callable, Iterator, Sequence
+from typing import Callable, Iterator
 
 import numpy as np
 
@@ -77,41 +77,6 @@ def bucket_partitions(first: int, keys: np.ndarray, parts: int) -> list[tuple[np
     return [(flat[order[s:e]], ids[order[s:e]]) for s, e in zip(bounds[:-1], bounds[1:])]
 
 
-class Rows:
-    """Rows of a per-record array held as consecutive batches of ``batch`` rows (the Ray engine's
-    per-task arrays, zero-copy from the object store) or as one array (``batch`` >= its rows)."""
-
-    def __init__(self, batches: Sequence[np.ndarray], batch: int):
-        self.batches = [np.asarray(b) for b in batches]  # a plain view of a memmap: faster indexing
-        self.batch = batch
-
-    def take(self, ids: np.ndarray) -> np.ndarray:
-        if len(self.batches) == 1:
-            return self.batches[0][ids]
-        first = self.batches[0]
-        out = np.empty((len(ids), *first.shape[1:]), dtype=first.dtype)
-        if not len(ids):
-            return out
-        which = ids // self.batch
-        order = np.argsort(which, kind="stable")
-        w = which[order]
-        bounds = np.flatnonzero(np.r_[True, w[1:] != w[:-1], True])
-        for s, e in zip(bounds[:-1], bounds[1:]):
-            sel = order[s:e]
-            j = int(w[s])
-            out[sel] = self.batches[j][ids[sel] - j * self.batch]
-        return out
-
-
-def _fetch(items: Sequence) -> list[np.ndarray]:
-    """Arrays from the object store (a list of refs), or the arrays themselves (no Ray)."""
-    if items and not isinstance(items[0], np.ndarray):
-        import ray
-
-        return ray.get(list(items))
-    return list(items)
-
-
 class BucketIndex:
     """LSH buckets of the records not in ``skip`` (exact copies, records without text): the
     (band key, record) ``entries`` -- a list of array pairs, records ascending in each, e.g. one
@@ -121,10 +86,10 @@ class BucketIndex:
     record in one of b's buckets that is not removed (still kept, or undecided in the block), the
     signatures agreeing on a whole band (so a 64-bit key collision never adds a pair) with an
     estimated Jaccard >= ``threshold``; each pair once, with its count of equal signature values.
-    ``sig8``/``sig`` hold the low bytes and the full signatures (batches of ``batch`` rows, or
-    object-store refs to them)."""
+    ``sig8``/``sig`` hold the low bytes and the full signatures, one row per record (memory maps
+    locally, zero-copy object-store arrays on Ray)."""
 
-    def __init__(self, skip: np.ndarray, sig8: Sequence, sig: Sequence, batch: int, bands: int, rows: int,
+    def __init__(self, skip: np.ndarray, sig8: np.ndarray, sig: np.ndarray, bands: int, rows: int,
                  threshold: float, entries: list[tuple[np.ndarray, np.ndarray]]):
         skip = np.asarray(skip, dtype=bool)
         keys, recs = [], []
@@ -143,7 +108,7 @@ class BucketIndex:
         self.key, self.rec = key[order], rec[order]
         del key, rec, order
         self.removed = np.zeros(len(skip), dtype=bool)
-        self.sig8, self.sig = Rows(_fetch(sig8), batch), Rows(_fetch(sig), batch)
+        self.sig8, self.sig = np.asarray(sig8), np.asarray(sig)  # a plain view of a memmap: faster indexing
         self.bands, self.rows, self.threshold = bands, rows, float(threshold)
         self._compact()
 
@@ -187,7 +152,7 @@ class BucketIndex:
                 a, b = self.rec[partner].astype(np.int64), self.rec[block[query]].astype(np.int64)
                 ok = (a < b) & ~self.removed[a]  # a < b: a 64-bit key collision across bands may break the order
                 a, b = a[ok], b[ok]
-                ok, _ = self._agree(self.sig8.take(a) == self.sig8.take(b))
+                ok, _ = self._agree(self.sig8[a] == self.sig8[b])
                 found_a.append(a[ok])
                 found_b.append(b[ok])
         if not found_a:
@@ -199,7 +164,7 @@ class BucketIndex:
         out_a, out_b, out_eq = [a[:0]], [b[:0]], [np.empty(0, np.int32)]
         for s in range(0, len(a), PAIR_BLOCK // 4):  # full signatures: 4 x the bytes
             x, y = a[s:s + PAIR_BLOCK // 4], b[s:s + PAIR_BLOCK // 4]
-            ok, equal = self._agree(self.sig.take(x) == self.sig.take(y))
+            ok, equal = self._agree(self.sig[x] == self.sig[y])
             out_a.append(x[ok])
             out_b.append(y[ok])
             out_eq.append(equal[ok].astype(np.int32))
