@@ -363,7 +363,7 @@ def _chain_corpus(seed: int = 5, n_base: int = 60, n_variants: int = 700) -> lis
     return [_record(t, "{}" if k % 3 else "", k + 1, system=f"s{k}") for k, t in enumerate(texts)]
 
 
-@pytest.mark.parametrize("threshold, num_perm", [(0.8, 128), (0.7, 64), (0.9, 128), (0.5, 32)])
+@pytest.mark.parametrize("threshold, num_perm", [(0.8, 128), (0.7, 64), (0.9, 128), (0.5, 32), (0.75, 100)])
 @pytest.mark.parametrize("blocks", ["default", "small"])
 def test_same_decisions_as_datasketch_lsh(threshold, num_perm, blocks, monkeypatch):
     if blocks == "small":  # many record blocks (index lookups across blocks) and pair blocks
@@ -585,3 +585,68 @@ def test_low_byte_prefilter_never_confirms_a_pair_the_full_signatures_reject():
     a, b, equal = index.pairs(0, 3, np.empty(0, np.int64))
     assert list(zip(a.tolist(), b.tolist())) == [(0, 2)]
     assert equal.tolist() == [num_perm - int(0.1 * num_perm)]
+
+
+def _pair_at(base: np.ndarray, equal: int, flip: int, rows: int, seed: int) -> np.ndarray:
+    """A copy of ``base`` equal to it on ``equal`` values (band 0 among them), the others
+    changed by XOR with ``flip``."""
+    other = base.copy()
+    rng = np.random.default_rng(seed)
+    changed = rng.choice(np.arange(rows, len(base)), size=len(base) - equal, replace=False)
+    other[changed] ^= np.uint32(flip)
+    return other
+
+
+@pytest.mark.parametrize("num_perm", [128, 100])
+@pytest.mark.parametrize("flip", [1, 1 << 4, 1 << 12], ids=["low-2-bits", "low-byte", "above-low-byte"])
+def test_every_filter_passes_the_threshold_and_rejects_below(num_perm, flip):
+    # pairs with exactly the fewest equal values that reach the threshold, and one fewer, their
+    # other values differing in the low 2 bits (the 2-bit codes see it), above them in the low
+    # byte (only the low bytes see it) or above the low byte (only the full signatures see it):
+    # each filter is an upper bound, so the decision is the full signatures' in every case
+    threshold = 0.8
+    need = next(k for k in range(num_perm + 1) if k / num_perm >= threshold)
+    bands, rows = lsh_params(threshold, num_perm)
+    base = np.random.default_rng(7).integers(0, 2**32, num_perm, dtype=np.uint64).astype(np.uint32)
+    sig = np.stack([base, _pair_at(base, need, flip, rows, 1), _pair_at(base, need - 1, flip, rows, 2)])
+    keys = dedup_module.band_keys(sig, bands, rows)
+    recs = np.arange(3, dtype=np.int32)
+    index = lsh_index.BucketIndex(np.zeros(3, bool), sig.astype(np.uint8), sig, bands, rows, threshold,
+                                  [(keys[:, k], recs) for k in range(bands)])
+    a, b, equal = index.pairs(0, 3, np.empty(0, np.int64))
+    pairs = dict(zip(zip(a.tolist(), b.tolist()), equal.tolist()))
+    assert pairs.get((0, 1)) == need
+    assert (0, 2) not in pairs
+
+
+@pytest.mark.parametrize("num_perm", [128, 100, 7])
+def test_low_bit_codes_bound_the_equal_values(num_perm):
+    rng = np.random.default_rng(num_perm)
+    sig = rng.integers(0, 2**32, (200, num_perm), dtype=np.uint64).astype(np.uint32)
+    sig[100:] = sig[:100]
+    sig[100:, ::3] ^= rng.integers(1, 2**32, (100, len(range(0, num_perm, 3))), dtype=np.uint64).astype(np.uint32)
+    codes = lsh_index.low_bit_codes(sig.astype(np.uint8))
+    assert codes.shape == (200, -(-num_perm // 32)) and codes.dtype == np.uint64
+    x = codes[:100] ^ codes[100:]
+    differ = np.bitwise_count((x | (x >> np.uint64(1))) & np.uint64(0x5555555555555555)).sum(axis=1)
+    assert (differ == ((sig[:100] & 3) != (sig[100:] & 3)).sum(axis=1)).all()  # padding never differs
+    assert (differ <= (sig[:100] != sig[100:]).sum(axis=1)).all()
+
+
+@pytest.mark.parametrize("dtype", [np.int64, np.int32, np.uint64])
+def test_stable_argsort_is_numpys(dtype):
+    rng = np.random.default_rng(11)
+    info = np.iinfo(dtype)
+    x = rng.integers(info.min, info.max, 50_000, dtype=dtype, endpoint=True)
+    x[:20_000] = x[20_000:40_000]  # ties: positions must stay in order
+    if dtype == np.int64:  # values sharing their top 32 bits, interleaved with others
+        x[::7] = (x[::7] >> 32 << 32) | rng.integers(0, 4, len(x[::7]))
+        x[1::7] = x[::7][: len(x[1::7])] ^ 1
+    for v in (x, x[:0], x[:1], np.sort(x)[::-1].copy()):
+        assert (lsh_index.stable_argsort(v) == np.argsort(v, kind="stable")).all()
+
+
+def test_unique_ints_is_numpys():
+    x = np.random.default_rng(2).integers(-50, 50, 10_000)
+    assert (lsh_index.unique_ints(x) == np.unique(x)).all()
+    assert len(lsh_index.unique_ints(x[:0])) == 0
