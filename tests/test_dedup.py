@@ -650,3 +650,19 @@ def test_unique_ints_is_numpys():
     x = np.random.default_rng(2).integers(-50, 50, 10_000)
     assert (lsh_index.unique_ints(x) == np.unique(x)).all()
     assert len(lsh_index.unique_ints(x[:0])) == 0
+
+
+def test_range_pairs_blocks_are_bounded_and_in_query_order():
+    # every (partner, query) pair once, in query order, blocks never over the bound (a query's
+    # range split across blocks where it must be)
+    rng = np.random.default_rng(1)
+    for _ in range(300):
+        n = int(rng.integers(0, 30))
+        lo, count = rng.integers(0, 100, n), rng.integers(0, 12, n) * (rng.random(n) < 0.7)
+        block = int(rng.integers(1, 20))
+        want = [(int(lo[q]) + j, q) for q in range(n) for j in range(int(count[q]))]
+        got = []
+        for partner, query in lsh_index.range_pairs(lo, count, block):
+            assert 0 < len(partner) <= block and len(partner) == len(query)
+            got += zip(partner.tolist(), query.tolist())
+        assert got == want

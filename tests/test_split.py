@@ -14,6 +14,7 @@ import pytest
 
 from llmpipe.config import ParamsError, parse_params, read_yaml
 from llmpipe.config.data import SplitSection
+from llmpipe.data import split as split_module
 from llmpipe.data.split import (
     MISSING_STRATUM,
     SPLITS,
@@ -339,7 +340,11 @@ def _datasketch_contamination(res, cfg: SplitSection) -> list[tuple]:
 
 
 @pytest.mark.parametrize("threshold", [0.5, 0.8])
-def test_contamination_equals_datasketch_lsh(threshold):
+@pytest.mark.parametrize("blocks", ["default", "small"])
+def test_contamination_equals_datasketch_lsh(threshold, blocks, monkeypatch):
+    if blocks == "small":  # query blocks of 5 records, pair blocks of 7 (one query's partners span several)
+        monkeypatch.setattr(split_module, "_QUERY_BLOCK", 5)
+        monkeypatch.setattr(split_module, "_PAIR_BLOCK", 7)
     cfg = split_cfg(contamination_threshold=threshold)
     res = split_records(_families(), cfg)
     got = [(p["split"], p["id"], p["source"], p["train_id"], p["train_source"], p["jaccard"]) for p in res.contamination]

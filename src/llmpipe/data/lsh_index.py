@@ -47,29 +47,31 @@ COMPACT_SHARE = 4  # drop removed records' entries when they are 1/4 of an index
 
 Progress = Callable[[str], None]
 
-__all__ = ["BLOCK_RECORDS", "BucketIndex", "bucket_partitions", "greedy", "low_bit_codes", "near_pass",
-           "range_pairs", "stable_argsort", "unique_ints"]
+__all__ = ["BLOCK_RECORDS", "BucketIndex", "bucket_partitions", "count_true", "greedy", "low_bit_codes",
+           "may_reach", "near_pass", "range_pairs", "stable_argsort", "unique_ints"]
 
 
 def range_pairs(lo: np.ndarray, count: np.ndarray, block: int | None = None
                 ) -> Iterator[tuple[np.ndarray, np.ndarray]]:
     """For queries q with partner ranges ``[lo[q], lo[q] + count[q])``: (partner, query) index
-    arrays in blocks of about ``block`` (default :data:`PAIR_BLOCK`) pairs (a single query's
-    range is never split)."""
+    arrays in blocks of at most ``block`` (default :data:`PAIR_BLOCK`) pairs, in query order (a
+    query's range may span two or more blocks)."""
     block = block or PAIR_BLOCK
     q = np.flatnonzero(count)
     if not len(q):
         return
-    c = count[q]
-    cum = np.cumsum(c)
-    cuts = np.searchsorted(cum, np.arange(block, int(cum[-1]), block), side="right")
-    for part in np.split(np.arange(len(q)), unique_ints(cuts)):
-        if not len(part):
-            continue
-        cc = c[part]
-        queries = np.repeat(q[part], cc)
-        partners = np.repeat(lo[q[part]], cc) + np.arange(int(cc.sum())) - np.repeat(np.cumsum(cc) - cc, cc)
-        yield partners, queries
+    c = np.asarray(count)[q].astype(np.int64)
+    end = np.cumsum(c)
+    begin = end - c
+    total = int(end[-1])
+    for s in range(0, total, block):
+        e = min(total, s + block)
+        qa, qb = np.searchsorted(end, [s, e - 1], side="right")
+        first = np.maximum(begin[qa:qb + 1], s)  # this block's share of each query's range
+        cc = np.minimum(end[qa:qb + 1], e) - first
+        queries = np.repeat(q[qa:qb + 1], cc)
+        offset = np.asarray(lo)[q[qa:qb + 1]] + (first - begin[qa:qb + 1]) - (np.cumsum(cc) - cc)
+        yield np.repeat(offset, cc) + np.arange(e - s), queries
 
 
 def bucket_partitions(first: int, keys: np.ndarray, parts: int) -> list[tuple[np.ndarray, np.ndarray]]:
@@ -163,7 +165,8 @@ class BucketIndex:
                 a, b = self.rec[partner].astype(np.int64), self.rec[block[query]].astype(np.int64)
                 ok = (a < b) & ~self.removed[a]  # a < b: a 64-bit key collision across bands may break the order
                 a, b = a[ok], b[ok]
-                ok = self._may_reach(np.take(self.sig2, a, axis=0) ^ np.take(self.sig2, b, axis=0))
+                xor = np.take(self.sig2, a, axis=0) ^ np.take(self.sig2, b, axis=0)
+                ok = may_reach(xor, self.sig8.shape[1], self.threshold)
                 found_a.append(a[ok])
                 found_b.append(b[ok])
         if not found_a:
@@ -187,23 +190,12 @@ class BucketIndex:
             out_eq.append(equal[ok].astype(np.int32))
         return np.concatenate(out_a), np.concatenate(out_b), np.concatenate(out_eq)
 
-    def _may_reach(self, xor: np.ndarray) -> np.ndarray:
-        """Whether pairs may reach the threshold, from the XOR of their 2-bit codes (rows of
-        :func:`low_bit_codes`): their count of equal codes, an upper bound on their count of
-        equal values, does (the same test as :meth:`_agree`'s)."""
-        differ = np.bitwise_count((xor | (xor >> np.uint64(1))) & _LOW_OF_PAIRS)
-        mismatches = differ[:, 0].astype(np.int64)
-        for w in range(1, differ.shape[1]):  # a few words: columns beat numpy's axis-1 reduction
-            mismatches += differ[:, w]
-        num_perm = self.sig8.shape[1]
-        return (num_perm - mismatches) / num_perm >= self.threshold
-
     def _agree(self, eq: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
         """(ok, equal) for the pairs (rows of the equality matrix ``eq``): ``equal`` their counts of
         equal values, ``ok`` whether the estimated Jaccard reaches the threshold and they agree on
         a whole band. The count comes first: few pairs pass it, and numpy's reduction over a
         band's 6 values costs ~15x the count (measured)."""
-        equal = _count_true(eq)
+        equal = count_true(eq)
         ok = equal / eq.shape[1] >= self.threshold  # as estimated_jaccard() >= threshold
         passed = np.flatnonzero(ok)
         if len(passed):
@@ -219,14 +211,14 @@ _LOW_OF_PAIRS = np.uint64(0x5555555555555555)  # the low bit of every 2-bit code
 
 
 def low_bit_codes(sig8: np.ndarray) -> np.ndarray:
-    """The low 2 bits of every signature value (``sig8``: ``uint8[n, num_perm]``, the low
-    bytes), packed 4 to a byte: ``uint64[n, ceil(num_perm / 32)]``, zero-padded (padding never
+    """The low 2 bits of every signature value (``sig8``: ``[n, num_perm]``, the signatures or
+    their low bytes; a memory map is read 65,536 rows at a time), packed 4 to a byte: ``uint64[n, ceil(num_perm / 32)]``, zero-padded (padding never
     differs). Equal values have equal codes."""
     n, num_perm = sig8.shape
     words = -(-num_perm // 32)
     out = np.zeros((n, words * 8), np.uint8)
     for s in range(0, n, 1 << 16):
-        v = np.asarray(sig8[s:s + (1 << 16)]) & np.uint8(3)
+        v = (np.asarray(sig8[s:s + (1 << 16)]) & 3).astype(np.uint8)
         if num_perm % 32:
             v = np.pad(v, ((0, 0), (0, words * 32 - num_perm)))
         out[s:s + len(v)] = v[:, 0::4] | (v[:, 1::4] << 2) | (v[:, 2::4] << 4) | (v[:, 3::4] << 6)
@@ -265,6 +257,17 @@ def stable_argsort(x: np.ndarray) -> np.ndarray:
     return order
 
 
+def may_reach(xor: np.ndarray, num_perm: int, threshold: float) -> np.ndarray:
+    """Whether pairs may reach ``threshold`` as estimated Jaccard, from the XOR of their 2-bit
+    codes (rows of :func:`low_bit_codes`): their count of equal codes, an upper bound on their
+    count of equal values, does (the same test as the full signatures')."""
+    differ = np.bitwise_count((xor | (xor >> np.uint64(1))) & _LOW_OF_PAIRS)
+    mismatches = differ[:, 0].astype(np.int64) if differ.shape[1] else np.zeros(len(differ), np.int64)
+    for w in range(1, differ.shape[1]):  # a few words: columns beat numpy's axis-1 reduction
+        mismatches += differ[:, w]
+    return (num_perm - mismatches) / num_perm >= threshold
+
+
 def unique_ints(x: np.ndarray) -> np.ndarray:
     """``np.unique(x)`` for a 1-d integer array, by sort: numpy 2.4's ``np.unique`` hashes
     instead and took 12.5 s on 12M int64 where this takes 0.34 s (measured here)."""
@@ -272,7 +275,7 @@ def unique_ints(x: np.ndarray) -> np.ndarray:
     return x[np.r_[True, x[1:] != x[:-1]]] if len(x) else x
 
 
-def _count_true(eq: np.ndarray) -> np.ndarray:
+def count_true(eq: np.ndarray) -> np.ndarray:
     """``np.count_nonzero(eq, axis=1)`` for a C-contiguous boolean matrix, ~2x faster by
     counting the bits of 8 booleans at a time when the rows allow it."""
     if eq.shape[1] % 8 == 0 and eq.flags.c_contiguous and hasattr(np, "bitwise_count"):

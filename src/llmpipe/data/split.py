@@ -73,6 +73,7 @@ from llmpipe.data.dedup import (
     near_text,
     selected_contents,
 )
+from llmpipe.data.lsh_index import count_true, low_bit_codes, may_reach, range_pairs, stable_argsort
 from llmpipe.io import atomic_path, jsonl_line, write_jsonl
 
 SPLITS = ("train", "val", "test")
@@ -435,16 +436,7 @@ def assign_positions(scan: _Scan, source: Any) -> tuple[dict[str, np.ndarray], d
 # --------------------------------------------------------------------------- contamination
 
 _QUERY_BLOCK = 1 << 14  # query records per block
-_PAIR_BLOCK = 1 << 15  # candidate pairs confirmed at once: 2 x 32768 x num_perm x 4 B = 32 MiB at 128
-
-
-def _expand(lo: np.ndarray, count: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
-    """(partner, query) index arrays for queries q with partners ``[lo[q], lo[q] + count[q])``."""
-    q = np.flatnonzero(count)
-    c = count[q]
-    queries = np.repeat(q, c)
-    partners = np.repeat(lo[q], c) + np.arange(int(c.sum())) - np.repeat(np.cumsum(c) - c, c)
-    return partners, queries
+_PAIR_BLOCK = 1 << 15  # candidate pairs checked at once: 2 x 32768 x num_perm x 4 B = 32 MiB at 128
 
 
 def contamination_positions(order: Mapping[str, np.ndarray], sig: np.ndarray, band_key: np.ndarray,
@@ -454,12 +446,15 @@ def contamination_positions(order: Mapping[str, np.ndarray], sig: np.ndarray, ba
     input position (memory maps welcome).
 
     One band at a time: the train records' keys of the band, sorted (12 bytes per train record),
-    are searched for the val/test records' keys in blocks of ``_QUERY_BLOCK``; each candidate pair
-    is confirmed on the whole band's values (so a 64-bit key collision never adds one) and on the
-    Jaccard estimate, in blocks of ``_PAIR_BLOCK`` pairs. A pair is kept at the first band its
-    two signatures agree on, so each confirmed pair is held once."""
+    are searched for the val/test records' keys in blocks of ``_QUERY_BLOCK``; the candidate pairs,
+    in blocks of at most ``_PAIR_BLOCK``, meet the near pass's filters (``lsh_index``): the 2-bit
+    codes of the values (an upper bound on the equal values, 32 bytes a record at 128
+    permutations), then the full signatures, the Jaccard estimate before the bands. A pair is kept
+    at the first band its two signatures agree on in whole (so a 64-bit key collision never adds
+    one), so each confirmed pair is held once."""
     num_perm = cfg.contamination_num_perm
-    bands, rows = lsh_params(cfg.contamination_threshold, num_perm)
+    threshold = cfg.contamination_threshold
+    bands, rows = lsh_params(threshold, num_perm)
     empty = np.asarray(empty)
     train = order["train"]
     t_rank = np.flatnonzero(~empty[train]).astype(np.int32 if len(train) < 2**31 else np.int64)
@@ -468,22 +463,26 @@ def contamination_positions(order: Mapping[str, np.ndarray], sig: np.ndarray, ba
     q_pos = np.concatenate(queries)  # val, then test: file order, records with text
     q_split = np.repeat(np.arange(1, len(SPLITS), dtype=np.int8), [len(q) for q in queries])
     hits_q, hits_t, hits_eq = [], [], []
-    for k in range(bands if len(t_pos) and len(q_pos) else 0):
+    search = bands if len(t_pos) and len(q_pos) else 0
+    codes = low_bit_codes(sig) if search else None
+    for k in range(search):
         keys = np.asarray(band_key[t_pos, k])
-        o = np.argsort(keys, kind="stable")
+        o = stable_argsort(keys)
         keys, ranks = keys[o], t_rank[o]
         for q0 in range(0, len(q_pos), _QUERY_BLOCK):
             block = q_pos[q0:q0 + _QUERY_BLOCK]
             qkeys = np.asarray(band_key[block, k])
             lo = np.searchsorted(keys, qkeys, side="left")
-            partner, q = _expand(lo, np.searchsorted(keys, qkeys, side="right") - lo)
-            for p0 in range(0, len(q), _PAIR_BLOCK):
-                pq, pt = q[p0:p0 + _PAIR_BLOCK], ranks[partner[p0:p0 + _PAIR_BLOCK]]
+            for partner, pq in range_pairs(lo, np.searchsorted(keys, qkeys, side="right") - lo, _PAIR_BLOCK):
+                pt = ranks[partner]
+                ok = may_reach(np.take(codes, block[pq], axis=0) ^ np.take(codes, train[pt], axis=0), num_perm, threshold)
+                pq, pt = pq[ok], pt[ok]
                 eq = np.asarray(sig[block[pq]]) == np.asarray(sig[train[pt]])
-                band_eq = eq[:, :(k + 1) * rows].reshape(len(pq), k + 1, rows).all(axis=2)
-                ok = band_eq[:, k] & ~band_eq[:, :k].any(axis=1)  # band k is the first whole equal band
-                equal = np.count_nonzero(eq, axis=1)
-                ok &= equal / num_perm >= cfg.contamination_threshold  # as estimated_jaccard() >= threshold
+                equal = count_true(eq)
+                ok = equal / num_perm >= threshold  # as estimated_jaccard() >= threshold
+                passed = np.flatnonzero(ok)
+                band_eq = eq[passed, :(k + 1) * rows].reshape(len(passed), k + 1, rows).all(axis=2)
+                ok[passed] = band_eq[:, k] & ~band_eq[:, :k].any(axis=1)  # band k is the first whole equal band
                 hits_q.append((pq[ok] + q0).astype(np.int64))
                 hits_t.append(pt[ok].astype(np.int64))
                 hits_eq.append(equal[ok].astype(np.int32))
