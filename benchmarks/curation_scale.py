@@ -150,7 +150,7 @@ def _write_corpus(n: int, path: Path) -> None:
     write_json(path.with_suffix(".json"), {"records": n, "message_kb": round(kb, 1)})
 
 
-def file_digest(records_path: Path, clusters: list, metrics: dict) -> str:
+def file_digest(records_path: Path, clusters, metrics: dict) -> str:
     """:func:`digest` of (kept, clusters, metrics) with ``kept`` read line by line from the
     written records (each line is ``json.dumps(record, sort_keys=True, ensure_ascii=False)``, the
     element spelling of the list's JSON), so the dedup and dedup-file rows compare."""
@@ -161,8 +161,12 @@ def file_digest(records_path: Path, clusters: list, metrics: dict) -> str:
     for k, (_, _, line) in enumerate(iter_record_lines(records_path)):
         h.update((", " if k else "") .encode() + line.rstrip("\n").encode("utf-8", "surrogatepass"))
     h.update(b"]")
-    for part in (clusters, metrics):
-        h.update(json.dumps(part, sort_keys=True, ensure_ascii=False, default=str).encode("utf-8", "surrogatepass"))
+    h.update(b"[")  # the clusters' list spelt as json.dumps spells it, one cluster at a time
+    for k, cluster in enumerate(clusters):
+        h.update((", " if k else "").encode() + json.dumps(cluster, sort_keys=True, ensure_ascii=False, default=str)
+                 .encode("utf-8", "surrogatepass"))
+    h.update(b"]")
+    h.update(json.dumps(metrics, sort_keys=True, ensure_ascii=False, default=str).encode("utf-8", "surrogatepass"))
     return h.hexdigest()
 
 

@@ -18,7 +18,6 @@ from llmpipe.config import ParamsError, parse_params, read_yaml
 from llmpipe.config.data import DedupSection
 from llmpipe.data.dedup import (
     DedupError,
-    assemble,
     dedup_file,
     dedup_records,
     estimated_jaccard,
@@ -336,7 +335,51 @@ def _datasketch_dedup(records, cfg):
                 continue
         lsh.insert(pos, mh, check_duplication=False)
         kept_rep_pos.append(pos)
-    return assemble(records, cfg, rep_index, exact_copies, near_of, kept_rep_pos, empty, lambda _m: None)
+    return _reference_assemble(records, cfg, rep_index, exact_copies, near_of, kept_rep_pos, empty)
+
+
+def _reference_assemble(records, cfg, rep_index, exact_copies, near_of, kept_rep_pos, empty):
+    """The cluster report as it was built before ``dedup_report`` (dicts per removed record,
+    grouped, sorted), kept as the reference for :class:`ClusterReport`."""
+    removed_by_kept = {}
+
+    def remove(index, kept, kind, jaccard, reason):
+        member = {"id": records[index].get("id"), "source": records[index].get("source"), "kind": kind,
+                  "jaccard": jaccard, "reason": reason}
+        removed_by_kept.setdefault(kept, []).append((index, member))
+
+    def rid(index):
+        return records[index].get("id")
+
+    for rep, (kept, jac) in near_of.items():
+        why = f"near duplicate (Jaccard {jac:.3f} >= {cfg.threshold}) of kept record {rid(kept)}"
+        remove(rep, kept, "near", jac, why)
+        for c in exact_copies.get(rep, []):
+            remove(c, kept, "near", jac, f"{why}; exact copy of removed record {rid(rep)}")
+    for rep, copies in exact_copies.items():
+        if rep not in near_of:
+            for c in copies:
+                remove(c, rep, "exact", 1.0, f"exact duplicate (after normalisation) of kept record {rid(rep)}")
+    clusters = []
+    for kept in sorted(removed_by_kept):
+        members = [m for _, m in sorted(removed_by_kept[kept], key=lambda t: t[0])]
+        clusters.append({"kept": {"id": rid(kept), "source": records[kept].get("source")},
+                         "removed": members, "size": 1 + len(members)})
+    kept_records = [records[i] for i in sorted(rep_index[p] for p in kept_rep_pos)]
+    bands, rows = lsh_params(cfg.threshold, cfg.num_perm)
+    metrics = {
+        "records_in": len(records),
+        "records_out": len(kept_records),
+        "exact_duplicates_removed": sum(1 for c in clusters for m in c["removed"] if m["kind"] == "exact"),
+        "near_duplicates_removed": sum(1 for c in clusters for m in c["removed"] if m["kind"] == "near"),
+        "clusters": len(clusters),
+        "records_without_text": empty,
+        "params": {**cfg.model_dump(mode="json"),
+                   "normalization": "nfkc+casefold+collapse_whitespace (punctuation kept)",
+                   "minhash_seed": dedup_module.MINHASH_SEED, "minhash_scheme": dedup_module.MINHASH_SCHEME,
+                   "shingle_hash": "fnv1a32-codepoints", "lsh_bands": bands, "lsh_rows": rows},
+    }
+    return kept_records, clusters, metrics
 
 
 def _chain_corpus(seed: int = 5, n_base: int = 60, n_variants: int = 700) -> list[dict]:

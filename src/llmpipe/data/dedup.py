@@ -63,6 +63,7 @@ import numpy as np
 
 from llmpipe.config.data import DedupSection
 from llmpipe.data import records as canonical
+from llmpipe.data.dedup_report import ClusterReport, SourceSpool
 from llmpipe.data.lsh_index import BucketIndex, near_pass
 from llmpipe.io import jsonl_line, write_jsonl_lines
 
@@ -327,16 +328,6 @@ def make_lsh(threshold: float, num_perm: int) -> MinHashLSH:
 # --------------------------------------------------------------------------- dedup
 
 
-def _member(record: Mapping[str, Any], kind: str, jaccard: float, reason: str) -> dict[str, Any]:
-    return {
-        "id": record.get("id"),
-        "source": record.get("source"),
-        "kind": kind,
-        "jaccard": jaccard,
-        "reason": reason,
-    }
-
-
 _GOLDEN = np.uint64(0x9E3779B97F4A7C15)
 _PRIME = np.uint64(0x100000001B3)
 
@@ -523,7 +514,8 @@ def dedup_records(
     for rec in records:
         signer.add(rec)
     d = decide(signer, say)
-    return assemble(records, cfg, d.rep_index, d.exact_copies, d.near_of, d.kept_rep_pos, d.empty, say)
+    kept, clusters, metrics = assemble(records, len(records), cfg, d, say)
+    return kept, list(clusters), metrics
 
 
 def dedup_file(
@@ -578,7 +570,7 @@ def write_kept(
         needed[copies] = True
     for rec, (kept_rec, _) in d.near_of.items():
         needed[rec] = needed[kept_rec] = True
-    info: dict[int, dict[str, Any]] = {}
+    sources = SourceSpool(np.flatnonzero(needed), os.path.dirname(os.path.abspath(out_records)))
     seen = 0
 
     def kept_lines() -> Iterator[str]:
@@ -590,7 +582,7 @@ def write_kept(
             rec = None
             if needed[i]:
                 rec = canonical.parse_record(file, lineno, line, DedupError, require_id=True)
-                info[i] = {"id": rec.get("id"), "source": rec.get("source")}
+                sources.add(rec)
             if d.kept[i]:
                 if canonical_line[i]:
                     yield line
@@ -601,82 +593,36 @@ def write_kept(
     write_jsonl_lines(out_records, kept_lines(), shards, n_kept)  # reads the generator to its end
     if seen != d.n or len(canonical_line) != d.n:
         raise DedupError(f"{path}: changed while being deduplicated ({seen} records on the second pass, {d.n} on the first)")
-    _, clusters, metrics = assemble(_Info(info, d.n), cfg, d.rep_index, d.exact_copies, d.near_of,
-                                    d.kept_rep_pos, d.empty, say, n_kept=n_kept)
+    _, clusters, metrics = assemble(sources, d.n, cfg, d, say, n_kept=n_kept)
     return clusters, metrics
 
 
-class _Info(Sequence):
-    """``records[i]`` for :func:`assemble` when only the records named in clusters were kept."""
-
-    def __init__(self, info: Mapping[int, Mapping[str, Any]], n: int):
-        self.info, self.n = info, n
-
-    def __len__(self) -> int:
-        return self.n
-
-    def __getitem__(self, i):  # type: ignore[override]
-        return self.info[i]
-
-
 def assemble(
-    records: Sequence[Mapping[str, Any]],
+    records: Sequence[Mapping[str, Any]] | Callable[[int], tuple[Any, Any]],
+    n: int,
     cfg: DedupSection,
-    rep_index: Sequence[int],
-    exact_copies: Mapping[int, list[int]],
-    near_of: Mapping[int, tuple[int, float]],
-    kept_rep_pos: Sequence[int],
-    empty: int,
+    d: Decisions,
     say: Progress,
     n_kept: int | None = None,
-) -> tuple[list[dict[str, Any]], list[dict[str, Any]], dict[str, Any]]:
-    """Kept records, clusters and metrics from the two passes' decisions (shared by the local and
-    the Ray engine): ``rep_index`` the record index of each exact representative (input order),
-    ``exact_copies`` rep -> its later identical records, ``near_of`` removed rep -> (kept record
-    index, Jaccard), ``kept_rep_pos`` positions in ``rep_index`` of the kept reps, ``empty`` reps
-    without text. With ``n_kept`` (records written by :func:`dedup_file`), ``records`` need only
-    hold the records named in clusters and the kept list returned is empty."""
-    n = len(records)
+) -> tuple[list[dict[str, Any]], ClusterReport, dict[str, Any]]:
+    """Kept records, the cluster report and metrics from the decisions ``d`` over ``n`` records
+    (shared by the local and the Ray engine). ``records`` are the records, or (with ``n_kept``,
+    the records :func:`dedup_file` wrote) a lookup of (id, source) by position for the records
+    the report names; then the kept list returned is empty."""
     lsh_bands, lsh_rows = lsh_params(cfg.threshold, cfg.num_perm)
-
-    # 3. Clusters, keyed by the kept record. A removed record is "exact" when its normalised
-    #    content equals the kept record's; copies of a removed near duplicate are "near" too.
-    removed_by_kept: dict[int, list[tuple[int, dict[str, Any]]]] = {}
-
-    def remove(index: int, kept: int, kind: str, jaccard: float, reason: str) -> None:
-        member = _member(records[index], kind, jaccard, reason)
-        removed_by_kept.setdefault(kept, []).append((index, member))
-
-    def rid(index: int) -> Any:
-        return records[index].get("id")
-
-    for rep, (kept, jac) in near_of.items():
-        why = f"near duplicate (Jaccard {jac:.3f} >= {cfg.threshold}) of kept record {rid(kept)}"
-        remove(rep, kept, "near", jac, why)
-        for c in exact_copies.get(rep, []):
-            remove(c, kept, "near", jac, f"{why}; exact copy of removed record {rid(rep)}")
-    for rep, copies in exact_copies.items():
-        if rep not in near_of:
-            for c in copies:
-                why = f"exact duplicate (after normalisation) of kept record {rid(rep)}"
-                remove(c, rep, "exact", 1.0, why)
-    clusters = []
-    for kept in sorted(removed_by_kept):
-        members = [m for _, m in sorted(removed_by_kept[kept], key=lambda t: t[0])]
-        clusters.append({
-            "kept": {"id": rid(kept), "source": records[kept].get("source")},
-            "removed": members,
-            "size": 1 + len(members),
-        })
-
+    if callable(records):
+        lookup = records
+    else:
+        def lookup(i: int) -> tuple[Any, Any]:
+            return records[i].get("id"), records[i].get("source")
+    clusters = ClusterReport(d.near_of, d.exact_copies, cfg.threshold, lookup)
     if n_kept is None:
-        kept_records = [records[i] for i in sorted(rep_index[p] for p in kept_rep_pos)]  # type: ignore[misc]
+        kept_records = [records[i] for i in np.flatnonzero(d.kept).tolist()]  # type: ignore[index]
         n_kept = len(kept_records)
     else:
         kept_records = []
-    exact_removed = sum(1 for c in clusters for m in c["removed"] if m["kind"] == "exact")
-    near_removed = sum(1 for c in clusters for m in c["removed"] if m["kind"] == "near")
-    if n_kept != len(kept_rep_pos) or n_kept + exact_removed + near_removed != n:  # internal invariant
+    exact_removed, near_removed = clusters.exact_removed, clusters.near_removed
+    if n_kept != len(d.kept_rep_pos) or n_kept + exact_removed + near_removed != n:  # internal invariant
         raise AssertionError(
             f"dedup bookkeeping error: {n} in != {n_kept} kept "
             f"+ {exact_removed} exact + {near_removed} near"
@@ -687,7 +633,7 @@ def assemble(
         "exact_duplicates_removed": exact_removed,
         "near_duplicates_removed": near_removed,
         "clusters": len(clusters),
-        "records_without_text": empty,
+        "records_without_text": d.empty,
         "params": {
             **cfg.model_dump(mode="json"),
             "normalization": "nfkc+casefold+collapse_whitespace (punctuation kept)",
@@ -702,7 +648,7 @@ def assemble(
         f"kept {n_kept}/{n}; removed {exact_removed} exact + {near_removed} near "
         f"in {len(clusters)} clusters"
     )
-    return kept_records, clusters, metrics  # type: ignore[return-value]
+    return kept_records, clusters, metrics
 
 
 def read_records(path: str) -> list[dict[str, Any]]:
