@@ -88,7 +88,62 @@ def corpus(n: int) -> list[dict]:
     return out
 
 
-def iter_corpus(n: int):
+def iter_corpus(n: int, kind: str = "pool"):
+    if kind == "families":
+        yield from iter_families_corpus(n)
+        return
+    yield from iter_pool_corpus(n)
+
+
+def iter_families_corpus(n: int):
+    """The ``families`` corpus: like the ``pool`` one (the long chats at k % 50 == 24, an exact
+    copy of the record 37 places back at k % 50 == 49), but every other short record's user
+    turn is new text, 45-75 words drawn from 20,000 made-up words (2-4 syllables), and one in
+    ten (k % 10 == 3) is a near copy of one of the last 40 short records with 1-3 words changed.
+    Its near-duplicate families stay the same size as it grows (a copy's source is recent), so
+    the work per record of an exact near pass should not grow with the corpus."""
+    import random
+    from collections import deque
+
+    from llmpipe.data.records import make_record
+    from llmpipe.demo import support as demo
+
+    bench = _bench_module()
+    long = bench.make_long_records(max(1, int(n * LONG_SHARE)))
+    ds = demo.generate()
+    replies = [e.reply for e in ds.examples if e.kind == "base"]
+    rng = random.Random(13)
+    syllables = ["ka", "lo", "mi", "ter", "an", "sol", "ve", "ri", "pu", "don", "el", "sta", "ni", "gro", "ba",
+                 "fi", "zu", "wen", "or", "li", "ce", "dra", "mo", "tik", "us", "pa", "ren", "go", "hal", "ex"]
+    vocab = sorted({"".join(rng.choice(syllables) for _ in range(rng.randint(2, 4))) for _ in range(40_000)})
+    vocab = rng.sample(vocab, 20_000)
+    recent: deque = deque(maxlen=50)
+    short: deque = deque(maxlen=40)
+    for k in range(n):
+        if k % 50 == 24:
+            rec = long[(k // 50) % len(long)]
+        elif k % 50 == 49:
+            src = recent[-37]
+            rec = make_record(src["messages"], src["metadata"], {"file": "bench", "line": k + 1, "format": "messages"})
+        else:
+            if k % 10 == 3 and short:
+                words, reply = rng.choice(short)
+                words = list(words)
+                for pos in rng.sample(range(len(words)), rng.randint(1, 3)):
+                    words[pos] = rng.choice(vocab)
+            else:
+                words, reply = [rng.choice(vocab) for _ in range(rng.randint(45, 75))], rng.randrange(len(replies))
+            short.append((words, reply))
+            msgs = [{"role": "system", "content": demo.SYSTEM_PROMPT},
+                    {"role": "user", "content": f"[{k}] " + " ".join(words)},
+                    {"role": "assistant", "content": replies[reply]}]
+            rec = make_record(msgs, {"intent": json.loads(replies[reply])["intent"]},
+                              {"file": "bench", "line": k + 1, "format": "messages"})
+        recent.append(rec)
+        yield rec
+
+
+def iter_pool_corpus(n: int):
     """:func:`corpus` one record at a time (the same records: checked by ``--check-corpus``),
     so a 1M-record corpus file is written without a list of 1M records."""
     import random
@@ -124,25 +179,27 @@ def iter_corpus(n: int):
         yield rec
 
 
-def corpus_file(n: int, corpus_dir: Path) -> Path:
-    """The n-record corpus as a pipeline records file (the form pii-scrub writes), made once by a
-    separate process so that no measured process ever held the corpus."""
-    path = corpus_dir / f"corpus-{n}.jsonl"
+def corpus_file(n: int, corpus_dir: Path, kind: str = "pool") -> Path:
+    """The n-record corpus (``kind``: see ``--corpus``) as a pipeline records file (the form
+    pii-scrub writes), made once by a separate process so that no measured process ever held
+    the corpus."""
+    path = corpus_dir / (f"corpus-{n}.jsonl" if kind == "pool" else f"corpus-{kind}-{n}.jsonl")
     if not path.exists():
         corpus_dir.mkdir(parents=True, exist_ok=True)
         print(f"[bench] writing {path}", file=sys.stderr, flush=True)
-        subprocess.run([sys.executable, __file__, "--make-corpus", str(n), str(path)], check=True, cwd=ROOT)
+        subprocess.run([sys.executable, __file__, "--make-corpus", str(n), str(path), "--corpus", kind],
+                       check=True, cwd=ROOT)
     return path
 
 
-def _write_corpus(n: int, path: Path) -> None:
+def _write_corpus(n: int, path: Path, kind: str = "pool") -> None:
     from llmpipe.io import jsonl_line, write_json, write_jsonl_lines
 
     kb = 0.0
 
     def lines():
         nonlocal kb
-        for r in iter_corpus(n):
+        for r in iter_corpus(n, kind):
             kb += sum(len(m["content"].encode("utf-8")) for m in r["messages"]) / 1000
             yield jsonl_line(r)
 
@@ -415,10 +472,10 @@ def run_pii_file(engine: str, corpus: Path, params, tmp: Path) -> tuple[str, dic
                                                         "workers": params.pii.workers}
 
 
-def run_one_file(engine: str, stage: str, n: int, params, corpus_dir: Path) -> dict:
+def run_one_file(engine: str, stage: str, n: int, params, corpus_dir: Path, kind: str = "pool") -> dict:
     """One dedup-file or pii-file measurement in this process (the corpus file exists already)."""
     global BASELINE
-    path = corpus_file(n, corpus_dir)
+    path = corpus_file(n, corpus_dir, kind)
     import llmpipe.data.dedup, llmpipe.data.pii  # noqa: E401,F401  imports are not the stage's work
     if engine == "local-datasketch":
         BASELINE = baseline_dedup_module()
@@ -438,12 +495,12 @@ def run_one_file(engine: str, stage: str, n: int, params, corpus_dir: Path) -> d
             **rates(m, n)}
 
 
-def run_one(engine: str, stage: str, n: int, corpus_dir: Path = CORPUS_DIR) -> dict:
+def run_one(engine: str, stage: str, n: int, corpus_dir: Path = CORPUS_DIR, kind: str = "pool") -> dict:
     from llmpipe.config import load_params
 
     params = load_params(ROOT / "params.yaml")
     if stage in ("dedup-file", "pii-file"):
-        return run_one_file(engine, stage, n, params, corpus_dir)
+        return run_one_file(engine, stage, n, params, corpus_dir, kind)
     records = corpus(n)
     # imports are not the stage's work: load every module either engine uses before timing
     import llmpipe.data.dedup, llmpipe.data.pii, llmpipe.data.split, llmpipe.data.validate  # noqa: E401,F401
@@ -470,24 +527,34 @@ def main() -> int:
     ap.add_argument("--make-corpus", nargs=2, metavar=("N", "PATH"), help=argparse.SUPPRESS)
     ap.add_argument("--check-corpus", type=int, metavar="N", help="check iter_corpus(N) == corpus(N) and exit")
     ap.add_argument("--corpus-dir", default=str(CORPUS_DIR), help="where dedup-file corpus files are cached")
+    ap.add_argument("--corpus", default="pool", choices=("pool", "families"),
+                    help="pool: short records pair 2,000 demo texts, so families of similar records grow with the "
+                         "corpus; families: new text per record and near copies of recent ones, families of a "
+                         "fixed size (file stages only)")
     ap.add_argument("--out", default=str(RESULTS), help="results JSON; rows are merged by (engine, stage, records)")
     args = ap.parse_args()
 
     if args.make_corpus:
-        _write_corpus(int(args.make_corpus[0]), Path(args.make_corpus[1]))
+        _write_corpus(int(args.make_corpus[0]), Path(args.make_corpus[1]), args.corpus)
         return 0
     if args.check_corpus:
         same = list(iter_corpus(args.check_corpus)) == corpus(args.check_corpus)
         print(f"iter_corpus({args.check_corpus}) == corpus({args.check_corpus}): {same}")
         return 0 if same else 1
     if args.one:
-        print(json.dumps(run_one(args.one[0], args.one[1], int(args.one[2]), Path(args.corpus_dir))))
+        print(json.dumps(run_one(args.one[0], args.one[1], int(args.one[2]), Path(args.corpus_dir), args.corpus)))
         return 0
 
+    if args.corpus != "pool" and set(args.stages) - {"dedup-file", "pii-file"}:
+        ap.error("--corpus families is for the file stages (dedup-file, pii-file)")
     out = Path(args.out)
     result = json.loads(out.read_text()) if out.exists() else {"benchmark": "curation_scale", "results": []}
     result["machine"] = {"cpus": os.cpu_count(), "python": platform.python_version(), "platform": platform.platform()}
-    result["corpus"] = {"short_record_chars": 400, "long_share": LONG_SHARE, "exact_copy_share": EXACT_SHARE}
+    result["corpus"] = {"kind": args.corpus, "short_record_chars": 400, "long_share": LONG_SHARE,
+                        "exact_copy_share": EXACT_SHARE}
+    if result.get("corpus_kind", args.corpus) != args.corpus:
+        ap.error(f"{out} holds rows of the {result['corpus_kind']} corpus: give another --out")
+    result["corpus_kind"] = args.corpus
     for n in args.sizes:
         for stage in args.stages:
             for engine in args.engines:
@@ -495,9 +562,10 @@ def main() -> int:
                 for r in range(args.repeats):
                     print(f"[bench] {engine} {stage} x {n}, run {r + 1}/{args.repeats}", file=sys.stderr, flush=True)
                     if stage in ("dedup-file", "pii-file"):
-                        corpus_file(n, Path(args.corpus_dir))  # made outside the measured process
+                        corpus_file(n, Path(args.corpus_dir), args.corpus)  # made outside the measured process
                     proc = subprocess.run([sys.executable, __file__, "--one", engine, stage, str(n),
-                                           "--corpus-dir", args.corpus_dir], capture_output=True, text=True, cwd=ROOT)
+                                           "--corpus-dir", args.corpus_dir, "--corpus", args.corpus],
+                                          capture_output=True, text=True, cwd=ROOT)
                     if proc.returncode != 0:
                         print(proc.stderr[-3000:], file=sys.stderr)
                         return 1
