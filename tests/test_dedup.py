@@ -599,8 +599,9 @@ def test_partitioned_bucket_indexes_give_the_local_decisions(monkeypatch, parts,
     batch = 16
     starts = range(0, n, batch)
     partitioned = [lsh_index.bucket_partitions(s, keys[s:s + batch], parts) for s in starts]
+    sig2 = lsh_index.low_bit_codes(sig.astype(np.uint8))  # packed once for all indexes, as on Ray
     index = [lsh_index.BucketIndex(skip, sig.astype(np.uint8), sig, bands, rows, cfg.threshold,
-                                   [pp[p] for pp in partitioned]) for p in range(parts)]
+                                   [pp[p] for pp in partitioned], sig2) for p in range(parts)]
     near_of, confirmed = lsh_index.near_pass(lambda lo, hi, removed: [ix.pairs(lo, hi, removed) for ix in index],
                                              n, cfg.num_perm, block=block)
     assert len(expected) > 50 and confirmed >= len(expected)

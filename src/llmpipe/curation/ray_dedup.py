@@ -48,7 +48,7 @@ from llmpipe.config.data import CurationSection, DedupSection
 from llmpipe.curation.ray_runtime import library_errors
 from llmpipe.data import records as canonical
 from llmpipe.data.dedup import DedupError, Progress, _Columns, _Signer, decisions, lsh_params, write_kept
-from llmpipe.data.lsh_index import BucketIndex, bucket_partitions, near_pass
+from llmpipe.data.lsh_index import BucketIndex, bucket_partitions, low_bit_codes, near_pass
 from llmpipe.io import jsonl_line
 
 _HINT = " (did the previous stage run?)"
@@ -87,10 +87,10 @@ class PartitionIndex:
         key, rec = entries
         self.entries.append((key.copy(), rec.copy()))  # out of the object store: it frees the batch
 
-    def build(self, skip: np.ndarray, sig8: np.ndarray, sig: np.ndarray, bands: int, rows: int,
+    def build(self, skip: np.ndarray, sig8: np.ndarray, sig: np.ndarray, sig2: np.ndarray, bands: int, rows: int,
               threshold: float) -> int:
         entries, self.entries = self.entries, []
-        self.index = BucketIndex(skip, sig8, sig, bands, rows, threshold, entries)
+        self.index = BucketIndex(skip, sig8, sig, bands, rows, threshold, entries, sig2)
         return len(self.index.key)
 
     def pairs(self, lo: int, hi: int, removed: np.ndarray) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
@@ -156,7 +156,8 @@ def dedup_file_ray(
             sig8_ref = ray.put(np.asarray(cols.get("sig8")))
             sig_ref = ray.put(np.asarray(cols.get("sig")))  # held here until the near pass ends: the
             # actors read them zero-copy
-            entries = ray.get([ix.build.remote(skip_ref, sig8_ref, sig_ref, bands, rows,
+            sig2_ref = ray.put(low_bit_codes(cols.get("sig8")))  # one copy per node, not per actor
+            entries = ray.get([ix.build.remote(skip_ref, sig8_ref, sig_ref, sig2_ref, bands, rows,
                                                float(cfg.threshold)) for ix in index])
             say(f"near pass: {sum(entries)} shared-bucket entries in {parts} partitions")
             near_of, confirmed = near_pass(

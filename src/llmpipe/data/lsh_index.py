@@ -99,10 +99,11 @@ class BucketIndex:
     signatures agreeing on a whole band (so a 64-bit key collision never adds a pair) with an
     estimated Jaccard >= ``threshold``; each pair once, with its count of equal signature values.
     ``sig8``/``sig`` hold the low bytes and the full signatures, one row per record (memory maps
-    locally, zero-copy object-store arrays on Ray)."""
+    locally, zero-copy object-store arrays on Ray); ``sig2`` their :func:`low_bit_codes`, packed
+    here when not given (the Ray engine puts them once for all its indexes)."""
 
     def __init__(self, skip: np.ndarray, sig8: np.ndarray, sig: np.ndarray, bands: int, rows: int,
-                 threshold: float, entries: list[tuple[np.ndarray, np.ndarray]]):
+                 threshold: float, entries: list[tuple[np.ndarray, np.ndarray]], sig2: np.ndarray | None = None):
         skip = np.asarray(skip, dtype=bool)
         keys, recs = [], []
         entries.reverse()
@@ -121,7 +122,7 @@ class BucketIndex:
         del key, rec, order
         self.removed = np.zeros(len(skip), dtype=bool)
         self.sig8, self.sig = np.asarray(sig8), np.asarray(sig)  # a plain view of a memmap: faster indexing
-        self.sig2 = low_bit_codes(self.sig8)
+        self.sig2 = low_bit_codes(self.sig8) if sig2 is None else np.asarray(sig2)
         self.bands, self.rows, self.threshold = bands, rows, float(threshold)
         self._compact()
 
