@@ -30,6 +30,12 @@ is computed as for the ``dedup`` rows, so the rows of all three compare.
     python benchmarks/curation_scale.py --stages dedup-file --engines local local-datasketch \\
         --sizes 10000 100000 1000000 --out benchmarks/results/curation_scale_dedup.json
 
+``--corpus families`` (file stages only) writes and uses another corpus: the same long chats
+and exact copies, but every short record's user turn is new text and one in ten is a near copy
+of a recent short record, so its near-duplicate families keep their size as it grows (the
+default ``pool`` corpus pairs 2,000 demo texts, so its families grow with it). Its rows go to
+their own ``--out`` file.
+
 The pii-scrub stage on a corpus file (``--stages pii-file``): ``scrub_file`` streams the file
 through the scrubbers (pool workers, or Ray actors) into the output file, so its memory does not
 grow with the records; digested as the ``pii`` rows.
