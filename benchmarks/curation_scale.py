@@ -95,94 +95,100 @@ def corpus(n: int) -> list[dict]:
 
 
 def iter_corpus(n: int, kind: str = "pool"):
-    if kind == "families":
-        yield from iter_families_corpus(n)
-        return
-    yield from iter_pool_corpus(n)
+    """The ``kind`` corpus (``--corpus``) one record at a time, so a 1M-record corpus file is
+    written without a list of 1M records: :func:`_pool_short` or :func:`_families_short` in
+    :func:`_frame`."""
+    yield from _frame(n, _families_short(n) if kind == "families" else _pool_short(n))
 
 
-def iter_families_corpus(n: int):
-    """The ``families`` corpus: like the ``pool`` one (the long chats at k % 50 == 24, an exact
-    copy of the record 37 places back at k % 50 == 49), but every other short record's user
-    turn is new text, 45-75 words drawn from 20,000 made-up words (2-4 syllables), and one in
-    ten (k % 10 == 3) is a near copy of one of the last 40 short records with 1-3 words changed.
-    Its near-duplicate families stay the same size as it grows (a copy's source is recent), so
-    the work per record of an exact near pass should not grow with the corpus."""
-    import random
+def _frame(n: int, short):
+    """The corpus's frame: the long chat at k % 50 == 24, an exact copy of the record 37 places
+    back at k % 50 == 49, and ``short(k)``'s record at the other positions. ``short(k)`` is
+    called at every position, in order (the pool corpus draws its random numbers at every one)."""
     from collections import deque
 
     from llmpipe.data.records import make_record
+
+    long = _bench_module().make_long_records(max(1, int(n * LONG_SHARE)))
+    recent: deque = deque(maxlen=50)
+    for k in range(n):
+        rec = short(k)
+        if k % 50 == 24:
+            rec = long[(k // 50) % len(long)]
+        elif k % 50 == 49:
+            src = recent[-37]
+            rec = make_record(src["messages"], src["metadata"], {"file": "bench", "line": k + 1, "format": "messages"})
+        recent.append(rec)
+        yield rec
+
+
+def _short_record(k: int, user: str, reply: str) -> dict:
+    from llmpipe.data.records import make_record
     from llmpipe.demo import support as demo
 
-    bench = _bench_module()
-    long = bench.make_long_records(max(1, int(n * LONG_SHARE)))
+    msgs = [{"role": "system", "content": demo.SYSTEM_PROMPT},
+            {"role": "user", "content": f"[{k}] {user}"},
+            {"role": "assistant", "content": reply}]
+    return make_record(msgs, {"intent": json.loads(reply)["intent"]}, {"file": "bench", "line": k + 1, "format": "messages"})
+
+
+def _pool_short(n: int):
+    """The ``pool`` corpus's short records (the records of :func:`corpus`, checked by
+    ``--check-corpus``): two of the 2,000 demo texts, cut at 400 characters, as
+    benchmarks/curation.py's ``make_records(n, seed=7, chars=400)``."""
+    import random
+
+    from llmpipe.demo import support as demo
+
     ds = demo.generate()
+    texts = [e.user for e in ds.examples if e.kind == "base"]
     replies = [e.reply for e in ds.examples if e.kind == "base"]
+    rng = random.Random(7)
+
+    def short(k: int) -> dict | None:
+        i, j = rng.randrange(len(texts)), rng.randrange(len(texts))
+        if k % 50 in (24, 49):
+            return None
+        text = f"{texts[i]} Also: {texts[j]}"
+        if len(text) > 400:
+            text = text[: text.rfind(" ", 0, 400)]
+        return _short_record(k, text, replies[i])
+
+    return short
+
+
+def _families_short(n: int):
+    """The ``families`` corpus's short records: new text, 45-75 words drawn from 20,000 made-up
+    words (2-4 syllables), and at k % 10 == 3 a near copy of one of the last 40 short records
+    with 1-3 words changed. Its near-duplicate families keep their size as it grows (a copy's
+    source is recent), so the work per record of an exact near pass should not grow with it."""
+    import random
+    from collections import deque
+
+    from llmpipe.demo import support as demo
+
+    replies = [e.reply for e in demo.generate().examples if e.kind == "base"]
     rng = random.Random(13)
     syllables = ["ka", "lo", "mi", "ter", "an", "sol", "ve", "ri", "pu", "don", "el", "sta", "ni", "gro", "ba",
                  "fi", "zu", "wen", "or", "li", "ce", "dra", "mo", "tik", "us", "pa", "ren", "go", "hal", "ex"]
     vocab = sorted({"".join(rng.choice(syllables) for _ in range(rng.randint(2, 4))) for _ in range(40_000)})
     vocab = rng.sample(vocab, 20_000)
-    recent: deque = deque(maxlen=50)
-    short: deque = deque(maxlen=40)
-    for k in range(n):
-        if k % 50 == 24:
-            rec = long[(k // 50) % len(long)]
-        elif k % 50 == 49:
-            src = recent[-37]
-            rec = make_record(src["messages"], src["metadata"], {"file": "bench", "line": k + 1, "format": "messages"})
+    recent: deque = deque(maxlen=40)
+
+    def short(k: int) -> dict | None:
+        if k % 50 in (24, 49):
+            return None
+        if k % 10 == 3 and recent:
+            words, reply = rng.choice(recent)
+            words = list(words)
+            for pos in rng.sample(range(len(words)), rng.randint(1, 3)):
+                words[pos] = rng.choice(vocab)
         else:
-            if k % 10 == 3 and short:
-                words, reply = rng.choice(short)
-                words = list(words)
-                for pos in rng.sample(range(len(words)), rng.randint(1, 3)):
-                    words[pos] = rng.choice(vocab)
-            else:
-                words, reply = [rng.choice(vocab) for _ in range(rng.randint(45, 75))], rng.randrange(len(replies))
-            short.append((words, reply))
-            msgs = [{"role": "system", "content": demo.SYSTEM_PROMPT},
-                    {"role": "user", "content": f"[{k}] " + " ".join(words)},
-                    {"role": "assistant", "content": replies[reply]}]
-            rec = make_record(msgs, {"intent": json.loads(replies[reply])["intent"]},
-                              {"file": "bench", "line": k + 1, "format": "messages"})
-        recent.append(rec)
-        yield rec
+            words, reply = [rng.choice(vocab) for _ in range(rng.randint(45, 75))], rng.randrange(len(replies))
+        recent.append((words, reply))
+        return _short_record(k, " ".join(words), replies[reply])
 
-
-def iter_pool_corpus(n: int):
-    """:func:`corpus` one record at a time (the same records: checked by ``--check-corpus``),
-    so a 1M-record corpus file is written without a list of 1M records."""
-    import random
-    from collections import deque
-
-    from llmpipe.data.records import make_record
-    from llmpipe.demo import support as demo
-
-    bench = _bench_module()
-    long = bench.make_long_records(max(1, int(n * LONG_SHARE)))
-    ds = demo.generate()  # as benchmarks/curation.py's make_records(n, seed=7, chars=400)
-    texts = [e.user for e in ds.examples if e.kind == "base"]
-    replies = [e.reply for e in ds.examples if e.kind == "base"]
-    rng = random.Random(7)
-    recent: deque = deque(maxlen=50)
-    for k in range(n):
-        i, j = rng.randrange(len(texts)), rng.randrange(len(texts))
-        if k % 50 == 24:
-            rec = long[(k // 50) % len(long)]
-        elif k % 50 == 49:
-            src = recent[-37]
-            rec = make_record(src["messages"], src["metadata"], {"file": "bench", "line": k + 1, "format": "messages"})
-        else:
-            text = f"{texts[i]} Also: {texts[j]}"
-            if len(text) > 400:
-                text = text[: text.rfind(" ", 0, 400)]
-            msgs = [{"role": "system", "content": demo.SYSTEM_PROMPT},
-                    {"role": "user", "content": f"[{k}] {text}"},
-                    {"role": "assistant", "content": replies[i]}]
-            rec = make_record(msgs, {"intent": json.loads(replies[i])["intent"]},
-                              {"file": "bench", "line": k + 1, "format": "messages"})
-        recent.append(rec)
-        yield rec
+    return short
 
 
 def corpus_file(n: int, corpus_dir: Path, kind: str = "pool") -> Path:
