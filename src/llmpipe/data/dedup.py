@@ -514,8 +514,10 @@ def dedup_records(
     for rec in records:
         signer.add(rec)
     d = decide(signer, say)
-    kept, clusters, metrics = assemble(records, len(records), cfg, d, say)
-    return kept, list(clusters), metrics
+    clusters = ClusterReport(d.near_of, d.exact_copies, cfg.threshold,
+                             lambda i: (records[i].get("id"), records[i].get("source")))
+    kept = [records[i] for i in np.flatnonzero(d.kept).tolist()]
+    return kept, list(clusters), assemble(clusters, len(records), cfg, d, say, len(kept))
 
 
 def dedup_file(
@@ -564,13 +566,11 @@ def write_kept(
     records named in clusters are parsed."""
     say = progress or (lambda _msg: None)
     hint = " (did the previous stage run?)"
+    clusters = ClusterReport(d.near_of, d.exact_copies, cfg.threshold)
+    named = clusters.named(d.n)
     needed = np.zeros(d.n, dtype=bool)  # records named in the cluster report
-    for rep, copies in d.exact_copies.items():
-        needed[rep] = True
-        needed[copies] = True
-    for rec, (kept_rec, _) in d.near_of.items():
-        needed[rec] = needed[kept_rec] = True
-    sources = SourceSpool(np.flatnonzero(needed), os.path.dirname(os.path.abspath(out_records)))
+    needed[named] = True
+    clusters.lookup = sources = SourceSpool(named, os.path.dirname(os.path.abspath(out_records)))
     seen = 0
 
     def kept_lines() -> Iterator[str]:
@@ -593,34 +593,14 @@ def write_kept(
     write_jsonl_lines(out_records, kept_lines(), shards, n_kept)  # reads the generator to its end
     if seen != d.n or len(canonical_line) != d.n:
         raise DedupError(f"{path}: changed while being deduplicated ({seen} records on the second pass, {d.n} on the first)")
-    _, clusters, metrics = assemble(sources, d.n, cfg, d, say, n_kept=n_kept)
-    return clusters, metrics
+    return clusters, assemble(clusters, d.n, cfg, d, say, n_kept)
 
 
-def assemble(
-    records: Sequence[Mapping[str, Any]] | Callable[[int], tuple[Any, Any]],
-    n: int,
-    cfg: DedupSection,
-    d: Decisions,
-    say: Progress,
-    n_kept: int | None = None,
-) -> tuple[list[dict[str, Any]], ClusterReport, dict[str, Any]]:
-    """Kept records, the cluster report and metrics from the decisions ``d`` over ``n`` records
-    (shared by the local and the Ray engine). ``records`` are the records, or (with ``n_kept``,
-    the records :func:`dedup_file` wrote) a lookup of (id, source) by position for the records
-    the report names; then the kept list returned is empty."""
+def assemble(clusters: ClusterReport, n: int, cfg: DedupSection, d: Decisions, say: Progress,
+             n_kept: int) -> dict[str, Any]:
+    """The metrics of the decisions ``d`` over ``n`` records, ``n_kept`` of them written, and
+    their cluster report (shared by the local and the Ray engine); checks the bookkeeping."""
     lsh_bands, lsh_rows = lsh_params(cfg.threshold, cfg.num_perm)
-    if callable(records):
-        lookup = records
-    else:
-        def lookup(i: int) -> tuple[Any, Any]:
-            return records[i].get("id"), records[i].get("source")
-    clusters = ClusterReport(d.near_of, d.exact_copies, cfg.threshold, lookup)
-    if n_kept is None:
-        kept_records = [records[i] for i in np.flatnonzero(d.kept).tolist()]  # type: ignore[index]
-        n_kept = len(kept_records)
-    else:
-        kept_records = []
     exact_removed, near_removed = clusters.exact_removed, clusters.near_removed
     if n_kept != len(d.kept_rep_pos) or n_kept + exact_removed + near_removed != n:  # internal invariant
         raise AssertionError(
@@ -648,7 +628,7 @@ def assemble(
         f"kept {n_kept}/{n}; removed {exact_removed} exact + {near_removed} near "
         f"in {len(clusters)} clusters"
     )
-    return kept_records, clusters, metrics
+    return metrics
 
 
 def read_records(path: str) -> list[dict[str, Any]]:

@@ -32,10 +32,11 @@ _NEAR, _EXACT = 0, 1
 class ClusterReport(Sequence):
     """The clusters of ``near_of`` (removed record -> (kept record, Jaccard)) and
     ``exact_copies`` (exact representative -> its later identical records), by input position;
-    ``lookup`` gives a position's (id, source). Compares equal to the list of its clusters."""
+    ``lookup`` gives a position's (id, source) (it may be set once :meth:`named` has said which
+    positions it needs). Compares equal to the list of its clusters."""
 
     def __init__(self, near_of: Mapping[int, tuple[int, float]], exact_copies: Mapping[int, list[int]],
-                 threshold: float, lookup: Lookup):
+                 threshold: float, lookup: Lookup | None = None):
         kept, index, jac, via = array("q"), array("q"), array("d"), array("q")  # 8 bytes an item
         for rep, (k, j) in near_of.items():
             copies = exact_copies.get(rep, ())
@@ -61,6 +62,14 @@ class ClusterReport(Sequence):
         new = np.r_[True, self.kept[1:] != self.kept[:-1]] if len(self.kept) else np.zeros(0, bool)
         self.starts = np.r_[np.flatnonzero(new), len(self.kept)]
         self.threshold, self.lookup = threshold, lookup
+
+    def named(self, n: int) -> np.ndarray:
+        """The input positions (of ``n``) the report names, ascending: kept and removed records
+        (a removed record's copies are removed records too)."""
+        mask = np.zeros(n, dtype=bool)
+        mask[self.kept] = True
+        mask[self.index] = True
+        return np.flatnonzero(mask)
 
     @property
     def exact_removed(self) -> int:
