@@ -710,3 +710,24 @@ def test_range_pairs_blocks_are_bounded_and_in_query_order():
             assert 0 < len(partner) <= block and len(partner) == len(query)
             got += zip(partner.tolist(), query.tolist())
         assert got == want
+
+
+def test_source_spool_round_trips_ids_and_sources(tmp_path):
+    """Pass 1's spool gives back every position's (id, source) exactly, whether added one record
+    at a time (local engine) or as a signing task's joined lines (Ray engine)."""
+    from llmpipe.data.dedup_report import SourceSpool, source_line
+
+    records = [{"id": "a-1", "source": "tickets.jsonl"}, {"id": "ünï\u2028cödé"}, {"id": 7, "source": None},
+               {"id": "q\"uote\\", "source": {"nested": [1, 2]}}, {"id": "", "source": "x" * 5000}]
+    spool = SourceSpool(str(tmp_path))
+    spool.add(records[0])
+    lines = [source_line(r) for r in records[1:4]]
+    spool.extend(b"".join(lines), np.array([len(x) for x in lines], np.int64))
+    spool.add(records[4])
+    assert len(spool) == len(records)
+    assert [spool(i) for i in range(len(records))] == [(r.get("id"), r.get("source")) for r in records]
+    for bad in (-1, len(records)):
+        with pytest.raises(KeyError):
+            spool(bad)
+    spool.close()
+    assert not list(tmp_path.iterdir())  # an unnamed file: nothing left behind

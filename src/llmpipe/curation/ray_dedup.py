@@ -7,8 +7,9 @@ for the near pass the signatures go to Ray's object store as one object each.
 
 1. Signing, on the cluster (Ray core tasks, ``curation.workers`` batches in flight at most
    twice over): a batch of ``curation.batch_size`` input lines in, per record the exact-key
-   digest, the MinHash signature, its low bytes and the LSH band keys out (``_sign_lines``, the
-   local engine's ``_Signer``). The band keys come back split into P = ``curation.workers``
+   digest, the MinHash signature, its low bytes, the LSH band keys and its id and source (for
+   the cluster report, spooled to a file by the driver) out (``_sign_lines``, the local
+   engine's ``_Signer``). The band keys come back split into P = ``curation.workers``
    hash partitions, one task return value each (``lsh_index.bucket_partitions``): the shuffle.
 2. Exact duplicates on the driver: a sort of the digests (``dedup.decisions``).
 3. P actors, one per partition, each holding the local engine's ``lsh_index.BucketIndex`` over
@@ -48,6 +49,7 @@ from llmpipe.config.data import CurationSection, DedupSection
 from llmpipe.curation.ray_runtime import library_errors
 from llmpipe.data import records as canonical
 from llmpipe.data.dedup import DedupError, Progress, _Columns, _Signer, decisions, lsh_params, write_kept
+from llmpipe.data.dedup_report import SourceSpool, source_line
 from llmpipe.data.lsh_index import BucketIndex, bucket_partitions, low_bit_codes, near_pass
 from llmpipe.io import jsonl_line
 
@@ -61,14 +63,16 @@ def _sign_lines(first: int, lines: list[str], where: list[tuple[str, int]], cfg:
     signer = _Signer(cfg, None, lambda _msg: None)
     signer.n = first  # record numbers in error messages are input positions
     canon = np.empty(len(lines), dtype=bool)
+    sources = []
     for j, ((file, lineno), line) in enumerate(zip(where, lines)):
         rec = canonical.parse_record(file, lineno, line, DedupError, require_id=True)
         canon[j] = jsonl_line(rec) == line
         signer.add(rec)
+        sources.append(source_line(rec))
     signer.flush()
     cols = signer.cols
     keys = np.stack([cols.get(f"band{k}") for k in range(signer.bands)], axis=1)
-    meta = (cols.get("key"), cols.get("empty"), canon)
+    meta = (cols.get("key"), cols.get("empty"), canon, b"".join(sources), np.array([len(s) for s in sources], np.int64))
     return (meta, cols.get("sig"), cols.get("sig8"), *bucket_partitions(first, keys, parts))
 
 
@@ -118,14 +122,25 @@ def dedup_file_ray(
     """``llmpipe.data.dedup.dedup_file`` on Ray (inside a Ray session): the same kept records
     (written to ``out_records``), clusters and metrics, in memory bounded by the batch on the
     driver. Returns ``(clusters, metrics)``."""
+    say = progress or (lambda _msg: None)
+    out_dir = os.path.dirname(os.path.abspath(out_records))
+    os.makedirs(out_dir, exist_ok=True)
+    sources = SourceSpool(out_dir)  # every record's id and source, for the cluster report
+    try:
+        return _dedup_file_ray(path, out_records, cfg, curation, shards, say, sources, out_dir)  # the report holds it
+    except BaseException:
+        sources.close()
+        raise
+
+
+def _dedup_file_ray(path, out_records, cfg: DedupSection, curation: CurationSection, shards: int, say: Progress,
+                    sources: SourceSpool, out_dir: str) -> tuple[list[dict[str, Any]], dict[str, Any]]:
+    """:func:`dedup_file_ray`'s work, filling ``sources`` as the signing tasks return."""
     import ray
 
-    say = progress or (lambda _msg: None)
     parts = max(1, curation.workers)
     bands, rows = lsh_params(cfg.threshold, cfg.num_perm)
     sign = ray.remote(num_cpus=1)(_sign_lines).options(num_returns=3 + parts)
-    out_dir = os.path.dirname(os.path.abspath(out_records))
-    os.makedirs(out_dir, exist_ok=True)
     with library_errors(DedupError), tempfile.TemporaryDirectory(prefix=".dedup-", suffix=".tmp", dir=out_dir) as work:
         cols = _Columns(work)  # digests, flags and signatures, memory-mapped
         batches = 0
@@ -138,7 +153,8 @@ def dedup_file_ray(
 
         def collect() -> None:
             refs = in_flight.popleft()
-            (digest, empty, canon), sig, sig8 = ray.get(refs[:3])
+            (digest, empty, canon, source_lines, source_lengths), sig, sig8 = ray.get(refs[:3])
+            sources.extend(source_lines, source_lengths)
             cols.add("key", digest)
             cols.add("empty", empty)
             cols.add("canon", canon)
@@ -185,4 +201,4 @@ def dedup_file_ray(
         finally:
             for ix in index:
                 ray.kill(ix)
-    return write_kept(path, out_records, cfg, d, canon, shards, say)
+    return write_kept(path, out_records, cfg, d, canon, sources, shards, say)

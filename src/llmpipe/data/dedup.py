@@ -539,16 +539,22 @@ def dedup_file(
     out_dir = os.path.dirname(os.path.abspath(out_records))
     os.makedirs(out_dir, exist_ok=True)
     hint = " (did the previous stage run?)"
-    with tempfile.TemporaryDirectory(prefix=".dedup-", suffix=".tmp", dir=out_dir) as work:
-        signer = _Signer(cfg, work, say)
-        canonical_line: list[bool] = []  # the line is exactly what write_records would write
-        for file, lineno, line in canonical.iter_record_lines(path, DedupError, missing_hint=hint):
-            rec = canonical.parse_record(file, lineno, line, DedupError, require_id=True)
-            canonical_line.append(jsonl_line(rec) == line)
-            signer.add(rec)
-        d = decide(signer, say)
-        del signer
-    return write_kept(path, out_records, cfg, d, canonical_line, shards, say)
+    sources = SourceSpool(out_dir)  # every record's id and source, for the cluster report
+    try:
+        with tempfile.TemporaryDirectory(prefix=".dedup-", suffix=".tmp", dir=out_dir) as work:
+            signer = _Signer(cfg, work, say)
+            canonical_line: list[bool] = []  # the line is exactly what write_records would write
+            for file, lineno, line in canonical.iter_record_lines(path, DedupError, missing_hint=hint):
+                rec = canonical.parse_record(file, lineno, line, DedupError, require_id=True)
+                canonical_line.append(jsonl_line(rec) == line)
+                signer.add(rec)
+                sources.add(rec)
+            d = decide(signer, say)
+            del signer
+        return write_kept(path, out_records, cfg, d, canonical_line, sources, shards, say)  # the report holds it
+    except BaseException:
+        sources.close()
+        raise
 
 
 def write_kept(
@@ -557,20 +563,19 @@ def write_kept(
     cfg: DedupSection,
     d: Decisions,
     canonical_line: Sequence[bool],
+    sources: SourceSpool,
     shards: int = 1,
     progress: Progress | None = None,
 ) -> tuple[list[dict[str, Any]], dict[str, Any]]:
     """Pass 2 of :func:`dedup_file` (shared with the Ray engine): stream the input again, write
     the kept records ``d.kept`` to ``out_records`` (a line in the pipeline's own spelling,
-    ``canonical_line[i]``, is copied as it is) and return ``(clusters, metrics)``; only the
-    records named in clusters are parsed."""
+    ``canonical_line[i]``, is copied as it is, any other is parsed and rewritten) and return
+    ``(clusters, metrics)``; the report's ids and sources come from pass 1's ``sources``."""
     say = progress or (lambda _msg: None)
     hint = " (did the previous stage run?)"
-    clusters = ClusterReport(d.near_of, d.exact_copies, cfg.threshold)
-    named = clusters.named(d.n)
-    needed = np.zeros(d.n, dtype=bool)  # records named in the cluster report
-    needed[named] = True
-    clusters.lookup = sources = SourceSpool(named, os.path.dirname(os.path.abspath(out_records)))
+    if len(sources) != d.n:
+        raise DedupError(f"{path}: {len(sources)} ids and sources for {d.n} records (internal error)")
+    clusters = ClusterReport(d.near_of, d.exact_copies, cfg.threshold, sources)
     seen = 0
 
     def kept_lines() -> Iterator[str]:
@@ -579,15 +584,8 @@ def write_kept(
             if i >= d.n:
                 break  # the input grew: reported below
             seen = i + 1
-            rec = None
-            if needed[i]:
-                rec = canonical.parse_record(file, lineno, line, DedupError, require_id=True)
-                sources.add(rec)
             if d.kept[i]:
-                if canonical_line[i]:
-                    yield line
-                else:
-                    yield jsonl_line(rec or canonical.parse_record(file, lineno, line, DedupError))
+                yield line if canonical_line[i] else jsonl_line(canonical.parse_record(file, lineno, line, DedupError))
 
     n_kept = int(d.kept.sum())
     write_jsonl_lines(out_records, kept_lines(), shards, n_kept)  # reads the generator to its end

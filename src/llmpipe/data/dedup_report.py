@@ -9,8 +9,8 @@ too.
 :class:`ClusterReport` holds only numbers per removed record (kept position, position, kind,
 Jaccard, the removed record it copies: 28 bytes) and builds each cluster's dicts when it is
 read, so writing the report never holds it whole. Ids and sources come from a ``lookup``: the
-records themselves (``dedup_records``), or :class:`SourceSpool`, which pass 2 of ``dedup_file``
-fills with the id and source of just the records the report names, in a temporary file.
+records themselves (``dedup_records``), or :class:`SourceSpool`, which pass 1 of ``dedup_file``
+(on Ray: its signing tasks) fills with the id and source of every record, in a temporary file.
 """
 
 from __future__ import annotations
@@ -32,8 +32,7 @@ _NEAR, _EXACT = 0, 1
 class ClusterReport(Sequence):
     """The clusters of ``near_of`` (removed record -> (kept record, Jaccard)) and
     ``exact_copies`` (exact representative -> its later identical records), by input position;
-    ``lookup`` gives a position's (id, source) (it may be set once :meth:`named` has said which
-    positions it needs). Compares equal to the list of its clusters."""
+    ``lookup`` gives a position's (id, source). Compares equal to the list of its clusters."""
 
     def __init__(self, near_of: Mapping[int, tuple[int, float]], exact_copies: Mapping[int, list[int]],
                  threshold: float, lookup: Lookup | None = None):
@@ -62,14 +61,6 @@ class ClusterReport(Sequence):
         new = np.r_[True, self.kept[1:] != self.kept[:-1]] if len(self.kept) else np.zeros(0, bool)
         self.starts = np.r_[np.flatnonzero(new), len(self.kept)]
         self.threshold, self.lookup = threshold, lookup
-
-    def named(self, n: int) -> np.ndarray:
-        """The input positions (of ``n``) the report names, ascending: kept and removed records
-        (a removed record's copies are removed records too)."""
-        mask = np.zeros(n, dtype=bool)
-        mask[self.kept] = True
-        mask[self.index] = True
-        return np.flatnonzero(mask)
 
     @property
     def exact_removed(self) -> int:
@@ -117,31 +108,50 @@ class ClusterReport(Sequence):
     __hash__ = None  # type: ignore[assignment]
 
 
-class SourceSpool:
-    """(id, source) of chosen input positions (``positions``, ascending), added in that order
-    and read back by position: one JSON line each in an unnamed temporary file under ``dir``
-    (gone when closed), an offset per position in memory."""
+def source_line(record: Mapping[str, Any]) -> bytes:
+    """A record's (id, source) as :class:`SourceSpool` stores it: a JSON array, ``\\u``-escaped
+    (an exact round trip)."""
+    return json.dumps([record.get("id"), record.get("source")]).encode("ascii")
 
-    def __init__(self, positions: np.ndarray, dir: str):
-        self.positions = np.asarray(positions, np.int64)
-        self.ends = np.zeros(len(self.positions), np.int64)
+
+class SourceSpool:
+    """(id, source) of every input position, added in input order while pass 1 reads the
+    records and read back by position: one JSON array each (:func:`source_line`) in an unnamed
+    temporary file under ``dir`` (gone when closed), an 8-byte end offset per position in
+    memory. Pass 2 then parses none of the records the report names."""
+
+    def __init__(self, dir: str):
+        self.ends = array("q")
         self.fh = tempfile.TemporaryFile(dir=dir)
-        self.added, self.size, self.view = 0, 0, None
+        self.size, self.view = 0, None
 
     def add(self, record: Mapping[str, Any]) -> None:
-        line = json.dumps([record.get("id"), record.get("source")]).encode("ascii")  # \u-escaped: exact round trip
+        line = source_line(record)
         self.fh.write(line)
         self.size += len(line)
-        self.ends[self.added] = self.size
-        self.added += 1
+        self.ends.append(self.size)
+
+    def extend(self, lines: bytes, lengths: np.ndarray) -> None:
+        """Add the :func:`source_line` of consecutive positions, joined (``lengths`` each)."""
+        self.fh.write(lines)
+        self.ends.extend((np.cumsum(lengths, dtype=np.int64) + self.size).tolist())
+        self.size += len(lines)
+
+    def __len__(self) -> int:
+        return len(self.ends)
 
     def __call__(self, position: int) -> tuple[Any, Any]:
         if self.view is None:
             self.fh.flush()
             self.view = mmap.mmap(self.fh.fileno(), 0, access=mmap.ACCESS_READ) if self.size else b""
-        k = int(np.searchsorted(self.positions, position))
-        if k >= self.added or self.positions[k] != position:
+        if not 0 <= position < len(self.ends):
             raise KeyError(position)
-        start = int(self.ends[k - 1]) if k else 0
-        rid, source = json.loads(self.view[start:int(self.ends[k])].decode("ascii"))
+        start = self.ends[position - 1] if position else 0
+        rid, source = json.loads(self.view[start:self.ends[position]].decode("ascii"))
         return rid, source
+
+    def close(self) -> None:
+        if isinstance(self.view, mmap.mmap):
+            self.view.close()
+        self.view = None
+        self.fh.close()
