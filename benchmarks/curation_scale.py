@@ -12,7 +12,13 @@ inside an embedded local Ray) on the corpus. Reported per run:
   GCS/raylet/workers), sampled every 0.5 s, as the sum of RSS and the sum of PSS (PSS counts a
   shared page, e.g. Ray's object store, once in all);
 - the load average before and after (the box is shared: wall times are not idle-box times);
-- a sha256 over the stage's outputs, so the results show both engines wrote the same bytes.
+- a sha256 over the stage's outputs, so the results show both engines wrote the same bytes
+  (for the file stages computed after the clock stops: reading the outputs back is not the
+  stage's work, and ``digest_seconds`` says what it takes; until 2026-12-01 15:30 UTC it was
+  timed too);
+- for ``dedup-file``, ``counts.phase_seconds``: pass 1 (read, sign), the near pass (exact
+  pass, bucket index, near pass), pass 2 (write the kept records) and the report (clusters and
+  metrics written), timed from the stage's progress messages.
 
     nice -n 19 python benchmarks/curation_scale.py --sizes 10000 100000 --stages dedup split validate
     nice -n 19 python benchmarks/curation_scale.py --sizes 10000 --stages pii
@@ -253,15 +259,43 @@ def baseline_dedup_module():
     return mod
 
 
+class DedupPhases:
+    """minhash-dedup's phases, timed from its progress messages (the same on both engines): pass 1
+    (read and sign) ends at "exact pass:", the near pass (exact pass, bucket index, near pass)
+    at its last "near pass: ... confirmed pairs" line, pass 2 (write the kept records) at
+    "kept ..."; the report is the cluster report and metrics written after."""
+
+    MARKS = (("pass1", lambda m: m.startswith("exact pass:")),
+             ("near_pass", lambda m: m.startswith("near pass:") and "confirmed pairs" in m and "records," not in m),
+             ("pass2", lambda m: m.startswith("kept ")))
+
+    def __init__(self) -> None:
+        self.start, self.at = time.perf_counter(), {}
+
+    def __call__(self, msg: str) -> None:
+        for name, seen in self.MARKS:
+            if name not in self.at and seen(msg):
+                self.at[name] = time.perf_counter()
+
+    def seconds(self) -> dict[str, float]:
+        """Seconds per phase, the report's up to now (empty if a mark was never seen)."""
+        if len(self.at) != len(self.MARKS):
+            return {}
+        ends = [self.at[name] for name, _ in self.MARKS] + [time.perf_counter()]
+        starts = [self.start] + ends[:-1]
+        return {name: round(e - b, 2) for name, b, e in zip([n for n, _ in self.MARKS] + ["report"], starts, ends)}
+
+
 def run_dedup_file(engine: str, corpus: Path, params, tmp: Path) -> tuple[str, dict]:
     """The minhash-dedup stage's work on a corpus file: read, deduplicate, write outputs."""
     from llmpipe.io import write_json, write_jsonl
 
     out = tmp / "dedup" / "records.jsonl"
+    phases = DedupPhases()
     if engine == "local":
         from llmpipe.data.dedup import dedup_file
 
-        clusters, metrics = dedup_file(corpus, out, params.dedup)
+        clusters, metrics = dedup_file(corpus, out, params.dedup, progress=phases)
     elif engine == "local-datasketch":
         old = BASELINE
         records = old.read_records(str(corpus))
@@ -272,12 +306,14 @@ def run_dedup_file(engine: str, corpus: Path, params, tmp: Path) -> tuple[str, d
     else:
         from llmpipe.curation.ray_dedup import dedup_file_ray
 
-        clusters, metrics = dedup_file_ray(corpus, out, params.dedup, params.curation)
+        clusters, metrics = dedup_file_ray(corpus, out, params.dedup, params.curation, progress=phases)
     write_jsonl(tmp / "dedup" / "clusters.jsonl", clusters)
     write_json(tmp / "dedup" / "dedup.json", metrics)
-    return file_digest(out, clusters, metrics), {"kept": metrics["records_out"],
-                                                 "exact": metrics["exact_duplicates_removed"],
-                                                 "near": metrics["near_duplicates_removed"]}
+    counts = {"kept": metrics["records_out"], "exact": metrics["exact_duplicates_removed"],
+              "near": metrics["near_duplicates_removed"]}
+    if took := phases.seconds():
+        counts["phase_seconds"] = took
+    return (lambda: file_digest(out, clusters, metrics)), counts
 
 
 BASELINE = None
@@ -433,7 +469,8 @@ def run_stage(engine: str, stage: str, records: list[dict], params, tmp: Path) -
 def measure(engine: str, params, work, tmp_root: Path | None = None) -> dict:
     """Run ``work(tmp_dir) -> (digest, counts)`` once under ``engine``'s session (Ray started
     before the timer) and measure it: wall and CPU seconds of the whole process tree, peak memory,
-    the load average before and after."""
+    the load average before and after. ``digest`` may be a function, called once the clock has
+    stopped (reading the outputs back is not the stage's work)."""
     import contextlib
 
     load_before = os.getloadavg()
@@ -452,9 +489,14 @@ def measure(engine: str, params, work, tmp_root: Path | None = None) -> dict:
             digest_, counts = work(Path(tmp))
             seconds = time.perf_counter() - t1
             cpu = mem.cpu_seconds() - cpu1
+            digest_seconds = None
+            if callable(digest_):
+                t2 = time.perf_counter()
+                digest_ = digest_()
+                digest_seconds = round(time.perf_counter() - t2, 3)
     return {"where": where, "seconds": seconds, "startup_seconds": round(startup, 3), "cpu": cpu,
             "peak_rss": mem.peak_rss, "peak_pss": mem.peak_pss, "load_before": load_before,
-            "digest": digest_, "counts": counts}
+            "digest": digest_, "counts": counts, "digest_seconds": digest_seconds}
 
 
 def rates(m: dict, n: int) -> dict:
@@ -465,7 +507,8 @@ def rates(m: dict, n: int) -> dict:
             "peak_rss_sum_mb": round(m["peak_rss"] / 2**20, 1), "peak_pss_sum_mb": round(m["peak_pss"] / 2**20, 1),
             "load_before": [round(x, 2) for x in m["load_before"]],
             "load_after": [round(x, 2) for x in os.getloadavg()],
-            "output_sha256": m["digest"], "counts": m["counts"]}
+            "output_sha256": m["digest"], "counts": m["counts"],
+            **({"digest_seconds": m["digest_seconds"]} if m.get("digest_seconds") is not None else {})}
 
 
 def run_pii_file(engine: str, corpus: Path, params, tmp: Path) -> tuple[str, dict]:
@@ -480,8 +523,8 @@ def run_pii_file(engine: str, corpus: Path, params, tmp: Path) -> tuple[str, dic
 
         batch_map = ray_batch_map(params.pii)
     res = scrub_file(corpus, out, params.pii, progress=False, batch_map=batch_map)
-    return file_digest(out, res.metrics, res.review), {"touched": res.metrics["records_touched"],
-                                                        "workers": params.pii.workers}
+    return (lambda: file_digest(out, res.metrics, res.review)), {"touched": res.metrics["records_touched"],
+                                                                 "workers": params.pii.workers}
 
 
 def run_one_file(engine: str, stage: str, n: int, params, corpus_dir: Path, kind: str = "pool") -> dict:
