@@ -49,7 +49,7 @@ from llmpipe.config.data import CurationSection, DedupSection
 from llmpipe.curation.ray_runtime import library_errors
 from llmpipe.data import records as canonical
 from llmpipe.data.dedup import DedupError, Progress, _Columns, _Signer, decisions, lsh_params, write_kept
-from llmpipe.data.dedup_report import SourceSpool, source_line
+from llmpipe.data.dedup_report import source_line, source_spool
 from llmpipe.data.lsh_index import BucketIndex, bucket_partitions, low_bit_codes, near_pass
 from llmpipe.io import jsonl_line
 
@@ -122,83 +122,73 @@ def dedup_file_ray(
     """``llmpipe.data.dedup.dedup_file`` on Ray (inside a Ray session): the same kept records
     (written to ``out_records``), clusters and metrics, in memory bounded by the batch on the
     driver. Returns ``(clusters, metrics)``."""
-    say = progress or (lambda _msg: None)
-    out_dir = os.path.dirname(os.path.abspath(out_records))
-    os.makedirs(out_dir, exist_ok=True)
-    sources = SourceSpool(out_dir)  # every record's id and source, for the cluster report
-    try:
-        return _dedup_file_ray(path, out_records, cfg, curation, shards, say, sources, out_dir)  # the report holds it
-    except BaseException:
-        sources.close()
-        raise
-
-
-def _dedup_file_ray(path, out_records, cfg: DedupSection, curation: CurationSection, shards: int, say: Progress,
-                    sources: SourceSpool, out_dir: str) -> tuple[list[dict[str, Any]], dict[str, Any]]:
-    """:func:`dedup_file_ray`'s work, filling ``sources`` as the signing tasks return."""
     import ray
 
+    say = progress or (lambda _msg: None)
     parts = max(1, curation.workers)
     bands, rows = lsh_params(cfg.threshold, cfg.num_perm)
     sign = ray.remote(num_cpus=1)(_sign_lines).options(num_returns=3 + parts)
-    with library_errors(DedupError), tempfile.TemporaryDirectory(prefix=".dedup-", suffix=".tmp", dir=out_dir) as work:
-        cols = _Columns(work)  # digests, flags and signatures, memory-mapped
-        batches = 0
-        cfg_ref = ray.put(cfg)
-        in_flight: deque = deque()
-        n = 0
-        # no CPU reserved for the actors' lifetime (P may exceed the CPUs): spread over the nodes
-        index = [ray.remote(num_cpus=0, scheduling_strategy="SPREAD")(PartitionIndex).remote()
-                 for _ in range(parts)]
+    out_dir = os.path.dirname(os.path.abspath(out_records))
+    os.makedirs(out_dir, exist_ok=True)
+    with source_spool(out_dir) as sources:  # every record's id and source, for the cluster report
+        with library_errors(DedupError), tempfile.TemporaryDirectory(prefix=".dedup-", suffix=".tmp", dir=out_dir) as work:
+            cols = _Columns(work)  # digests, flags and signatures, memory-mapped
+            batches = 0
+            cfg_ref = ray.put(cfg)
+            in_flight: deque = deque()
+            n = 0
+            # no CPU reserved for the actors' lifetime (P may exceed the CPUs): spread over the nodes
+            index = [ray.remote(num_cpus=0, scheduling_strategy="SPREAD")(PartitionIndex).remote()
+                     for _ in range(parts)]
 
-        def collect() -> None:
-            refs = in_flight.popleft()
-            (digest, empty, canon, source_lines, source_lengths), sig, sig8 = ray.get(refs[:3])
-            sources.extend(source_lines, source_lengths)
-            cols.add("key", digest)
-            cols.add("empty", empty)
-            cols.add("canon", canon)
-            cols.add("sig", sig)
-            cols.add("sig8", sig8)
-            del sig, sig8  # the object store frees the batch's copies
-            for ix, part in zip(index, refs[3:]):  # in batch order: records ascending in each index
-                ix.add.remote(part)
+            def collect() -> None:
+                refs = in_flight.popleft()
+                (digest, empty, canon, source_lines, source_lengths), sig, sig8 = ray.get(refs[:3])
+                sources.extend(source_lines, source_lengths)
+                cols.add("key", digest)
+                cols.add("empty", empty)
+                cols.add("canon", canon)
+                cols.add("sig", sig)
+                cols.add("sig8", sig8)
+                del sig, sig8  # the object store frees the batch's copies
+                for ix, part in zip(index, refs[3:]):  # in batch order: records ascending in each index
+                    ix.add.remote(part)
 
-        def near(skip: np.ndarray) -> dict[int, tuple[int, float]]:
-            skip_ref = ray.put(np.asarray(skip))
-            # the signatures as one object each, put once the batches' objects are freed: the
-            # object store's high-water mark stays near their size (signatures kept per batch
-            # among the short-lived batch arguments took 2.5x their size in /dev/shm)
-            sig8_ref = ray.put(np.asarray(cols.get("sig8")))
-            sig_ref = ray.put(np.asarray(cols.get("sig")))  # held here until the near pass ends: the
-            # actors read them zero-copy
-            sig2_ref = ray.put(low_bit_codes(cols.get("sig8")))  # one copy per node, not per actor
-            entries = ray.get([ix.build.remote(skip_ref, sig8_ref, sig_ref, sig2_ref, bands, rows,
-                                               float(cfg.threshold)) for ix in index])
-            say(f"near pass: {sum(entries)} shared-bucket entries in {parts} partitions")
-            near_of, confirmed = near_pass(
-                lambda lo, hi, removed: ray.get([ix.pairs.remote(lo, hi, removed) for ix in index]),
-                n, cfg.num_perm, say=say)
-            say(f"near pass: {confirmed} confirmed pairs, {len(near_of)} near duplicates")
-            return near_of
+            def near(skip: np.ndarray) -> dict[int, tuple[int, float]]:
+                skip_ref = ray.put(np.asarray(skip))
+                # the signatures as one object each, put once the batches' objects are freed: the
+                # object store's high-water mark stays near their size (signatures kept per batch
+                # among the short-lived batch arguments took 2.5x their size in /dev/shm)
+                sig8_ref = ray.put(np.asarray(cols.get("sig8")))
+                sig_ref = ray.put(np.asarray(cols.get("sig")))  # held here until the near pass ends: the
+                # actors read them zero-copy
+                sig2_ref = ray.put(low_bit_codes(cols.get("sig8")))  # one copy per node, not per actor
+                entries = ray.get([ix.build.remote(skip_ref, sig8_ref, sig_ref, sig2_ref, bands, rows,
+                                                   float(cfg.threshold)) for ix in index])
+                say(f"near pass: {sum(entries)} shared-bucket entries in {parts} partitions")
+                near_of, confirmed = near_pass(
+                    lambda lo, hi, removed: ray.get([ix.pairs.remote(lo, hi, removed) for ix in index]),
+                    n, cfg.num_perm, say=say)
+                say(f"near pass: {confirmed} confirmed pairs, {len(near_of)} near duplicates")
+                return near_of
 
-        try:
-            for lines, where in _batches(path, curation.batch_size):
-                batches += 1
-                in_flight.append(sign.remote(n, lines, where, cfg_ref, parts))
-                n += len(lines)
-                while len(in_flight) >= 2 * parts:
+            try:
+                for lines, where in _batches(path, curation.batch_size):
+                    batches += 1
+                    in_flight.append(sign.remote(n, lines, where, cfg_ref, parts))
+                    n += len(lines)
+                    while len(in_flight) >= 2 * parts:
+                        collect()
+                while in_flight:
                     collect()
-            while in_flight:
-                collect()
-            say(f"signatures: {n} records in {batches} batches, LSH {bands} bands x {rows} rows, {parts} partitions")
-            if n == 0:
-                d = decisions(np.empty((0, 32), np.uint8), np.empty(0, bool), near, say)
-                canon = np.empty(0, bool)
-            else:
-                d = decisions(cols.get("key"), cols.get("empty"), near, say)
-                canon = np.array(cols.get("canon"))
-        finally:
-            for ix in index:
-                ray.kill(ix)
-    return write_kept(path, out_records, cfg, d, canon, sources, shards, say)
+                say(f"signatures: {n} records in {batches} batches, LSH {bands} bands x {rows} rows, {parts} partitions")
+                if n == 0:
+                    d = decisions(np.empty((0, 32), np.uint8), np.empty(0, bool), near, say)
+                    canon = np.empty(0, bool)
+                else:
+                    d = decisions(cols.get("key"), cols.get("empty"), near, say)
+                    canon = np.array(cols.get("canon"))
+            finally:
+                for ix in index:
+                    ray.kill(ix)
+        return write_kept(path, out_records, cfg, d, canon, sources, shards, say)

@@ -63,7 +63,7 @@ import numpy as np
 
 from llmpipe.config.data import DedupSection
 from llmpipe.data import records as canonical
-from llmpipe.data.dedup_report import ClusterReport, SourceSpool
+from llmpipe.data.dedup_report import ClusterReport, SourceSpool, source_spool
 from llmpipe.data.lsh_index import BucketIndex, near_pass
 from llmpipe.io import jsonl_line, write_jsonl_lines
 
@@ -539,8 +539,7 @@ def dedup_file(
     out_dir = os.path.dirname(os.path.abspath(out_records))
     os.makedirs(out_dir, exist_ok=True)
     hint = " (did the previous stage run?)"
-    sources = SourceSpool(out_dir)  # every record's id and source, for the cluster report
-    try:
+    with source_spool(out_dir) as sources:  # every record's id and source, for the cluster report
         with tempfile.TemporaryDirectory(prefix=".dedup-", suffix=".tmp", dir=out_dir) as work:
             signer = _Signer(cfg, work, say)
             canonical_line: list[bool] = []  # the line is exactly what write_records would write
@@ -551,10 +550,7 @@ def dedup_file(
                 sources.add(rec)
             d = decide(signer, say)
             del signer
-        return write_kept(path, out_records, cfg, d, canonical_line, sources, shards, say)  # the report holds it
-    except BaseException:
-        sources.close()
-        raise
+        return write_kept(path, out_records, cfg, d, canonical_line, sources, shards, say)
 
 
 def write_kept(

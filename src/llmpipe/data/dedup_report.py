@@ -20,6 +20,7 @@ import mmap
 import tempfile
 from array import array
 from collections.abc import Sequence
+from contextlib import contextmanager
 from typing import Any, Callable, Iterator, Mapping
 
 import numpy as np
@@ -35,7 +36,7 @@ class ClusterReport(Sequence):
     ``lookup`` gives a position's (id, source). Compares equal to the list of its clusters."""
 
     def __init__(self, near_of: Mapping[int, tuple[int, float]], exact_copies: Mapping[int, list[int]],
-                 threshold: float, lookup: Lookup | None = None):
+                 threshold: float, lookup: Lookup):
         kept, index, jac, via = array("q"), array("q"), array("d"), array("q")  # 8 bytes an item
         for rep, (k, j) in near_of.items():
             copies = exact_copies.get(rep, ())
@@ -155,3 +156,15 @@ class SourceSpool:
             self.view.close()
         self.view = None
         self.fh.close()
+
+
+@contextmanager
+def source_spool(dir: str) -> Iterator[SourceSpool]:
+    """A :class:`SourceSpool` for a dedup run: closed if the run fails; on success the cluster
+    report the run returns holds it (and reads from it as it is written)."""
+    spool = SourceSpool(dir)
+    try:
+        yield spool
+    except BaseException:
+        spool.close()
+        raise
